@@ -1,0 +1,318 @@
+"""Command line: check, plan, build, cache, env, schema.
+
+argparse (stdlib) keeps `check` and `plan` fast: nothing here imports torch.
+Exit codes: 0 success, 1 a validation gate failed, 2 the recipe or the command is wrong,
+3 a stage or the executor failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .console import Console
+from .errors import RecipeError, ToolchainError, UsageError
+
+_PKG_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_store() -> Path:
+    if os.environ.get("TOOLCHAIN_STORE"):
+        return Path(os.environ["TOOLCHAIN_STORE"])
+    if (_PKG_ROOT / "pyproject.toml").is_file() and (_PKG_ROOT / "artifacts").is_dir():
+        return _PKG_ROOT / "artifacts"  # the embedded default store of a source checkout
+    return Path("artifacts")
+
+
+def _store(args):
+    from .store import Store
+
+    return Store(args.store or default_store())
+
+
+def _plans(recipe_path: str, store=None, keys: bool = True):
+    from .plan import build_plan
+    from .recipe import load_recipe
+
+    hasher = store.init().hash_cached if store is not None else None
+    return [build_plan(r, hasher=hasher, keys=keys) for r in load_recipe(recipe_path)]
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_check(args, console: Console) -> int:
+    from .plan import build_plan
+    from .recipe import find_recipe_files, load_recipe
+
+    files = find_recipe_files(args.paths)
+    if not files:
+        raise UsageError(f"no recipe files (*.yaml, *.yml) under {', '.join(args.paths)}")
+    bad = 0
+    t0 = time.perf_counter()
+    for f in files:
+        try:
+            variants = load_recipe(f)
+            for r in variants:
+                build_plan(r, keys=False)
+        except RecipeError as exc:
+            bad += 1
+            for p in exc.problems:
+                print(p.render(), file=sys.stderr)
+        else:
+            if args.verbose:
+                console.print(f"ok  {f} ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
+    dt = time.perf_counter() - t0
+    if bad:
+        print(f"{bad} of {len(files)} recipes have problems", file=sys.stderr)
+        return 2
+    console.print(f"{len(files)} recipe{'s' if len(files) != 1 else ''} ok ({dt:.2f} s)")
+    return 0
+
+
+def cmd_plan(args, console: Console) -> int:
+    store = _store(args)
+    plans = _plans(args.recipe, store)
+    out = []
+    for plan in plans:
+        rows = []
+        for step in plan.steps.values():
+            hit = store.lookup(step.key) is not None
+            rows.append({"step": step.name, "kind": step.kind, "inputs": step.inputs, "key": step.key,
+                         "status": "would hit" if hit else "must build", "target": step.name in plan.targets})
+        out.append({"recipe": plan.recipe.full_name, "steps": rows})
+        if not args.json:
+            console.table(plan.recipe.full_name, ["step", "kind", "inputs", "key", "cache"],
+                          [[r["step"] + (" (target)" if r["target"] else ""), r["kind"],
+                            ", ".join(f"{k}<-{v}" for k, v in r["inputs"].items()) or "-", r["key"][:16],
+                            r["status"]] for r in rows])
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_build(args, console: Console) -> int:
+    from .build import build
+
+    store = _store(args)
+    t0 = time.perf_counter()
+    plans = _plans(args.recipe, store)
+    console.print(f"[bold]{plans[0].recipe.name}[/]: {sum(len(p.steps) for p in plans)} steps in "
+                  f"{len(plans)} variant{'s' if len(plans) != 1 else ''}, store {store.root}")
+    manifest = build(plans, store, Path(args.output) if args.output else None, console, force=args.force)
+    summary(manifest, console, time.perf_counter() - t0, args.output)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+    if manifest["status"] == "failed":
+        for v in manifest["variants"]:
+            for s in v["steps"]:
+                for f in (s.get("gate") or {}).get("failures", []):
+                    print(f"gate failed: {s['name']}: {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summary(manifest: dict, console: Console, seconds: float, output) -> None:
+    from .report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
+
+    for v in manifest["variants"]:
+        label = ",".join(f"{k}={x}" for k, x in v["variant"].items())
+        rows = [[s["name"], s["kind"], s["status"], s["key"][:12],
+                 f"{s['build_seconds']:.1f}" if s.get("build_seconds") is not None else "-",
+                 ("pass" if s["gate"]["passed"] else "FAIL") if s.get("gate") else ""] for s in v["steps"]]
+        console.table(f"steps {label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)
+        for s in v["steps"]:
+            if s["kind"] == "validate":
+                console.table(f"parity: {s['name']}", PARITY_HEADER, parity_rows(s))
+                m = s["metrics"]
+                if "top1_agreement" in m:
+                    console.print(f"  top-1 agreement {m['top1_agreement']:.4f}")
+                if "generation" in m:
+                    g = m["generation"]
+                    console.print(f"  greedy generation identical for {g['equal']}/{g['prompts']} prompts "
+                                  f"({g['new_tokens']} new tokens)")
+            if s["kind"] == "benchmark":
+                console.table(f"latency: {s['name']} ({s['metrics'].get('runtime')})", LATENCY_HEADER,
+                              latency_rows(s))
+                for w in s["metrics"].get("warnings", []):
+                    console.warn(w)
+    built = sum(1 for v in manifest["variants"] for s in v["steps"] if s["status"] == "built")
+    total = sum(len(v["steps"]) for v in manifest["variants"])
+    where = f" -> {output}" if output else ""
+    console.print(f"[bold]{manifest['status']}[/]: {built} built, {total - built} cached in {seconds:.1f} s{where}")
+
+
+def cmd_cache(args, console: Console) -> int:
+    store = _store(args)
+    if not store.exists():
+        console.print(f"no store at {store.root}")
+        return 0
+    if args.cache_cmd == "ls":
+        rows = []
+        for key, record, path in store.records():
+            if not record or record.get("_corrupt"):
+                rows.append([key[:16], "?", "?", "corrupt", "-", "-"])
+                continue
+            size = sum(m["size"] for m in record["outputs"].values())
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            rows.append([key[:16], record.get("step", "?"), record.get("kind", "?"), record.get("created", "?"),
+                         used, _human(size)])
+        if args.json:
+            print(json.dumps([dict(zip(["key", "step", "kind", "created", "used", "size"], r)) for r in rows]))
+        else:
+            console.table(f"store {store.root}", ["key", "step", "kind", "created", "last used", "size"], rows)
+            console.print(f"{len(rows)} entries, {_human(store.size())} of objects")
+        return 0
+    if args.cache_cmd == "verify":
+        issues = store.verify(repair=args.repair)
+        stale = store.stale_tmp()
+        for i in issues:
+            print(f"{'repaired' if i.repaired else 'CORRUPT'}: {i.key}: {i.problem}", file=sys.stderr)
+        if stale:
+            console.print(f"{len(stale)} leftover temporary folder(s) from interrupted builds (harmless; "
+                          "`toolchain cache gc` removes them)")
+        n = sum(1 for _ in store.records())
+        if issues and not args.repair:
+            print(f"{len(issues)} problem(s) in {n} entries; run `toolchain cache verify --repair` to drop them",
+                  file=sys.stderr)
+            return 1
+        console.print(f"store {store.root}: {n} entries consistent")
+        return 0
+    if args.cache_cmd == "gc":
+        if args.older_than is None and args.max_size is None:
+            freed = store.gc(dry_run=args.dry_run)
+        else:
+            freed = store.gc(older_than_s=_duration(args.older_than) if args.older_than else None,
+                             max_bytes=_size(args.max_size) if args.max_size else None, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        console.print(f"{verb} {freed['records']} entries, {freed['objects']} files ({_human(freed['bytes'])}), "
+                      f"{freed['trees']} folders, {freed['tmp']} temporary folders")
+        return 0
+    raise UsageError("usage: toolchain cache {ls,verify,gc}")
+
+
+def cmd_env(args, console: Console) -> int:
+    from .environment import describe
+
+    info = describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [["python", info["python"]], ["platform", info["platform"]], ["cpu", f"{info['cpu']} ({info['cores']} cores)"]]
+    rows += [[k, v or "not installed"] for k, v in info["packages"].items()]
+    rows.append(["onnxruntime", info["onnxruntime"] or "not installed"])
+    rows.append(["onnxruntime providers", ", ".join(info["onnxruntime_providers"] or []) or "-"])
+    tc = info["torch_cuda"]
+    rows.append(["torch CUDA", f"built for {tc['built_with']}, available: {tc['available']}" if tc else "-"])
+    rows.append(["GPUs", "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory']})" for g in info["gpus"]) or "none"])
+    Console(quiet=False).table("environment", ["what", "value"], rows)
+    return 0
+
+
+def cmd_schema(args, console: Console) -> int:
+    from .schema import SCHEMA_PATH
+
+    if args.markdown:
+        from .docs import schema_markdown
+
+        print(schema_markdown(), end="")
+    else:
+        print(SCHEMA_PATH)
+    return 0
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if not m:
+        raise UsageError(f"--older-than must look like 30m, 12h, 7d or 2w, but got {text!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip(), re.I)
+    if not m:
+        raise UsageError(f"--max-size must look like 500M or 20G, but got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toolchain", description="Build, validate and benchmark transformer "
+                                "models from YAML recipes.")
+    p.add_argument("--version", action="version", version=f"toolchain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, store=True):
+        sp.add_argument("-q", "--quiet", action="store_true", help="print only errors (for CI)")
+        if store:
+            sp.add_argument("--store", help="artifact store folder (default: $TOOLCHAIN_STORE, else artifacts/)")
+
+    sp = sub.add_parser("check", help="validate recipes (schema, graph, plan-time rules); no heavy imports")
+    sp.add_argument("paths", nargs="+", help="recipe files or folders (searched recursively)")
+    sp.add_argument("-v", "--verbose", action="store_true", help="list every recipe checked")
+    common(sp, store=False)
+    sp = sub.add_parser("plan", help="show the build graph with each step's key and cache status")
+    sp.add_argument("recipe")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    common(sp)
+    sp = sub.add_parser("build", help="build a recipe into an output folder")
+    sp.add_argument("recipe")
+    sp.add_argument("-o", "--output", help="output folder for targets, manifest.json, report.md, report.json, "
+                    "toolchain.lock")
+    sp.add_argument("--force", action="store_true", help="rebuild every step even if it is in the store")
+    sp.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    common(sp)
+    sp = sub.add_parser("cache", help="inspect and maintain the artifact store")
+    csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
+    c = csub.add_parser("ls", help="list entries")
+    c.add_argument("--json", action="store_true")
+    common(c)
+    c = csub.add_parser("verify", help="rehash every file the records point at; exit 1 on corruption")
+    c.add_argument("--repair", action="store_true", help="drop broken entries (they will be rebuilt)")
+    common(c)
+    c = csub.add_parser("gc", help="remove old entries, unreferenced files and leftovers of killed builds")
+    c.add_argument("--older-than", help="remove entries unused for this long (e.g. 7d, 12h)")
+    c.add_argument("--max-size", help="then remove least recently used entries until the store fits (e.g. 20G)")
+    c.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    common(c)
+    sp = sub.add_parser("env", help="what this machine offers (torch, CUDA, GPUs, onnxruntime providers, ...)")
+    sp.add_argument("--json", action="store_true")
+    common(sp, store=False)
+    sp = sub.add_parser("schema", help="print the recipe schema's path (for editors) or its reference")
+    sp.add_argument("--markdown", action="store_true", help="print the recipe reference as markdown")
+    common(sp, store=False)
+    return p
+
+
+COMMANDS = {"check": cmd_check, "plan": cmd_plan, "build": cmd_build, "cache": cmd_cache, "env": cmd_env,
+            "schema": cmd_schema}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console(quiet=getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args, console)
+    except RecipeError as exc:
+        for p in exc.problems:
+            print(p.render(), file=sys.stderr)
+        n = len(exc.problems)
+        print(f"{n} problem{'s' if n != 1 else ''}; nothing was built", file=sys.stderr)
+        return exc.exit_code
+    except ToolchainError as exc:
+        console.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

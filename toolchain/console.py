@@ -1,0 +1,59 @@
+"""Console output: rich progress for long steps and summary tables; `quiet` prints nothing but
+errors. Everything here writes to stderr so that `--json` can own stdout."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Console:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.err = RichConsole(stderr=True, highlight=False)
+
+    def print(self, *args, **kwargs) -> None:
+        if not self.quiet:
+            self.err.print(*args, **kwargs)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=sys.stderr)
+
+    def warn(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(f"[yellow]warning:[/] {text}")
+
+    @contextmanager
+    def step(self, title: str):
+        """A live line for one step; yields update(message, done, total)."""
+        if self.quiet or not self.err.is_terminal:
+            # plain logs when not on a terminal: one line per phase change
+            last = [None]
+
+            def update(message, done=None, total=None):
+                if not self.quiet and message != last[0]:
+                    last[0] = message
+                    print(f"  {title}: {message}", file=sys.stderr, flush=True)
+            yield update
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
+                      TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=self.err,
+                      transient=True) as progress:
+            task = progress.add_task(title, total=None, detail="")
+
+            def update(message, done=None, total=None):
+                progress.update(task, detail=message, completed=done or 0, total=total)
+            yield update
+
+    def table(self, title: str, columns: list[str], rows: list[list]) -> None:
+        if self.quiet:
+            return
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        self.err.print(t)

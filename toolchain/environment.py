@@ -1,0 +1,142 @@
+"""Facts about this machine that cache keys depend on, read without importing torch & co.
+
+Package versions come from installed distribution metadata; GPU facts from `nvidia-smi`.
+Heavy imports happen only in `describe()` (the `toolchain env` command).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+
+# fact name -> distributions that provide it (first installed wins)
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "accelerate": ("accelerate",),
+    "safetensors": ("safetensors",),
+    "tokenizers": ("tokenizers",),
+    "gguf": ("gguf",),
+    "onnx": ("onnx",),
+    "onnxscript": ("onnxscript",),
+    "numpy": ("numpy",),
+    "bitsandbytes": ("bitsandbytes",),
+    "flash_attn": ("flash-attn", "flash_attn"),
+    "flash_attn_4": ("flash-attn-4",),
+}
+# onnxruntime flavours install the same module; which distribution is present matters.
+ORT_FLAVOURS = ("onnxruntime-gpu", "onnxruntime-rocm", "onnxruntime-openvino", "onnxruntime")
+
+
+@functools.lru_cache(maxsize=None)
+def package_version(fact: str) -> str | None:
+    for dist in PACKAGES.get(fact, (fact,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_flavour() -> str | None:
+    """`onnxruntime-gpu==1.31.1` style, or None; several flavours at once is reported as such."""
+    found = []
+    for dist in ORT_FLAVOURS:
+        try:
+            found.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return "+".join(found) or None
+
+
+@functools.lru_cache(maxsize=1)
+def gpus() -> tuple[dict, ...]:
+    """NVIDIA GPUs as reported by nvidia-smi (empty when there is none)."""
+    if os.environ.get("TOOLCHAIN_NO_GPU") or not shutil.which("nvidia-smi"):
+        return ()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    rows = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            rows.append({"name": parts[0], "capability": parts[1], "memory": parts[2], "driver": parts[3]})
+    return tuple(rows)
+
+
+def cuda_available() -> bool:
+    return bool(gpus())
+
+
+def gpu(device: str) -> dict | None:
+    """Facts of the GPU that `cuda` / `cuda:N` names (honours CUDA_VISIBLE_DEVICES only by index)."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    found = gpus()
+    return found[index] if index < len(found) else None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fact(name: str, device: str = "cpu"):
+    """One named fact. `device` selects the hardware facts (`hardware`, `gpu`)."""
+    if name == "python":
+        return platform.python_version()
+    if name == "platform":
+        return f"{platform.system()}-{platform.machine()}"
+    if name == "onnxruntime":
+        return onnxruntime_flavour()
+    if name == "device":
+        if device.startswith("cuda"):
+            g = gpu(device)
+            return {"kind": "cuda", "capability": g["capability"] if g else None}
+        return {"kind": "cpu"}
+    if name == "hardware":  # for measurements: exactly which processor or GPU
+        if device.startswith("cuda"):
+            g = gpu(device)
+            return {"gpu": g["name"] if g else None, "capability": g["capability"] if g else None,
+                    "driver": g["driver"] if g else None}
+        return {"cpu": cpu_model(), "cores": os.cpu_count()}
+    return package_version(name)
+
+
+def facts(names, device: str = "cpu") -> dict:
+    return {n: fact(n, device) for n in sorted(set(names))}
+
+
+def describe() -> dict:
+    """Everything `toolchain env` shows; imports the heavy libraries that are installed."""
+    info: dict = {"python": platform.python_version(), "platform": fact("platform"), "cpu": cpu_model(),
+                  "cores": os.cpu_count(), "packages": {k: package_version(k) for k in PACKAGES},
+                  "onnxruntime": onnxruntime_flavour(), "gpus": list(gpus())}
+    try:
+        import torch
+
+        info["torch_cuda"] = {"built_with": torch.version.cuda, "available": torch.cuda.is_available(),
+                              "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    except ImportError:
+        info["torch_cuda"] = None
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        info["onnxruntime_providers"] = None
+    return info

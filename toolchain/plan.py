@@ -1,0 +1,164 @@
+"""Recipe -> plan: a DAG of steps, each with resolved parameters, traits and a cache key.
+
+Pure Python: checks the graph (unknown inputs, cycles, wrong artifact kinds, unused stages), runs
+every stage's static compatibility rules, and reports all problems at once before anything loads.
+"""
+from __future__ import annotations
+
+import difflib
+import graphlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import environment, registry
+from .errors import RecipeError
+from .hashing import ALGORITHM, hash_file, hash_value
+from .recipe import Recipe
+from .stages.base import REPORT, CheckContext, params_dict
+
+KEY_SCHEMA = 1  # bump to invalidate every key (change of key layout)
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str
+    params: dict
+    inputs: dict[str, str]  # role -> step name
+    traits: dict
+    key: str = ""
+    key_material: dict = field(default_factory=dict)
+
+    @property
+    def stage(self):
+        return registry.get(self.kind)
+
+    @property
+    def device(self) -> str:
+        return self.params.get("device") or "cpu"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    steps: dict[str, Step]  # topological order
+    targets: list[str]
+
+    def downstream(self, name: str) -> set[str]:
+        out, frontier = set(), {name}
+        while frontier:
+            nxt = {s.name for s in self.steps.values() if set(s.inputs.values()) & frontier}
+            frontier = nxt - out
+            out |= nxt
+        return out
+
+
+def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True) -> Plan:
+    """Check the recipe's graph and rules; with `keys`, also compute every step's cache key
+    (which reads environment facts and hashes source files with `hasher`)."""
+    problems = []
+    stages = recipe.stages
+    names = list(stages)
+
+    # inputs refer to existing stages, with matching artifact kinds checked after ordering
+    graph: dict[str, set[str]] = {}
+    for name, spec in stages.items():
+        deps = set()
+        for role, src in (spec.get("inputs") or {}).items():
+            if src not in stages:
+                guess = difflib.get_close_matches(src, names, n=1)
+                problems.append(recipe.problem(
+                    f"stage '{name}': input '{role}' names stage '{src}', which does not exist",
+                    ("stages", name, "inputs", role),
+                    hint=f"did you mean '{guess[0]}'?" if guess else f"stages: {', '.join(names)}"))
+            elif src == name:
+                problems.append(recipe.problem(f"stage '{name}' takes its own output as input",
+                                               ("stages", name, "inputs", role)))
+            else:
+                deps.add(src)
+        graph[name] = deps
+    if problems:
+        raise RecipeError(problems)
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        raise RecipeError([recipe.problem(
+            f"stages form a cycle: {' -> '.join(cycle)}", ("stages", cycle[0]), key=True,
+            hint="a stage may only take inputs from stages that run before it")]) from None
+
+    targets = recipe.data.get("targets")
+    for i, t in enumerate(targets or []):
+        if t not in stages:
+            guess = difflib.get_close_matches(t, names, n=1)
+            problems.append(recipe.problem(f"target '{t}' is not a stage", ("targets", i),
+                                           hint=f"did you mean '{guess[0]}'?" if guess else None))
+    consumed = {src for deps in graph.values() for src in deps}
+    if targets is None:
+        targets = [n for n in order if n not in consumed and registry.get(stages[n]["kind"]).produces != REPORT]
+
+    steps: dict[str, Step] = {}
+    for name in order:
+        spec = stages[name]
+        stage = registry.get(spec["kind"])
+        inputs = dict(spec.get("inputs") or {})
+        try:
+            params = stage.resolve(spec.get("params") or {}, recipe.defaults)
+        except TypeError as exc:  # cannot happen for schema-valid recipes; kept as a clear error
+            problems.append(recipe.problem(f"stage '{name}': {exc}", ("stages", name)))
+            continue
+        in_traits = {}
+        for role, src in inputs.items():
+            if src not in steps:
+                continue  # its own problem was reported
+            t = steps[src].traits
+            accepted = stage.roles.get(role, ())
+            if t["artifact"] not in accepted:
+                problems.append(recipe.problem(
+                    f"stage '{name}': input '{role}' must be {' or '.join(accepted)}, but stage "
+                    f"'{src}' ({stages[src]['kind']}) makes {t['artifact']}", ("stages", name, "inputs", role)))
+            in_traits[role] = t
+        if stage.produces != REPORT and name not in consumed and name not in targets:
+            problems.append(recipe.problem(
+                f"stage '{name}' makes a {stage.produces} that no stage uses and that is not a target",
+                ("stages", name), key=True, hint=f"add '{name}' to `targets` or remove the stage"))
+        if spec["kind"] == "load" and not recipe.model:
+            problems.append(recipe.problem(f"stage '{name}' (load) needs the recipe's `model` source",
+                                           ("stages", name), key=True,
+                                           hint="add a top-level `model:` (path, package, hub or config)"))
+            continue
+        ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe)
+        if len(in_traits) == len(inputs):
+            stage.check(ctx)
+        problems.extend(ctx.problems)
+        traits = stage.traits(params, in_traits, recipe) if not ctx.problems else {"artifact": stage.produces}
+        steps[name] = Step(name, spec["kind"], params_dict(params), inputs, traits)
+    if problems:
+        raise RecipeError(problems)
+
+    plan = Plan(recipe, steps, list(targets))
+    if keys:
+        compute_keys(plan, hasher or hash_file)
+    return plan
+
+
+def compute_keys(plan: Plan, hasher: Callable[[Path], str]) -> None:
+    """key = sha256(canonical JSON of kind, code version, params, input keys, environment facts,
+    source fingerprint). Changing any of them changes this key and every key downstream."""
+    for step in plan.steps.values():
+        stage = step.stage
+        env_names = set(stage.env)
+        env = environment.facts(env_names, step.device)
+        env["device"] = environment.fact("device", step.device)
+        if stage.hardware_in_key:
+            env["hardware"] = environment.fact("hardware", step.device)
+        params = stage.resolve(step.params, {})
+        material = {
+            "key_schema": KEY_SCHEMA, "algorithm": ALGORITHM, "kind": step.kind,
+            "code": stage.code_version(), "params": step.params,
+            "inputs": {role: plan.steps[src].key for role, src in sorted(step.inputs.items())},
+            "env": env, "fingerprint": stage.fingerprint(params, plan.recipe, hasher),
+        }
+        step.key_material = material
+        step.key = hash_value(material)

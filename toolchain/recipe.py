@@ -1,0 +1,202 @@
+"""Recipe files: YAML -> (extends merged) -> matrix variants -> schema-checked `Recipe` objects.
+
+Nothing here imports torch, transformers or onnxruntime.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, RecipeError
+from .hashing import hash_value
+from .schema import validate
+from .yamlsrc import Located, load_yaml
+
+_PLACEHOLDER = re.compile(r"\$\{matrix\.([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_EXTENDS_DEPTH = 16
+
+
+@dataclass
+class Recipe:
+    """One fully resolved variant of a recipe file."""
+
+    path: Path
+    doc: Located  # merged document, for locations
+    data: dict  # resolved (extends merged, matrix substituted) and schema-valid
+    variant: dict = field(default_factory=dict)  # matrix values of this variant
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def variant_id(self) -> str:
+        """`dtype=float16,attention=sdpa`; empty for a recipe without a matrix."""
+        return ",".join(f"{k}={v}" for k, v in self.variant.items())
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}[{self.variant_id}]" if self.variant else self.name
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def stages(self) -> dict:
+        return self.data["stages"]
+
+    @property
+    def defaults(self) -> dict:
+        return self.data.get("defaults", {})
+
+    @property
+    def model(self) -> dict | None:
+        return self.data.get("model")
+
+    @property
+    def hash(self) -> str:
+        return hash_value(self.data)
+
+    def problem(self, message: str, path: tuple = (), key: bool = False, hint: str | None = None) -> Problem:
+        file, line, col = self.doc.key_where(path) if key else self.doc.where(path)
+        return Problem(message, file, line, col, hint=hint)
+
+
+def _merge(base: Located, child: Located) -> Located:
+    """Child overrides base: mappings merge key by key, other values replace, `null` deletes."""
+    locs = dict(base.locs)
+
+    def merge(b: Any, c: Any, path: tuple) -> Any:
+        if isinstance(b, dict) and isinstance(c, dict):
+            out = dict(b)
+            for k, v in c.items():
+                if v is None:
+                    out.pop(k, None)
+                elif k in out:
+                    out[k] = merge(out[k], v, path + (k,))
+                else:
+                    out[k] = v
+            return out
+        # replaced wholesale: forget the base's locations below this path
+        for p in list(locs):
+            value_path = p[1:] if p and p[0] == "#key" else p
+            if len(value_path) > len(path) and value_path[: len(path)] == path:
+                del locs[p]
+        return c
+
+    data = merge(base.data, child.data, ())
+    locs.update(child.locs)
+    return Located(data, locs, child.file)
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in chain + (path,))
+        raise RecipeError([Problem(f"`extends` forms a cycle: {cycle}")])
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise RecipeError([Problem(f"`extends` nests deeper than {MAX_EXTENDS_DEPTH} files")])
+    doc = load_yaml(path, display=_display(path))
+    if not isinstance(doc.data, dict):
+        raise RecipeError([Problem("a recipe must be a YAML mapping", doc.file, 1, 1)])
+    parent = doc.data.get("extends")
+    if parent is None:
+        return doc
+    if not isinstance(parent, str):
+        file, line, col = doc.where(("extends",))
+        raise RecipeError([Problem("`extends` must be a file path", file, line, col)])
+    parent_path = (path.parent / parent)
+    if not parent_path.is_file():
+        file, line, col = doc.where(("extends",))
+        raise RecipeError([Problem(f"`extends` names a file that does not exist: {parent}", file, line, col,
+                                   hint=f"paths are relative to {_display(path.parent)}/")])
+    base = _load_with_extends(parent_path, chain + (path,))
+    base.data.pop("extends", None)
+    merged = _merge(base, doc)
+    merged.data.pop("extends", None)
+    return merged
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: list[Problem]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, variant, path + (k,), doc, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variant, path + (i,), doc, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(name: str) -> Any:
+        if name not in variant:
+            file, line, col = doc.where(path)
+            known = ", ".join(variant) or "none: the recipe has no `matrix`"
+            problems.append(Problem(f"unknown matrix variable '${{matrix.{name}}}' (known: {known})",
+                                    file, line, col))
+            return ""
+        return variant[name]
+
+    whole = _PLACEHOLDER.fullmatch(value)
+    if whole:  # keep the value's type (numbers, booleans)
+        return lookup(whole.group(1))
+    return _PLACEHOLDER.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def load_recipe(path: str | Path) -> list[Recipe]:
+    """Load a recipe file and return one `Recipe` per matrix variant; raise `RecipeError` with
+    every problem found (schema, matrix) at once."""
+    path = Path(path)
+    doc = _load_with_extends(path)
+    data = doc.data
+    matrix = data.get("matrix") if isinstance(data.get("matrix"), dict) else None
+    combos: list[dict] = [{}]
+    if matrix and all(isinstance(v, list) and v for v in matrix.values()):
+        names = list(matrix)
+        combos = [dict(zip(names, values)) for values in itertools.product(*matrix.values())]
+    problems: list[Problem] = []
+    recipes: list[Recipe] = []
+    seen: set[tuple] = set()
+
+    def add(new: list[Problem]) -> None:
+        for p in new:
+            ident = (p.message, p.file, p.line, p.column)
+            if ident not in seen:
+                seen.add(ident)
+                problems.append(p)
+
+    for combo in combos:
+        sub_problems: list[Problem] = []
+        body = {k: v for k, v in data.items() if k != "matrix"}
+        resolved = _substitute(copy.deepcopy(body), combo, (), doc, sub_problems)
+        if "matrix" in data:
+            resolved["matrix"] = data["matrix"]
+        add(sub_problems)
+        add(validate(doc, resolved))
+        if not sub_problems:
+            recipes.append(Recipe(path=path.resolve(), doc=doc, data=resolved, variant=combo))
+    if problems:
+        raise RecipeError(problems)
+    return recipes
+
+
+def find_recipe_files(paths: list[str | Path]) -> list[Path]:
+    """Expand folders recursively into *.yaml / *.yml files. Files whose name starts with `_` are
+    fragments meant to be extended, not built on their own, and are skipped in folders."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml")
+                              and f.is_file() and not f.name.startswith("_")))
+        else:
+            out.append(p)
+    return out

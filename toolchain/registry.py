@@ -1,0 +1,20 @@
+"""Short stage-kind names mapped to lazily imported classes. Recipes name a kind, never an
+import path, so a recipe cannot make us import arbitrary code."""
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+
+KINDS: dict[str, str] = {
+    "load": "toolchain.stages.load:Load",
+    "export_onnx": "toolchain.stages.export_onnx:ExportOnnx",
+    "validate": "toolchain.stages.validate:Validate",
+    "benchmark": "toolchain.stages.benchmark:Benchmark",
+}
+
+
+@lru_cache(maxsize=None)
+def get(kind: str):
+    """The stage object for `kind` (KeyError if unknown; the schema rejects unknown kinds first)."""
+    module, _, attr = KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), attr)()

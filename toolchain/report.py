@@ -1,0 +1,95 @@
+"""report.md: what was built, from what, where, and how parity and latency came out."""
+from __future__ import annotations
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) < 1e-3 or abs(x) >= 1e5:
+            return f"{x:.2e}"
+        return f"{x:.{digits}f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{x:.{digits}g}"
+    return str(x)
+
+
+def parity_rows(step: dict) -> list[list[str]]:
+    rows = []
+    m = step["metrics"]
+    for name, o in m.get("outputs", {}).items():
+        rows.append([name, _fmt(o.get("max_abs")), _fmt(o.get("max_rel")), _fmt(o.get("mean_abs")),
+                     _fmt(o.get("min_cosine"), 6), _fmt(o.get("atol")), _fmt(o.get("rtol")),
+                     _fmt(o.get("min_atol_to_pass")), "pass" if o.get("passed") else "FAIL"])
+    return rows
+
+
+def latency_rows(step: dict) -> list[list[str]]:
+    rows = []
+    for name, t in step["metrics"].get("timings", {}).items():
+        rows.append([name, _fmt(t["median_ms"]), _fmt(t["p90_ms"]), _fmt(t["p99_ms"]),
+                     f"{100 * t['cov']:.1f}%", _fmt(t.get("throughput")), t.get("throughput_unit", ""),
+                     str(t["iterations"])])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+PARITY_HEADER = ["output", "max abs", "max rel", "mean abs", "min cosine", "atol", "rtol",
+                 "smallest atol that passes", "result"]
+LATENCY_HEADER = ["measure", "median ms", "p90 ms", "p99 ms", "CoV", "throughput", "unit", "iterations"]
+
+
+def render_markdown(manifest: dict) -> str:
+    env = manifest["environment"]
+    hw = env.get("hardware", {})
+    gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "none"
+    out = [f"# {manifest['recipe']['name']}: {manifest['status'].upper()}\n"]
+    if manifest["recipe"].get("description"):
+        out.append(manifest["recipe"]["description"].strip() + "\n")
+    out.append(f"Built {manifest['created']} by toolchain {manifest['toolchain']} from `{manifest['recipe']['file']}`.\n")
+    out.append(f"Machine: {hw.get('cpu', '?')} ({hw.get('cores', '?')} cores); GPUs: {gpus}. "
+               f"Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
+               f"onnx {env.get('onnx') or '-'}, onnxruntime {env.get('onnxruntime') or '-'}.\n")
+    for v in manifest["variants"]:
+        if v["variant"]:
+            out.append(f"\n## Variant {', '.join(f'{k}={x}' for k, x in v['variant'].items())}\n")
+        out.append("\n### Steps\n\n")
+        rows = [[s["name"], s["kind"], s["status"], s["key"][:12], _fmt(s["build_seconds"])] for s in v["steps"]]
+        out.append(_table(["step", "kind", "status", "key", "build s"], rows))
+        for s in v["steps"]:
+            if s["kind"] == "validate" and s["metrics"]:
+                m = s["metrics"]
+                verdict = "passed" if s["gate"]["passed"] else "FAILED"
+                out.append(f"\n### Parity: {s['name']} ({verdict})\n\n")
+                out.append(f"{m.get('candidate_desc', 'candidate')} against {m.get('reference_desc', 'reference')}, "
+                           f"on {m.get('samples', '?')} passages of real text ({m.get('corpus', '?')}) in padded "
+                           f"batches; padding positions excluded. Tolerances for {m.get('precision', '?')}: "
+                           "an element passes when |candidate - reference| <= atol + rtol * |reference|.\n\n")
+                out.append(_table(PARITY_HEADER, parity_rows(s)))
+                extra = []
+                if "top1_agreement" in m:
+                    extra.append(f"top-1 token agreement {m['top1_agreement']:.4f} (gate {m.get('min_top1')})")
+                if "generation" in m:
+                    g = m["generation"]
+                    extra.append(f"greedy generation: {g['equal']} of {g['prompts']} prompts identical over "
+                                 f"{g['new_tokens']} new tokens (gate {g['min_agreement']})")
+                if extra:
+                    out.append("\n" + "; ".join(extra) + ".\n")
+                for f in s["gate"]["failures"]:
+                    out.append(f"\n- FAILED: {f}\n")
+            if s["kind"] == "benchmark" and s["metrics"]:
+                m = s["metrics"]
+                out.append(f"\n### Latency: {s['name']}\n\n")
+                out.append(f"{m.get('runtime', '?')} on {m.get('device_name', '?')}, batch {m.get('batch_size')}, "
+                           f"sequence {m.get('sequence_length')}, {m.get('warmup')} warm-up iterations; "
+                           f"{m.get('timer', '')}. Peak memory: {_fmt(m.get('peak_memory_mb'))} MB "
+                           f"({m.get('memory_kind', '')}).\n\n")
+                out.append(_table(LATENCY_HEADER, latency_rows(s)))
+                for w in m.get("warnings", []):
+                    out.append(f"\n- warning: {w}\n")
+    return "".join(out)

@@ -1,0 +1,1 @@
+"""Heavy helpers (torch, transformers, onnxruntime). Imported only inside worker processes."""

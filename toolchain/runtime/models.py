@@ -1,0 +1,94 @@
+"""Loading sources and hf-model artifacts with transformers; saving checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..sources import Source
+
+META_FILE = "toolchain.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_CLASS = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
+              "text-generation": "AutoModelForCausalLM"}
+
+
+def auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, AUTO_CLASS[task])
+
+
+def load_source(src: Source, dtype: str, log=print):
+    """(model, tokenizer or None) on the CPU, in `dtype`, eval mode."""
+    import transformers
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    torch_dtype = DTYPES[dtype]
+    cls = auto_class(src.task)
+    tokenizer = None
+    if src.type == "config":
+        config = transformers.AutoConfig.for_model(**src.config)
+        torch.manual_seed(src.seed)
+        model = cls.from_config(config, dtype=torch_dtype, trust_remote_code=src.trust_remote_code)
+        if src.tokenizer:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src.tokenizer)
+    elif src.type == "gguf":
+        # transformers dequantizes GGUF weights; rebuild as a plain model so that nothing downstream
+        # believes it is still quantized (the config would carry a GGUF quantization_config)
+        folder, name = src.gguf.parent, src.gguf.name
+        loaded = cls.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config).to(torch_dtype)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise RuntimeError(f"GGUF weights do not match the architecture: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        del loaded
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    else:
+        where = src.hub if src.type == "hub" else src.folder
+        kwargs = dict(dtype=torch_dtype, trust_remote_code=src.trust_remote_code,
+                      use_safetensors=not src.allow_pickle or None)
+        if src.type == "hub":
+            kwargs["revision"] = src.revision
+        model = cls.from_pretrained(where, **kwargs)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, revision=src.revision,
+                                                                   trust_remote_code=src.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            log(f"no tokenizer loaded: {exc}")
+    model.eval()
+    return model, tokenizer
+
+
+def save_hf(model, tokenizer, out: Path, meta: dict) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(folder: Path) -> dict:
+    p = Path(folder) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def load_artifact(folder: Path, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer or None, meta) from an hf-model artifact folder."""
+    import transformers
+
+    meta = read_meta(folder)
+    kwargs = {"dtype": DTYPES[dtype or meta.get("dtype", "float32")]}
+    if meta.get("attn_implementation"):
+        kwargs["attn_implementation"] = meta["attn_implementation"]
+    model = auto_class(meta.get("task", "feature-extraction")).from_pretrained(folder, **kwargs)
+    model.to(device).eval()
+    tokenizer = None
+    if (Path(folder) / "tokenizer_config.json").is_file() or (Path(folder) / "tokenizer.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, meta

@@ -1,0 +1,103 @@
+"""One interface over a PyTorch model folder and an ONNX folder, for validate and benchmark."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import models, onnx_io
+
+OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
+                  "text-generation": "logits"}
+
+
+class TorchRunner:
+    runtime = "PyTorch"
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        self.device = device
+        self.model, self.tokenizer, self.meta = models.load_artifact(folder, device)
+        self.task = self.meta.get("task", "feature-extraction")
+        self.output = OUTPUT_BY_TASK[self.task]
+        self.dtype = self.meta.get("dtype", "float32")
+
+    def describe(self) -> str:
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        return f"PyTorch {self.dtype} ({attn} attention) on {self.device}"
+
+    @torch.no_grad()
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        ids = torch.from_numpy(input_ids).to(self.device)
+        mask = torch.from_numpy(attention_mask).to(self.device)
+        kwargs = {"use_cache": False} if self.task == "text-generation" else {}
+        out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        return {self.output: getattr(out, self.output).float().cpu().numpy()}
+
+    def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Prepared callable for timing (inputs already on the device)."""
+        ids = torch.from_numpy(input_ids).to(self.device)
+        mask = torch.from_numpy(attention_mask).to(self.device)
+        kwargs = {"use_cache": False} if self.task == "text-generation" else {}
+
+        def fn():
+            with torch.no_grad():
+                return self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        return fn
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
+        ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  do_sample=False, eos_token_id=sorted(eos) or None,
+                                  pad_token_id=sorted(eos)[0] if eos else 0)
+        return out[0, ids.shape[1]:].tolist()
+
+
+class OrtRunner(onnx_io.OrtModel):
+    runtime = "onnxruntime"
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        super().__init__(folder, device)
+        self.device = device
+        self.task = self.meta.get("task", "feature-extraction")
+        self.output = OUTPUT_BY_TASK[self.task]
+        self.dtype = self.meta.get("dtype", "float32")
+        self.tokenizer = None
+
+    def describe(self) -> str:
+        return f"ONNX ({self.graph['exporter']} exporter, opset {self.graph['opset']}) on onnxruntime " \
+               f"{self.sess.get_providers()[0]}"
+
+    def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        if self.graph.get("kv_cache"):
+            feed["position_ids"] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
+            feed.update(self._past(input_ids.shape[0]))
+        return lambda: self.sess.run(None, feed)
+
+    def sync(self) -> None:  # sess.run returns host arrays: already synchronised
+        pass
+
+
+def open_runner(folder: Path, artifact: str, device: str = "cpu"):
+    return OrtRunner(folder, device) if artifact == "onnx-model" else TorchRunner(folder, device)
+
+
+def eos_ids(folder: Path) -> set[int]:
+    """EOS token ids from generation_config.json / config.json."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        p = Path(folder) / name
+        if p.is_file():
+            eos = json.loads(p.read_text()).get("eos_token_id")
+            if eos is not None:
+                return set(eos if isinstance(eos, list) else [eos])
+    return set()

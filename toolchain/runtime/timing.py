@@ -1,0 +1,66 @@
+"""One timing method for every backend: warm-up, then N timed calls, each ended by a device
+synchronisation (CUDA) so that the host clock measures finished work. Samples -> statistics."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def summarize(samples_ns: list[int], items_per_call: float = 0.0, unit: str = "") -> dict:
+    ms = sorted(s / 1e6 for s in samples_ns)
+    n = len(ms)
+
+    def pct(p: float) -> float:
+        if n == 1:
+            return ms[0]
+        k = (n - 1) * p
+        lo = int(k)
+        hi = min(lo + 1, n - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (k - lo)
+
+    mean = statistics.fmean(ms)
+    stdev = statistics.stdev(ms) if n > 1 else 0.0
+    median = pct(0.5)
+    out = {"iterations": n, "median_ms": median, "mean_ms": mean, "stdev_ms": stdev, "min_ms": ms[0],
+           "max_ms": ms[-1], "p90_ms": pct(0.9), "p99_ms": pct(0.99), "cov": stdev / mean if mean else 0.0,
+           "samples_ms": [round(x, 4) for x in ms]}
+    if items_per_call:
+        out["throughput"] = items_per_call / (median / 1e3)
+        out["throughput_unit"] = unit
+    return out
+
+
+def measure(fn, warmup: int, iterations: int, sync=None) -> list[int]:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(iterations):
+        t0 = time.perf_counter_ns()
+        fn()
+        if sync:
+            sync()
+        samples.append(time.perf_counter_ns() - t0)
+    return samples
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

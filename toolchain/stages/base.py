@@ -1,0 +1,112 @@
+"""The stage interface shared by every kind.
+
+A stage declares: its parameters (a dataclass whose fields match the schema's `params`), the input
+roles it takes and the artifact kinds each accepts, the artifact kind it makes, the environment
+facts its result depends on, its plan-time rules (`check`), and `run`, which executes in a worker
+process and must import heavy libraries itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HF_MODEL = "hf-model"  # a transformers checkpoint folder (+ toolchain.json with how to load it)
+ONNX_MODEL = "onnx-model"  # a folder with model.onnx (+ external data), config, tokenizer
+REPORT = "report"  # measurements only (validate, benchmark)
+
+_PKG = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CheckContext:
+    """What a stage's plan-time rules may look at (all static, nothing loaded)."""
+
+    step: str
+    params: Any  # the resolved params dataclass
+    inputs: dict[str, dict]  # role -> traits of the producing step
+    recipe: Any  # toolchain.recipe.Recipe
+    problems: list = field(default_factory=list)
+
+    def error(self, message: str, param: str | None = None, hint: str | None = None) -> None:
+        path = ("stages", self.step) + (("params", param) if param else ())
+        if param and param not in self.recipe.stages[self.step].get("params", {}):
+            path = ("stages", self.step)
+        self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, hint=hint))
+
+
+@dataclass
+class RunContext:
+    """What a stage sees while it runs in a worker."""
+
+    step: str
+    params: Any
+    inputs: dict[str, Path]  # role -> materialised input folder
+    input_meta: dict[str, dict]  # role -> traits
+    output: Path  # empty folder to fill
+    recipe_dir: Path
+    recipe_model: dict | None
+    traits: dict
+    progress: Callable[..., None] = lambda *a, **k: None  # progress(message, done=None, total=None)
+    log: Callable[[str], None] = print
+
+
+class Stage:
+    kind: str = ""
+    Params: type = object
+    roles: dict[str, tuple[str, ...]] = {}
+    produces: str = REPORT
+    env: tuple[str, ...] = ("python", "platform")
+    # True: the exact processor/GPU goes into the key (measurements); otherwise only the device kind
+    hardware_in_key: bool = False
+    has_gate: bool = False  # True for stages whose results pass or fail the build
+    # modules (relative to the toolchain package) whose source is part of this stage's code version
+    code: tuple[str, ...] = ()
+
+    # -- planning (main process, no heavy imports) -------------------------------------------
+    def resolve(self, params: dict, defaults: dict) -> Any:
+        names = {f.name for f in dataclasses.fields(self.Params)}
+        merged = {k: v for k, v in defaults.items() if k in names}
+        merged.update(params)
+        return self.Params(**merged)
+
+    def traits(self, params: Any, inputs: dict[str, dict], recipe: Any) -> dict:
+        """Static facts about the artifact this step makes (artifact kind, task, dtype, ...)."""
+        return {"artifact": self.produces}
+
+    def check(self, ctx: CheckContext) -> None:
+        """Plan-time compatibility rules: call ctx.error(...) for each problem."""
+
+    def fingerprint(self, params: Any, recipe: Any, hasher: Callable[[Path], str]) -> dict:
+        """Extra key material (e.g. the content hash of a source model)."""
+        return {}
+
+    def code_version(self) -> str:
+        return _code_version(type(self).__module__, self.code)
+
+    # -- execution (worker process) ---------------------------------------------------------
+    def run(self, ctx: RunContext) -> dict:
+        raise NotImplementedError
+
+    def gate(self, metrics: dict) -> list[str]:
+        """Failed gate messages for a finished step (empty: passed)."""
+        return []
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(module: str, extra: tuple[str, ...]) -> str:
+    """sha256 over the stage module's source and the runtime modules it uses: editing the code
+    invalidates exactly the cache entries it could change."""
+    h = hashlib.sha256()
+    files = [_PKG / (module.split(".", 1)[1].replace(".", "/") + ".py"), _PKG / "stages" / "base.py",
+             _PKG / "worker.py"] + [_PKG / e for e in extra]
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def params_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)

@@ -1,0 +1,77 @@
+"""`export_onnx`: an hf-model -> a folder with model.onnx (+ external data), config, tokenizer."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+from .base import HF_MODEL, ONNX_MODEL, CheckContext, RunContext, Stage
+
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "chat_template.jinja",
+              "tokenizer.model")
+
+
+@dataclass
+class ExportOnnxParams:
+    task: str | None = None
+    kv_cache: bool = False
+    exporter: str = "dynamo"
+    opset: int = 18
+    dynamic_axes: bool = True
+    external_data: str = "auto"
+    device: str = "cpu"
+
+
+class ExportOnnx(Stage):
+    kind = "export_onnx"
+    Params = ExportOnnxParams
+    roles = {"model": (HF_MODEL,)}
+    produces = ONNX_MODEL
+    env = ("python", "platform", "torch", "transformers", "onnx", "onnxscript", "numpy")
+    code = ("runtime/onnx_io.py", "runtime/models.py")
+
+    def check(self, ctx: CheckContext) -> None:
+        p, t = ctx.params, ctx.inputs["model"]
+        task = p.task or t.get("task")
+        if t.get("quantization"):
+            ctx.error(f"cannot export a bitsandbytes-quantized model ({t['quantization']}) to ONNX: its "
+                      "int8/nf4 kernels have no ONNX equivalent", hint="export the unquantized model instead")
+        if p.kv_cache and task != "text-generation":
+            ctx.error(f"`kv_cache: true` needs task text-generation, but the task is {task}", "kv_cache")
+        if t.get("task") and p.task and p.task != t["task"]:
+            ctx.error(f"task {p.task} does not match the loaded model's head ({t['task']})", "task",
+                      hint=f"set `model.task: {p.task}` on the source, or drop `task` here")
+        if p.exporter == "dynamo" and p.opset < 18:
+            ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
+                      hint="raise `opset`, or use `exporter: torchscript`")
+
+    def traits(self, params, inputs, recipe) -> dict:
+        t = dict(inputs["model"])
+        t.update(artifact=ONNX_MODEL, task=params.task or t.get("task"), kv_cache=params.kv_cache)
+        return t
+
+    def run(self, ctx: RunContext) -> dict:
+        from ..runtime import models, onnx_io
+
+        p = ctx.params
+        src = ctx.inputs["model"]
+        ctx.progress("loading model")
+        model, _, meta = models.load_artifact(src, p.device)
+        task = p.task or meta.get("task")
+        ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
+        graph = onnx_io.export(model, task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes, p.external_data,
+                               ctx.output, log=ctx.log)
+        for name in COPY_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, ctx.output / name)
+        out_meta = {"artifact": ONNX_MODEL, "task": task, "dtype": meta.get("dtype", "float32"),
+                    "model_type": meta.get("model_type"), "graph": graph}
+        (ctx.output / "toolchain.json").write_text(json.dumps(out_meta, indent=2, sort_keys=True) + "\n")
+        ctx.progress("checking the graph")
+        import onnx
+
+        onnx.checker.check_model(str(ctx.output / graph["file"]), full_check=False)
+        size = sum(f.stat().st_size for f in ctx.output.iterdir() if f.name.startswith("model.onnx"))
+        return {"onnx_bytes": size, "inputs": graph["inputs"][:4] + (["..."] if len(graph["inputs"]) > 4 else []),
+                "outputs": graph["outputs"][:2], "opset": p.opset, "exporter": p.exporter}

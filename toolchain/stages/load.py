@@ -1,0 +1,69 @@
+"""`load`: the recipe's model source -> a safetensors checkpoint (+ tokenizer) in the store."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import sources
+from .base import HF_MODEL, CheckContext, RunContext, Stage
+
+
+@dataclass
+class LoadParams:
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class Load(Stage):
+    kind = "load"
+    Params = LoadParams
+    roles = {}
+    produces = HF_MODEL
+    env = ("python", "platform", "torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate")
+    code = ("sources.py", "runtime/models.py")
+
+    def _source(self, recipe):
+        return sources.resolve(recipe.model, recipe.dir)
+
+    def check(self, ctx: CheckContext) -> None:
+        try:
+            self._source(ctx.recipe)
+        except sources.SourceError as exc:
+            path = ("model", exc.field) if exc.field and exc.field in ctx.recipe.model else ("model",)
+            ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
+        if ctx.params.dtype == "float16" and ctx.params.device == "cpu":
+            pass  # allowed: slow on CPU but valid
+
+    def traits(self, params, inputs, recipe) -> dict:
+        src = self._source(recipe)
+        return {"artifact": HF_MODEL, "task": src.task, "model_type": src.model_type, "dtype": params.dtype,
+                "device": params.device, "quantization": None, "attention": None, "source": src.type,
+                "has_tokenizer": src.type != "config" or src.tokenizer is not None}
+
+    def fingerprint(self, params, recipe, hasher) -> dict:
+        src = self._source(recipe)
+        fp = {"type": src.type, "task": src.task, "model": dict(recipe.model)}
+        if src.type == "folder" or src.type == "gguf":
+            root = src.gguf.parent if src.type == "gguf" else src.folder
+            fp["files"] = {str(p.relative_to(root)): hasher(p) for p in sources.fingerprint_files(src)}
+            fp["model"].pop("path", None)  # where the folder lies does not matter, its content does
+            fp["package_version"] = src.package_version
+        elif src.type == "config" and src.tokenizer:
+            fp["tokenizer"] = {str(p.relative_to(src.tokenizer)): hasher(p) for p in sources.fingerprint_files(
+                sources.Source(type="folder", folder=src.tokenizer))}
+        if src.type == "config":
+            fp["config"] = src.config
+        return fp
+
+    def run(self, ctx: RunContext) -> dict:
+        from ..runtime import models
+
+        src = sources.resolve(ctx.recipe_model, ctx.recipe_dir)
+        ctx.progress(f"loading {src.type} model")
+        model, tokenizer = models.load_source(src, ctx.params.dtype, log=ctx.log)
+        ctx.progress("saving checkpoint")
+        meta = {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
+                "model_type": model.config.model_type, "architecture": type(model).__name__}
+        models.save_hf(model, tokenizer, ctx.output, meta)
+        params = sum(p.numel() for p in model.parameters())
+        return {"parameters": params, "architecture": type(model).__name__, "model_type": model.config.model_type,
+                "footprint_bytes": model.get_memory_footprint()}

@@ -1,0 +1,62 @@
+"""`validate`: candidate vs untouched reference on real padded text; failing parity fails the build."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+
+
+@dataclass
+class GenerateParams:
+    prompts: int = 20
+    new_tokens: int = 32
+    min_agreement: float | None = None
+
+
+@dataclass
+class ValidateParams:
+    corpus: str = "gensim:lee_background"
+    samples: int = 200
+    max_length: int = 128
+    batch_size: int = 16
+    edge_cases: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    generate: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+class Validate(Stage):
+    kind = "validate"
+    Params = ValidateParams
+    roles = {"candidate": (HF_MODEL, ONNX_MODEL), "reference": (HF_MODEL,)}
+    produces = REPORT
+    has_gate = True
+    env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
+    code = ("runtime/runners.py", "runtime/compare.py", "runtime/text.py", "runtime/onnx_io.py",
+            "runtime/models.py")
+
+    def check(self, ctx: CheckContext) -> None:
+        cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
+        if cand.get("task") != ref.get("task"):
+            ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
+        if not ref.get("has_tokenizer", True):
+            ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
+                      hint="give the `config` source a `tokenizer:` folder or package")
+        p = ctx.params
+        if p.generate and cand.get("task") != "text-generation" and p.generate.get("prompts", 20):
+            ctx.error("`generate` applies to text-generation models only", "generate")
+        if p.corpus and not p.corpus.startswith("gensim:"):
+            path = ctx.recipe.dir / p.corpus
+            if not path.is_file():
+                ctx.error(f"corpus file not found: {path}", "corpus")
+
+    def gate(self, metrics: dict) -> list[str]:
+        return list(metrics.get("failures", []))
+
+    def run(self, ctx: RunContext) -> dict:
+        from ..runtime.validate_run import run_validation
+
+        return run_validation(ctx)

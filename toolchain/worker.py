@@ -1,0 +1,83 @@
+"""Worker process entry point: `python -m toolchain.worker SPEC.json`.
+
+Runs one stage in its own process so that a crash, a leak or GPU memory never reaches the
+executor, and so that a stage can later run under another interpreter (a pinned venv): the
+boundary is files plus JSON (spec in, result.json out, progress events as JSON lines on a pipe).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill us when the executor dies (e.g. SIGKILL), so no orphan keeps running."""
+    parent = int(os.environ.get("TOOLCHAIN_PARENT_PID", "0"))
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent and os.getppid() != parent:
+        os._exit(137)
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    spec = json.loads(Path(argv[1]).read_text())
+    result_path = Path(spec["result"])
+    fd = int(os.environ.get("TOOLCHAIN_EVENT_FD", "-1"))
+    events = os.fdopen(fd, "w", buffering=1) if fd >= 0 else None
+
+    def progress(message: str, done: float | None = None, total: float | None = None) -> None:
+        print(f"[progress] {message}" + (f" {done}/{total}" if total else ""), flush=True)
+        if events:
+            try:
+                events.write(json.dumps({"message": message, "done": done, "total": total}) + "\n")
+            except OSError:
+                pass
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    from . import registry
+    from .errors import StageUserError
+    from .stages.base import RunContext
+
+    stage = registry.get(spec["kind"])
+    ctx = RunContext(step=spec["step"], params=stage.resolve(spec["params"], {}),
+                     inputs={k: Path(v) for k, v in spec["inputs"].items()}, input_meta=spec["input_meta"],
+                     output=Path(spec["output"]), recipe_dir=Path(spec["recipe_dir"]),
+                     recipe_model=spec["recipe_model"], traits=spec["traits"], progress=progress, log=log)
+    try:
+        metrics = stage.run(ctx) or {}
+        result = {"ok": True, "metrics": metrics}
+    except StageUserError as exc:
+        result = {"ok": False, "user_error": True, "error": str(exc)}
+    except Exception as exc:  # reported to the executor, which decides how to fail
+        traceback.print_exc()
+        result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}"}
+    result_path.write_text(json.dumps(result, default=_jsonable))
+    return 0
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
