@@ -14,6 +14,8 @@ class Console:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.err = RichConsole(stderr=True, highlight=False)
+        if not self.err.is_terminal:  # CI logs: wide enough that tables do not wrap
+            self.err = RichConsole(stderr=True, highlight=False, width=140)
 
     def print(self, *args, **kwargs) -> None:
         if not self.quiet:

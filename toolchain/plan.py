@@ -95,8 +95,10 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
             problems.append(recipe.problem(f"target '{t}' is not a stage", ("targets", i),
                                            hint=f"did you mean '{guess[0]}'?" if guess else None))
     consumed = {src for deps in graph.values() for src in deps}
-    if targets is None:
-        targets = [n for n in order if n not in consumed and registry.get(stages[n]["kind"]).produces != REPORT]
+    if targets is None:  # the ends of the model chain: checks (validate, benchmark) do not consume
+        makes_model = {n for n in names if registry.get(stages[n]["kind"]).produces != REPORT}
+        fed = {src for n in makes_model for src in graph[n]}
+        targets = [n for n in order if n in makes_model and n not in fed]
 
     steps: dict[str, Step] = {}
     for name in order:

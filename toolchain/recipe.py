@@ -181,9 +181,10 @@ def load_recipe(path: str | Path) -> list[Recipe]:
         if "matrix" in data:
             resolved["matrix"] = data["matrix"]
         add(sub_problems)
+        if sub_problems:  # the schema would only repeat them as type errors
+            continue
         add(validate(doc, resolved))
-        if not sub_problems:
-            recipes.append(Recipe(path=path.resolve(), doc=doc, data=resolved, variant=combo))
+        recipes.append(Recipe(path=path.resolve(), doc=doc, data=resolved, variant=combo))
     if problems:
         raise RecipeError(problems)
     return recipes

@@ -68,7 +68,9 @@ def load_yaml(path: Path, display: str | None = None) -> Located:
         locs[path] = _mark(n, file)
         if isinstance(n, yaml.MappingNode):
             if n.tag != "tag:yaml.org,2002:map":
-                problems.append(Problem(f"unsupported YAML tag {n.tag}", *_mark(n, file)))
+                problems.append(Problem(f"unsupported YAML tag {n.tag}", *_mark(n, file),
+                                        hint="recipes allow plain YAML only (no Python tags)"))
+                return None
             out: dict[str, Any] = {}
             for knode, vnode in n.value:
                 if knode.tag == "tag:yaml.org,2002:merge":
@@ -89,6 +91,10 @@ def load_yaml(path: Path, display: str | None = None) -> Located:
                 out[key] = build(vnode, path + (key,))
             return out
         if isinstance(n, yaml.SequenceNode):
+            if n.tag != "tag:yaml.org,2002:seq":
+                problems.append(Problem(f"unsupported YAML tag {n.tag}", *_mark(n, file),
+                                        hint="recipes allow plain YAML only (no Python tags)"))
+                return None
             return [build(v, path + (i,)) for i, v in enumerate(n.value)]
         try:
             return constructor.construct_object(n, deep=True)

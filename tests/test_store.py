@@ -1,0 +1,91 @@
+"""The store: commit/lookup/trees, corruption detection, gc, and crash leftovers."""
+import json
+import os
+
+import pytest
+
+from toolchain.store import Store
+
+
+def make(tmp_path, key="a" * 64, files=None):
+    store = Store(tmp_path / "s").init()
+    out = tmp_path / f"out-{key[:4]}"
+    out.mkdir()
+    for rel, data in (files or {"m.bin": b"weights", "sub/c.json": b"{}"}).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    record = store.commit(key, out, {"step": "s", "kind": "k", "metrics": {"x": 1}})
+    return store, record
+
+
+def test_commit_lookup_tree(tmp_path):
+    store, record = make(tmp_path)
+    assert store.lookup("a" * 64)["outputs"] == record["outputs"]
+    tree = store.tree("a" * 64, record)
+    assert (tree / "m.bin").read_bytes() == b"weights" and (tree / "sub" / "c.json").is_file()
+    assert store.verify() == []
+    assert store.lookup("b" * 64) is None
+
+
+def test_identical_content_is_stored_once(tmp_path):
+    store, _ = make(tmp_path)
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "other-name.bin").write_bytes(b"weights")
+    store.commit("b" * 64, out, {})
+    assert len(list(store.objects.glob("*/*"))) == 2
+
+
+def test_tampered_object_is_found_by_verify(tmp_path):
+    store, record = make(tmp_path)
+    obj = store.object_path(record["outputs"]["m.bin"]["sha256"])
+    os.chmod(obj, 0o644)
+    obj.write_bytes(b"WEIGHTS")  # same size, different content
+    issues = store.verify()
+    assert len(issues) == 1 and "does not match its hash" in issues[0].problem
+    store.verify(repair=True)
+    assert store.lookup("a" * 64) is None and store.verify() == []
+
+
+def test_missing_object_or_corrupt_record_is_a_miss(tmp_path):
+    store, record = make(tmp_path)
+    store.object_path(record["outputs"]["m.bin"]["sha256"]).unlink()
+    with pytest.warns(UserWarning, match="missing"):
+        assert store.lookup("a" * 64) is None
+    store2, _ = make(tmp_path / "two", key="c" * 64)
+    store2.record_path("c" * 64).write_text("{not json")
+    with pytest.warns(UserWarning):
+        assert store2.lookup("c" * 64) is None
+
+
+def test_objects_without_record_are_invisible_and_collected(tmp_path):
+    """What a crash between moving files and writing the record leaves behind."""
+    store = Store(tmp_path / "s").init()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "f").write_bytes(b"partial")
+    record = store.commit("d" * 64, out, {})
+    store.record_path("d" * 64).unlink()  # as if killed before the record was written
+    assert store.lookup("d" * 64) is None and store.verify() == []
+    old = store.object_path(record["outputs"]["f"]["sha256"])
+    os.utime(old, (0, 0))
+    freed = store.gc()
+    assert freed["objects"] == 1 and not old.exists()
+
+
+def test_gc_by_size_keeps_recent(tmp_path):
+    store, _ = make(tmp_path, "a" * 64, {"x": b"1" * 1000})
+    out = tmp_path / "o2"
+    out.mkdir()
+    (out / "y").write_bytes(b"2" * 1000)
+    store.commit("b" * 64, out, {})
+    os.utime(store.record_path("a" * 64), (1, 1))  # least recently used
+    freed = store.gc(max_bytes=1500)
+    assert freed["records"] == 1 and store.lookup("a" * 64) is None and store.lookup("b" * 64)
+    assert store.verify() == []
+
+
+def test_record_is_valid_json_with_algorithm(tmp_path):
+    store, _ = make(tmp_path)
+    rec = json.loads(store.record_path("a" * 64).read_text())
+    assert rec["algorithm"] == "sha256" and rec["schema"] == 1 and rec["key"] == "a" * 64
