@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from . import __version__, environment
 from .console import Console
@@ -22,8 +23,7 @@ MANIFEST_SCHEMA = 1
 
 
 def variant_folder(plan: Plan) -> str:
-    v = plan.recipe.variant
-    return "-".join(f"{k}={val}" for k, val in v.items()).replace("/", "_") if v else ""
+    return plan.recipe.variant_id.replace(",", "-").replace("/", "_")
 
 
 def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False) -> dict:
@@ -32,7 +32,7 @@ def build(plans: list[Plan], store: Store, out: Path | None, console: Console, f
     with store.using():
         for plan in plans:
             if len(plans) > 1:
-                console.print(f"[bold]{plan.recipe.full_name}[/]")
+                console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
             results = executor.run(plan)
             variants.append((plan, results))
     manifest = make_manifest(variants, store)

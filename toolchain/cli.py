@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__
+from rich.markup import escape
+
 from .console import Console
 from .errors import RecipeError, ToolchainError, UsageError
 
@@ -57,7 +59,7 @@ def cmd_check(args, console: Console) -> int:
         try:
             variants = load_recipe(f)
             for r in variants:
-                build_plan(r, keys=False)
+                build_plan(r, keys=False, machine=args.this_machine)
         except RecipeError as exc:
             bad += 1
             for p in exc.problems:
@@ -100,7 +102,7 @@ def cmd_build(args, console: Console) -> int:
     store = _store(args)
     t0 = time.perf_counter()
     plans = _plans(args.recipe, store)
-    console.print(f"[bold]{plans[0].recipe.name}[/]: {sum(len(p.steps) for p in plans)} steps in "
+    console.print(f"[bold]{escape(plans[0].recipe.name)}[/]: {sum(len(p.steps) for p in plans)} steps in "
                   f"{len(plans)} variant{'s' if len(plans) != 1 else ''}, store {store.root}")
     manifest = build(plans, store, Path(args.output) if args.output else None, console, force=args.force)
     summary(manifest, console, time.perf_counter() - t0, args.output)
@@ -261,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("check", help="validate recipes (schema, graph, plan-time rules); no heavy imports")
     sp.add_argument("paths", nargs="+", help="recipe files or folders (searched recursively)")
     sp.add_argument("-v", "--verbose", action="store_true", help="list every recipe checked")
+    sp.add_argument("--this-machine", action="store_true", help="also check that this machine can build them "
+                    "(GPU present, packages installed); `plan` and `build` always do")
     common(sp, store=False)
     sp = sub.add_parser("plan", help="show the build graph with each step's key and cache status")
     sp.add_argument("recipe")

@@ -6,6 +6,7 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console as RichConsole
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ class Console:
 
     def warn(self, text: str) -> None:
         if not self.quiet:
-            self.err.print(f"[yellow]warning:[/] {text}")
+            self.err.print(f"[yellow]warning:[/] {escape(text)}")
 
     @contextmanager
     def step(self, title: str):
@@ -44,18 +45,18 @@ class Console:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=self.err,
                       transient=True) as progress:
-            task = progress.add_task(title, total=None, detail="")
+            task = progress.add_task(escape(title), total=None, detail="")
 
             def update(message, done=None, total=None):
-                progress.update(task, detail=message, completed=done or 0, total=total)
+                progress.update(task, detail=escape(message), completed=done or 0, total=total)
             yield update
 
     def table(self, title: str, columns: list[str], rows: list[list]) -> None:
         if self.quiet:
             return
-        t = Table(title=title, title_justify="left")
+        t = Table(title=escape(title), title_justify="left")
         for c in columns:
-            t.add_column(c)
+            t.add_column(escape(c))
         for r in rows:
-            t.add_row(*[str(x) for x in r])
+            t.add_row(*[escape(str(x)) for x in r])
         self.err.print(t)

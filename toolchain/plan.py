@@ -54,9 +54,12 @@ class Plan:
         return out
 
 
-def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True) -> Plan:
+def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True,
+               machine: bool | None = None) -> Plan:
     """Check the recipe's graph and rules; with `keys`, also compute every step's cache key
-    (which reads environment facts and hashes source files with `hasher`)."""
+    (which reads environment facts and hashes source files with `hasher`). `machine` (default: the
+    same as `keys`) also applies the rules about this machine: GPU present, packages installed."""
+    machine = keys if machine is None else machine
     problems = []
     stages = recipe.stages
     names = list(stages)
@@ -130,7 +133,7 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
                                            ("stages", name), key=True,
                                            hint="add a top-level `model:` (path, package, hub or config)"))
             continue
-        ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe)
+        ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe, machine=machine)
         if len(in_traits) == len(inputs):
             stage.check(ctx)
         problems.extend(ctx.problems)

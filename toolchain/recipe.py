@@ -36,7 +36,7 @@ class Recipe:
     @property
     def variant_id(self) -> str:
         """`dtype=float16,attention=sdpa`; empty for a recipe without a matrix."""
-        return ",".join(f"{k}={v}" for k, v in self.variant.items())
+        return ",".join(f"{k}={'default' if v is None else v}" for k, v in self.variant.items())
 
     @property
     def full_name(self) -> str:
@@ -129,9 +129,13 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+_UNSET = object()
+
+
 def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: list[Problem]) -> Any:
     if isinstance(value, dict):
-        return {k: _substitute(v, variant, path + (k,), doc, problems) for k, v in value.items()}
+        out = {k: _substitute(v, variant, path + (k,), doc, problems) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _UNSET}
     if isinstance(value, list):
         return [_substitute(v, variant, path + (i,), doc, problems) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
@@ -147,8 +151,9 @@ def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: 
         return variant[name]
 
     whole = _PLACEHOLDER.fullmatch(value)
-    if whole:  # keep the value's type (numbers, booleans)
-        return lookup(whole.group(1))
+    if whole:  # keep the value's type (numbers, booleans); null leaves the key unset
+        found = lookup(whole.group(1))
+        return _UNSET if found is None else found
     return _PLACEHOLDER.sub(lambda m: str(lookup(m.group(1))), value)
 
 
@@ -158,11 +163,18 @@ def load_recipe(path: str | Path) -> list[Recipe]:
     path = Path(path)
     doc = _load_with_extends(path)
     data = doc.data
-    matrix = data.get("matrix") if isinstance(data.get("matrix"), dict) else None
+    matrix = dict(data["matrix"]) if isinstance(data.get("matrix"), dict) else None
     combos: list[dict] = [{}]
-    if matrix and all(isinstance(v, list) and v for v in matrix.values()):
-        names = list(matrix)
-        combos = [dict(zip(names, values)) for values in itertools.product(*matrix.values())]
+    if matrix:
+        exclude = matrix.pop("exclude", None) or []
+        if all(isinstance(v, list) and v for v in matrix.values()):
+            names = list(matrix)
+            combos = [dict(zip(names, values)) for values in itertools.product(*matrix.values())]
+            combos = [c for c in combos if not any(isinstance(e, dict) and e and
+                                                    all(c.get(k) == v for k, v in e.items()) for e in exclude)]
+            if not combos:
+                file, line, col = doc.where(("matrix",))
+                raise RecipeError([Problem("`matrix.exclude` removes every combination", file, line, col)])
     problems: list[Problem] = []
     recipes: list[Recipe] = []
     seen: set[tuple] = set()

@@ -10,6 +10,10 @@ KINDS: dict[str, str] = {
     "export_onnx": "toolchain.stages.export_onnx:ExportOnnx",
     "validate": "toolchain.stages.validate:Validate",
     "benchmark": "toolchain.stages.benchmark:Benchmark",
+    "attention": "toolchain.stages.attention:Attention",
+    "quantize": "toolchain.stages.quantize:Quantize",
+    "bettertransformer": "toolchain.stages.bettertransformer:BetterTransformer",
+    "reverse_bettertransformer": "toolchain.stages.bettertransformer:ReverseBetterTransformer",
 }
 
 

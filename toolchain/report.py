@@ -8,8 +8,10 @@ def _fmt(x, digits=3) -> str:
     if isinstance(x, float):
         if x == 0:
             return "0"
-        if abs(x) < 1e-3 or abs(x) >= 1e5:
+        if abs(x) < 1e-3 or abs(x) >= 1e7:
             return f"{x:.2e}"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
         return f"{x:.{digits}f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{x:.{digits}g}"
     return str(x)
 

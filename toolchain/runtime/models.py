@@ -53,7 +53,7 @@ def load_source(src: Source, dtype: str, log=print):
     else:
         where = src.hub if src.type == "hub" else src.folder
         kwargs = dict(dtype=torch_dtype, trust_remote_code=src.trust_remote_code,
-                      use_safetensors=not src.allow_pickle or None)
+                      use_safetensors=True if not src.allow_pickle else None)
         if src.type == "hub":
             kwargs["revision"] = src.revision
         model = cls.from_pretrained(where, **kwargs)
@@ -70,7 +70,7 @@ def save_hf(model, tokenizer, out: Path, meta: dict) -> None:
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_meta(out, meta)
 
 
 def read_meta(folder: Path) -> dict:
@@ -78,17 +78,66 @@ def read_meta(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def load_artifact(folder: Path, device: str = "cpu", dtype: str | None = None):
-    """(model, tokenizer or None, meta) from an hf-model artifact folder."""
+def write_meta(folder: Path, meta: dict) -> None:
+    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_with(folder: Path, meta: dict, device: str = "cpu"):
+    """(model, tokenizer or None) from a checkpoint folder, set up as `meta` says: attention
+    implementation, bitsandbytes quantization (from config.json), BetterTransformer conversion."""
     import transformers
 
-    meta = read_meta(folder)
-    kwargs = {"dtype": DTYPES[dtype or meta.get("dtype", "float32")]}
+    kwargs = {"dtype": DTYPES[meta.get("dtype", "float32")]}
     if meta.get("attn_implementation"):
         kwargs["attn_implementation"] = meta["attn_implementation"]
-    model = auto_class(meta.get("task", "feature-extraction")).from_pretrained(folder, **kwargs)
-    model.to(device).eval()
+    quantized = bool(meta.get("quantization"))
+    if quantized:  # bitsandbytes weights cannot be moved with .to(): place them while loading
+        kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
+    if meta.get("random_init"):
+        model = _random_init(folder, meta, device, kwargs)
+    else:
+        model = auto_class(meta.get("task", "feature-extraction")).from_pretrained(folder, **kwargs)
+    if not quantized:
+        model.to(device)
+    model.eval()
+    if meta.get("bettertransformer"):
+        from . import bettertransformer
+
+        bettertransformer.convert(model)
     tokenizer = None
     if (Path(folder) / "tokenizer_config.json").is_file() or (Path(folder) / "tokenizer.json").is_file():
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _random_init(folder: Path, meta: dict, device: str, kwargs: dict):
+    """Weights from the seed, created directly on `device` (a 7B model in seconds, no disk)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    torch.manual_seed(meta["random_init"]["seed"])
+    with torch.device(device):
+        return auto_class(meta.get("task", "feature-extraction")).from_config(config, **kwargs)
+
+
+def load_artifact(folder: Path, device: str = "cpu"):
+    """(model, tokenizer or None, meta) from an hf-model artifact folder."""
+    meta = read_meta(folder)
+    model, tokenizer = load_with(folder, meta, device)
     return model, tokenizer, meta
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
+                 "cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_context(meta: dict):
+    """Context that allows only the SDPA kernel the artifact asks for (a no-op otherwise)."""
+    import contextlib
+
+    kernel = meta.get("sdpa_kernel")
+    if not kernel:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[kernel])])

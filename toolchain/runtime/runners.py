@@ -24,14 +24,35 @@ class TorchRunner:
 
     def describe(self) -> str:
         attn = getattr(self.model.config, "_attn_implementation", None)
-        return f"PyTorch {self.dtype} ({attn} attention) on {self.device}"
+        if self.meta.get("sdpa_kernel"):
+            attn += f", {self.meta['sdpa_kernel']} kernel only"
+        extra = ", BetterTransformer" if self.meta.get("bettertransformer") else ""
+        q = self.meta.get("quantization")
+        if q:
+            extra += f", bitsandbytes {q['scheme']}"
+        return f"PyTorch {self.dtype} ({attn} attention{extra}) on {self.device}"
 
-    @torch.no_grad()
+    def flops(self, batch: int, seq: int) -> float:
+        """Forward FLOPs: 2 x non-embedding parameters x tokens, plus attention scores and values
+        (4 x batch x seq^2 x hidden per layer, halved for causal models); padding counted as work."""
+        cfg = self.model.config
+        if getattr(self.model, "is_quantized", False):
+            return 0.0
+        params = sum(p.numel() for n, p in self.model.named_parameters() if "embed" not in n)
+        hidden = getattr(cfg, "hidden_size", 0)
+        layers = getattr(cfg, "num_hidden_layers", 0)
+        attn = 4 * batch * seq * seq * hidden * layers * (0.5 if self.task == "text-generation" else 1.0)
+        return 2.0 * params * batch * seq + attn
+
+    def _run(self, **kwargs):
+        with torch.no_grad(), models.sdpa_context(self.meta):
+            return self.model(**kwargs)
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         ids = torch.from_numpy(input_ids).to(self.device)
         mask = torch.from_numpy(attention_mask).to(self.device)
         kwargs = {"use_cache": False} if self.task == "text-generation" else {}
-        out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
+        out = self._run(input_ids=ids, attention_mask=mask, **kwargs)
         return {self.output: getattr(out, self.output).float().cpu().numpy()}
 
     def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
@@ -40,10 +61,7 @@ class TorchRunner:
         mask = torch.from_numpy(attention_mask).to(self.device)
         kwargs = {"use_cache": False} if self.task == "text-generation" else {}
 
-        def fn():
-            with torch.no_grad():
-                return self.model(input_ids=ids, attention_mask=mask, **kwargs)
-        return fn
+        return lambda: self._run(input_ids=ids, attention_mask=mask, **kwargs)
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -55,13 +73,13 @@ class TorchRunner:
         import time
 
         ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
-        out = self.model(input_ids=ids, use_cache=True)
+        out = self._run(input_ids=ids, use_cache=True)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(steps):
             self.sync()
             t0 = time.perf_counter_ns()
-            out = self.model(input_ids=tok, past_key_values=past, use_cache=True)
+            out = self._run(input_ids=tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             self.sync()
             times.append(time.perf_counter_ns() - t0)
@@ -70,9 +88,10 @@ class TorchRunner:
     @torch.no_grad()
     def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
         ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  do_sample=False, eos_token_id=sorted(eos) or None,
-                                  pad_token_id=sorted(eos)[0] if eos else 0)
+        with models.sdpa_context(self.meta):
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      do_sample=False, eos_token_id=sorted(eos) or None,
+                                      pad_token_id=sorted(eos)[0] if eos else 0)
         return out[0, ids.shape[1]:].tolist()
 
 

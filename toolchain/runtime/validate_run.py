@@ -21,7 +21,8 @@ def run_validation(ctx) -> dict:
     ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
     cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device)
     tokenizer = ref.tokenizer
-    precision = cand.dtype
+    quant = getattr(cand, "meta", {}).get("quantization")
+    precision = quant["scheme"] if quant else cand.dtype
     defaults = compare.TOLERANCES.get(precision, compare.TOLERANCES["float32"])
     atol = p.atol if p.atol is not None else defaults["atol"]
     rtol = p.rtol if p.rtol is not None else defaults["rtol"]

@@ -29,13 +29,30 @@ class CheckContext:
     params: Any  # the resolved params dataclass
     inputs: dict[str, dict]  # role -> traits of the producing step
     recipe: Any  # toolchain.recipe.Recipe
+    # False for `check`: rules about this machine (GPU present, packages installed) are skipped so
+    # that GPU recipes can be linted anywhere; `plan` and `build` set it.
+    machine: bool = True
     problems: list = field(default_factory=list)
 
     def error(self, message: str, param: str | None = None, hint: str | None = None) -> None:
         path = ("stages", self.step) + (("params", param) if param else ())
-        if param and param not in self.recipe.stages[self.step].get("params", {}):
+        if param and param not in (self.recipe.stages[self.step].get("params") or {}):
             path = ("stages", self.step)
         self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, hint=hint))
+
+    def unavailable(self, message: str, param: str | None = None, hint: str | None = None) -> None:
+        """A problem with this machine rather than the recipe: reported by plan/build, not check."""
+        if self.machine:
+            self.error(f"{message} (on this machine)", param, hint)
+
+    def device_rules(self, device: str, param: str = "device") -> None:
+        """`cuda` needs an NVIDIA GPU here, and `cuda:N` needs N+1 of them."""
+        from .. import environment
+
+        if device.startswith("cuda") and environment.gpu(device) is None:
+            found = len(environment.gpus())
+            self.unavailable(f"device {device} needs an NVIDIA GPU, but {found or 'none'} {'is' if found == 1 else 'are'} "
+                             "visible", param, hint="build this recipe on a GPU machine, or set `device: cpu`")
 
 
 @dataclass
@@ -110,3 +127,18 @@ def _code_version(module: str, extra: tuple[str, ...]) -> str:
 
 def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
+
+
+def relink(src: Path, out: Path, skip: tuple[str, ...] = ("toolchain.json",)) -> None:
+    """Give `out` the files of `src` without copying bytes (hard links; the store deduplicates by
+    content anyway). For stages that change how a model runs, not its weights."""
+    import os
+    import shutil
+
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip and p.name != ".complete"):
+        dest = out / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, dest)
+        except OSError:
+            shutil.copyfile(f, dest)

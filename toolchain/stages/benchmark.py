@@ -15,6 +15,8 @@ class BenchmarkParams:
     decode_tokens: int = 0
     max_cov: float = 0.05
     seed: int = 0
+    padding: float = 0.0
+    peak_tflops: float | None = None
     device: str = "cpu"
 
 
@@ -28,6 +30,7 @@ class Benchmark(Stage):
     code = ("runtime/runners.py", "runtime/timing.py", "runtime/onnx_io.py", "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
         t = ctx.inputs["model"]
         if ctx.params.decode_tokens and not (t.get("task") == "text-generation"
                                              and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
@@ -45,7 +48,7 @@ class Benchmark(Stage):
         rng = np.random.default_rng(p.seed)
         vocab = 1000
         ids = rng.integers(5, vocab, size=(p.batch_size, p.sequence_length)).astype(np.int64)
-        mask = np.ones_like(ids)
+        mask = padding_mask(p.batch_size, p.sequence_length, p.padding)
         fn = runner.call(ids, mask)
         warnings = []
         cuda = p.device.startswith("cuda")
@@ -68,6 +71,13 @@ class Benchmark(Stage):
             peak, kind = torch.cuda.max_memory_allocated(p.device) / 2**20, "PyTorch CUDA allocator peak"
         else:
             peak, kind = timing.peak_rss_mb(), "process peak RSS while timing"
+        flops = getattr(runner, "flops", lambda *a: None)(p.batch_size, p.sequence_length)
+        if flops:
+            f = timings["forward"]
+            f["flops_per_call"] = flops
+            f["achieved_tflops"] = flops / (f["median_ms"] / 1e3) / 1e12
+            if p.peak_tflops:
+                f["fraction_of_peak"] = f["achieved_tflops"] / p.peak_tflops
         for name, t in timings.items():
             if t["cov"] > p.max_cov:
                 warnings.append(f"{name}: coefficient of variation {t['cov']:.1%} is above {p.max_cov:.0%}; "
@@ -77,8 +87,23 @@ class Benchmark(Stage):
         hw = environment.fact("hardware", p.device)
         return {"runtime": runner.describe(), "device_name": hw.get("gpu") or hw.get("cpu"),
                 "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
+                "padding_fraction": float(1 - mask.mean()),
                 "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if cuda else ""),
                 "timings": timings, "peak_memory_mb": peak, "memory_kind": kind, "warnings": warnings}
+
+
+def padding_mask(batch: int, seq: int, padding: float):
+    """Right padding with row lengths spread evenly so that about `padding` of positions are pads
+    (the first row is always full length, as the longest sequence of a real batch is)."""
+    import numpy as np
+
+    mask = np.ones((batch, seq), dtype=np.int64)
+    if padding <= 0:
+        return mask
+    for i in range(1, batch):
+        share = min(0.98, 2 * padding * i / (batch - 1))
+        mask[i, max(1, int(round(seq * (1 - share)))):] = 0
+    return mask
 
 
 def _decode_timing(runner, prompt, p) -> dict:

@@ -32,6 +32,7 @@ class ExportOnnx(Stage):
     code = ("runtime/onnx_io.py", "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
         p, t = ctx.params, ctx.inputs["model"]
         task = p.task or t.get("task")
         if t.get("quantization"):

@@ -11,6 +11,7 @@ from .base import HF_MODEL, CheckContext, RunContext, Stage
 class LoadParams:
     dtype: str = "float32"
     device: str = "cpu"
+    materialize: bool = True
 
 
 class Load(Stage):
@@ -25,13 +26,15 @@ class Load(Stage):
         return sources.resolve(recipe.model, recipe.dir)
 
     def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
         try:
             self._source(ctx.recipe)
         except sources.SourceError as exc:
             path = ("model", exc.field) if exc.field and exc.field in ctx.recipe.model else ("model",)
             ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
-        if ctx.params.dtype == "float16" and ctx.params.device == "cpu":
-            pass  # allowed: slow on CPU but valid
+            return
+        if not ctx.params.materialize and "config" not in ctx.recipe.model:
+            ctx.error("`materialize: false` applies to `config` (random-weight) sources only", "materialize")
 
     def traits(self, params, inputs, recipe) -> dict:
         src = self._source(recipe)
@@ -58,6 +61,8 @@ class Load(Stage):
         from ..runtime import models
 
         src = sources.resolve(ctx.recipe_model, ctx.recipe_dir)
+        if not ctx.params.materialize:
+            return self._lazy(ctx, src)
         ctx.progress(f"loading {src.type} model")
         model, tokenizer = models.load_source(src, ctx.params.dtype, log=ctx.log)
         ctx.progress("saving checkpoint")
@@ -67,3 +72,17 @@ class Load(Stage):
         params = sum(p.numel() for p in model.parameters())
         return {"parameters": params, "architecture": type(model).__name__, "model_type": model.config.model_type,
                 "footprint_bytes": model.get_memory_footprint()}
+
+    def _lazy(self, ctx: RunContext, src) -> dict:
+        """Config + seed only: each stage re-creates the same random weights on its own device."""
+        import transformers
+
+        from ..runtime import models
+
+        config = transformers.AutoConfig.for_model(**src.config)
+        config.save_pretrained(ctx.output)
+        if src.tokenizer:
+            transformers.AutoTokenizer.from_pretrained(src.tokenizer).save_pretrained(ctx.output)
+        models.write_meta(ctx.output, {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
+                                       "model_type": config.model_type, "random_init": {"seed": src.seed}})
+        return {"model_type": config.model_type, "materialized": False}

@@ -39,6 +39,7 @@ class Validate(Stage):
             "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
         if cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")

@@ -1,0 +1,13 @@
+"""Regenerate README's recipe reference from the schema: python scripts/sync-readme.py"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain.docs import schema_markdown  # noqa: E402
+
+readme = Path(__file__).resolve().parent.parent / "README.md"
+text = readme.read_text()
+start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"
+head, rest = text.split(start, 1)
+tail = rest.split(end, 1)[1]
+readme.write_text(head + start + schema_markdown() + "\n" + end + tail)

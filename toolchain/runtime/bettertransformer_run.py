@@ -1,0 +1,94 @@
+"""The work of the bettertransformer stages (in a worker)."""
+from __future__ import annotations
+
+import torch
+
+from . import bettertransformer, models, text
+from ..errors import StageUserError
+from ..stages.base import relink
+
+
+def _sample_batch(tokenizer, ctx, n=16):
+    sentences = text.passages("gensim:lee_background", ctx.recipe_dir, n)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+
+def convert_stage(ctx) -> dict:
+    p = ctx.params
+    src = ctx.inputs["model"]
+    meta = models.read_meta(src)
+    ctx.progress("loading")
+    model, tokenizer = models.load_with(src, meta, p.device)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metrics: dict = {}
+    try:
+        kind = bettertransformer.check_supported(model)
+    except bettertransformer.UnsupportedModel as exc:
+        raise StageUserError(str(exc)) from None
+    if tokenizer is not None:
+        enc = {k: v.to(p.device) for k, v in _sample_batch(tokenizer, ctx).items()}
+        with torch.no_grad():
+            ref = model(**enc)[0].float()
+        ctx.progress("converting")
+        bettertransformer.convert(model)
+        with torch.no_grad():
+            out = model(**enc)[0].float()
+        keep = enc["attention_mask"].bool()
+        diff = (out - ref)[keep].abs().max().item()
+        metrics.update(self_check_max_abs=diff, self_check_padding_tokens=int((~keep).sum()))
+        tol = 1e-4 if meta.get("dtype", "float32") == "float32" else 2e-2
+        if diff > tol:
+            raise RuntimeError(f"converted model differs from the original by {diff:.3g} (> {tol}) at "
+                               "non-padded positions")
+    else:
+        bettertransformer.convert(model)
+    ctx.progress("reversing to check the round trip")
+    bettertransformer.reverse(model)
+    after = model.state_dict()
+    identical = list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    if not identical:
+        raise RuntimeError("reverse(convert(model)) did not give back a bit-identical state_dict")
+    relink(src, ctx.output)
+    meta.update(bettertransformer=True, attention_before_bettertransformer=meta.get("attn_implementation"))
+    if kind == "decoder":
+        meta["attn_implementation"] = "sdpa"
+    models.write_meta(ctx.output, meta)
+    metrics.update(path="fused encoder fast path with nested tensors" if kind == "encoder" else "SDPA attention",
+                   round_trip_state_dict_identical=True, model_type=model.config.model_type)
+    return metrics
+
+
+def reverse_stage(ctx) -> dict:
+    p = ctx.params
+    src = ctx.inputs["model"]
+    meta = models.read_meta(src)
+    ctx.progress("loading converted model")
+    model, _ = models.load_with(src, meta, p.device)  # converted on load
+    if not bettertransformer.is_converted(model):
+        raise RuntimeError("the input model did not load converted")
+    converted_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bettertransformer.reverse(model)
+    classes = sorted({type(m).__name__ for m in model.modules()})
+    if any(c.startswith("Fast") for c in classes):
+        raise RuntimeError("reversal left converted modules behind")
+    from safetensors.torch import load_file
+
+    saved = {}
+    for f in sorted(src.glob("*.safetensors")):
+        saved.update(load_file(f))
+    now = model.state_dict()
+    identical = all(k in now and torch.equal(now[k].cpu(), v) for k, v in saved.items())
+    if not identical:
+        raise RuntimeError("the reversed model's weights differ from the checkpoint it was converted from")
+    relink(src, ctx.output)
+    meta.pop("bettertransformer", None)
+    previous = meta.pop("attention_before_bettertransformer", None)
+    if previous is None:
+        meta.pop("attn_implementation", None)
+    else:
+        meta["attn_implementation"] = previous
+    models.write_meta(ctx.output, meta)
+    return {"state_dict_identical_to_original": True, "converted_parameters": len(converted_sd),
+            "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}

@@ -1,0 +1,89 @@
+"""`bettertransformer` and `reverse_bettertransformer`.
+
+Conversion is a load-time transform (see runtime/bettertransformer.py): the artifact keeps the
+original weights and records that the model runs converted, because a converted model is never
+saved as such (persisting goes through reversal, as the guide prescribes). Both stages prove what
+they claim when they run: conversion matches the original at non-padded positions, and reversal
+gives back a bit-identical state_dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import HF_MODEL, CheckContext, RunContext, Stage
+
+# mirrors runtime/bettertransformer.py (kept light: plan-time must not import torch)
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text")
+DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
+                 "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
+
+
+@dataclass
+class BetterTransformerParams:
+    device: str = "cpu"
+
+
+class BetterTransformer(Stage):
+    kind = "bettertransformer"
+    Params = BetterTransformerParams
+    roles = {"model": (HF_MODEL,)}
+    produces = HF_MODEL
+    env = ("python", "platform", "torch", "transformers")
+    code = ("runtime/bettertransformer.py", "runtime/models.py", "stages/bettertransformer.py")
+
+    def check(self, ctx: CheckContext) -> None:
+        t = ctx.inputs["model"]
+        ctx.device_rules(ctx.params.device)
+        mt = t.get("model_type")
+        if t.get("bettertransformer"):
+            ctx.error("the model is already BetterTransformer-converted")
+        if mt and mt not in ENCODER_TYPES + DECODER_TYPES:
+            ctx.error(f"BetterTransformer does not support model type '{mt}'",
+                      hint=f"supported: {', '.join(ENCODER_TYPES + DECODER_TYPES)}")
+        if mt in ENCODER_TYPES and t.get("quantization"):
+            ctx.error("the encoder fast path needs plain weights, but the model is quantized "
+                      f"({t['quantization']})", hint="convert the unquantized model")
+        if mt in ENCODER_TYPES and t.get("attention") not in (None, "eager", "sdpa"):
+            ctx.error(f"the encoder fast path replaces attention; drop the `{t['attention']}` attention stage")
+
+    def traits(self, params, inputs, recipe) -> dict:
+        t = dict(inputs["model"])
+        t.update(bettertransformer=True)
+        if t.get("model_type") in DECODER_TYPES:
+            t.update(attention="sdpa")
+        return t
+
+    def run(self, ctx: RunContext) -> dict:
+        from ..runtime import bettertransformer_run
+
+        return bettertransformer_run.convert_stage(ctx)
+
+
+@dataclass
+class ReverseParams:
+    device: str = "cpu"
+
+
+class ReverseBetterTransformer(Stage):
+    kind = "reverse_bettertransformer"
+    Params = ReverseParams
+    roles = {"model": (HF_MODEL,)}
+    produces = HF_MODEL
+    env = BetterTransformer.env
+    code = BetterTransformer.code
+
+    def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
+        if not ctx.inputs["model"].get("bettertransformer"):
+            ctx.error("the input model is not BetterTransformer-converted",
+                      hint="take the input from a `bettertransformer` stage")
+
+    def traits(self, params, inputs, recipe) -> dict:
+        t = dict(inputs["model"])
+        t.update(bettertransformer=False, attention=t.get("attention_before_bettertransformer"))
+        return t
+
+    def run(self, ctx: RunContext) -> dict:
+        from ..runtime import bettertransformer_run
+
+        return bettertransformer_run.reverse_stage(ctx)
