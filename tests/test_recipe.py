@@ -139,8 +139,10 @@ def test_readme_reference_matches_schema():
 def test_schema_is_strict_everywhere():
     def walk(node, path):
         if isinstance(node, dict):
-            # `$defs.stage` only dispatches on `kind`; each `stage_<kind>` it selects is strict
-            if node.get("type") == "object" and "properties" in node and path != ("$defs", "stage"):
+            # `$defs.stage` only dispatches on `kind` (each `stage_<kind>` it selects is strict);
+            # `matrix` maps user-chosen variable names to their values
+            exempt = (("$defs", "stage"), ("properties", "matrix"))
+            if node.get("type") == "object" and "properties" in node and path not in exempt:
                 assert node.get("additionalProperties") is False, path
             for k, v in node.items():
                 walk(v, path + (k,))

@@ -26,8 +26,9 @@ def variant_folder(plan: Plan) -> str:
     return plan.recipe.variant_id.replace(",", "-").replace("/", "_")
 
 
-def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False) -> dict:
-    executor = LocalExecutor(store, console, force=force)
+def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False,
+          require_provider: bool = False) -> dict:
+    executor = LocalExecutor(store, console, force=force, require_provider=require_provider)
     variants = []
     with store.using():
         for plan in plans:
@@ -57,6 +58,7 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Sto
                 "input_steps": step.inputs, "params": step.params, "traits": step.traits,
                 "outputs": r.record["outputs"], "metrics": r.record.get("metrics", {}),
                 "build_seconds": r.record.get("timings", {}).get("seconds"), "seconds": round(r.seconds, 3),
+                "device": step.device,
                 "gate": {"passed": not r.gate_failures, "failures": r.gate_failures}
                 if step.stage.has_gate else None,
             })
@@ -65,8 +67,9 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Sto
     env = environment.facts(env_names | {"python", "platform", "onnxruntime"})
     env["hardware"] = environment.fact("hardware", "cpu")
     env["gpus"] = list(environment.gpus())
+    notes = sorted({n for plan, _ in variants for n in plan.notes})
     return {
-        "schema": MANIFEST_SCHEMA, "toolchain": __version__,
+        "schema": MANIFEST_SCHEMA, "toolchain": __version__, "notes": notes,
         "recipe": {"name": recipe.name, "file": str(recipe.path), "description": recipe.data.get("description")},
         "status": "failed" if failed else "passed",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -91,6 +91,8 @@ def cmd_plan(args, console: Console) -> int:
                           [[r["step"] + (" (target)" if r["target"] else ""), r["kind"],
                             ", ".join(f"{k}<-{v}" for k, v in r["inputs"].items()) or "-", r["key"][:16],
                             r["status"]] for r in rows])
+        for note in plan.notes:
+            console.warn(note)
     if args.json:
         print(json.dumps(out, indent=2))
     return 0
@@ -104,7 +106,10 @@ def cmd_build(args, console: Console) -> int:
     plans = _plans(args.recipe, store)
     console.print(f"[bold]{escape(plans[0].recipe.name)}[/]: {sum(len(p.steps) for p in plans)} steps in "
                   f"{len(plans)} variant{'s' if len(plans) != 1 else ''}, store {store.root}")
-    manifest = build(plans, store, Path(args.output) if args.output else None, console, force=args.force)
+    for note in sorted({n for p in plans for n in p.notes}):
+        console.warn(note)
+    manifest = build(plans, store, Path(args.output) if args.output else None, console, force=args.force,
+                     require_provider=args.require_provider)
     summary(manifest, console, time.perf_counter() - t0, args.output)
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
@@ -127,6 +132,9 @@ def summary(manifest: dict, console: Console, seconds: float, output) -> None:
                  ("pass" if s["gate"]["passed"] else "FAIL") if s.get("gate") else ""] for s in v["steps"]]
         console.table(f"steps {label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)
         for s in v["steps"]:
+            if s["metrics"].get("not_run"):
+                console.warn(f"{s['name']}: not run: {s['metrics']['not_run']}")
+                continue
             if s["kind"] == "validate":
                 console.table(f"parity: {s['name']}", PARITY_HEADER, parity_rows(s))
                 m = s["metrics"]
@@ -141,10 +149,12 @@ def summary(manifest: dict, console: Console, seconds: float, output) -> None:
                               latency_rows(s))
                 for w in s["metrics"].get("warnings", []):
                     console.warn(w)
-    built = sum(1 for v in manifest["variants"] for s in v["steps"] if s["status"] == "built")
-    total = sum(len(v["steps"]) for v in manifest["variants"])
+    counts = {k: sum(1 for v in manifest["variants"] for s in v["steps"] if s["status"] == k)
+              for k in ("built", "cached", "not run")}
     where = f" -> {output}" if output else ""
-    console.print(f"[bold]{manifest['status']}[/]: {built} built, {total - built} cached in {seconds:.1f} s{where}")
+    not_run = f", {counts['not run']} not run" if counts["not run"] else ""
+    console.print(f"[bold]{manifest['status']}[/]: {counts['built']} built, {counts['cached']} cached{not_run} "
+                  f"in {seconds:.1f} s{where}")
 
 
 def cmd_cache(args, console: Console) -> int:
@@ -276,6 +286,8 @@ def parser() -> argparse.ArgumentParser:
                     "toolchain.lock")
     sp.add_argument("--force", action="store_true", help="rebuild every step even if it is in the store")
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    sp.add_argument("--require-provider", action="store_true", help="fail (exit 1) when a check cannot run because "
+                    "its onnxruntime provider is not available here, instead of reporting it as not run")
     common(sp)
     sp = sub.add_parser("cache", help="inspect and maintain the artifact store")
     csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")

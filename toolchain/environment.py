@@ -140,3 +140,51 @@ def describe() -> dict:
     except ImportError:
         info["onnxruntime_providers"] = None
     return info
+
+
+# onnxruntime execution providers by target name
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "rocm": "ROCMExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _find_library(name: str) -> bool:
+    import ctypes.util
+
+    if ctypes.util.find_library(name):
+        return True
+    for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if d and any(f.startswith(f"lib{name}.so") for f in _listdir(d)):
+            return True
+    return False
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return os.listdir(d)
+    except OSError:
+        return []
+
+
+def provider_status(target: str) -> str | None:
+    """None when the onnxruntime provider for `target` can run here, else why not. Static: reads
+    installed distributions, GPUs and shared libraries; does not import onnxruntime."""
+    flavour = onnxruntime_flavour() or ""
+    if not flavour:
+        return "onnxruntime is not installed"
+    if target == "cpu":
+        return None
+    if target in ("cuda", "tensorrt"):
+        if "onnxruntime-gpu" not in flavour:
+            return f"the installed onnxruntime ({flavour}) has no CUDA or TensorRT provider; install onnxruntime-gpu"
+        if not gpus():
+            return "no NVIDIA GPU is visible"
+        if target == "tensorrt" and not _find_library("nvinfer"):
+            return "TensorRT's libnvinfer.so.10 is not installed (the TensorRT provider cannot load)"
+        return None
+    if target == "rocm":
+        if "onnxruntime-rocm" not in flavour:
+            return f"the installed onnxruntime ({flavour}) has no ROCm provider; install onnxruntime-rocm"
+        if not os.path.exists("/dev/kfd"):
+            return "no AMD GPU is visible (/dev/kfd missing)"
+        return None
+    return f"unknown provider target {target!r}"

@@ -39,8 +39,10 @@ class StepResult:
 class LocalExecutor:
     """Sequential executor: each step in a fresh worker process of `python`."""
 
-    def __init__(self, store: Store, console: Console, force: bool = False, python: str = sys.executable):
+    def __init__(self, store: Store, console: Console, force: bool = False, python: str = sys.executable,
+                 require_provider: bool = False):
         self.store, self.console, self.force, self.python = store, console, force, python
+        self.require_provider = require_provider
         self.done: dict[str, StepResult] = {}  # key -> result, shared across a matrix's variants
 
     def run(self, plan: Plan) -> dict[str, StepResult]:
@@ -77,12 +79,18 @@ class LocalExecutor:
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
             record = self._execute(plan, step, inputs)
+            if record.get("not_run"):  # about this machine, not the inputs: never cached
+                return self._result(step, "not run", record["metrics"]["not_run"], record, t0)
             return self._result(step, "built", reason, record, t0)
         finally:
             lock.release()
 
     def _result(self, step, status, reason, record, t0) -> StepResult:
-        failures = step.stage.gate(record.get("metrics", {}))
+        metrics = record.get("metrics", {})
+        if metrics.get("not_run"):
+            failures = [f"not run: {metrics['not_run']} (--require-provider)"] if self.require_provider else []
+        else:
+            failures = step.stage.gate(metrics)
         return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures)
 
     def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path]) -> dict:
@@ -93,6 +101,7 @@ class LocalExecutor:
                 "inputs": {k: str(v) for k, v in inputs.items()},
                 "input_meta": {role: plan.steps[src].traits for role, src in step.inputs.items()},
                 "output": str(out), "result": str(work / "result.json"), "recipe_dir": str(plan.recipe.dir),
+                "cache_dir": str(self.store.root / "cache"),
                 "recipe_model": plan.recipe.model, "traits": step.traits}
         (work / "spec.json").write_text(json.dumps(spec, indent=1))
         log_path = self.store.logs / f"{step.key}.log"
@@ -111,6 +120,8 @@ class LocalExecutor:
             fields = {"step": step.name, "kind": step.kind, "key_material": step.key_material,
                       "traits": step.traits, "metrics": result["metrics"],
                       "timings": {"started": started, "seconds": round(time.time() - started, 3)}}
+            if result["metrics"].get("not_run"):
+                return {**fields, "outputs": {}, "not_run": True}
             return self.store.commit(step.key, out, fields)
         finally:
             shutil.rmtree(work, ignore_errors=True)

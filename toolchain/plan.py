@@ -44,6 +44,7 @@ class Plan:
     recipe: Recipe
     steps: dict[str, Step]  # topological order
     targets: list[str]
+    notes: list[str] = field(default_factory=list)  # e.g. checks that cannot run on this machine
 
     def downstream(self, name: str) -> set[str]:
         out, frontier = set(), {name}
@@ -104,6 +105,7 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
         targets = [n for n in order if n in makes_model and n not in fed]
 
     steps: dict[str, Step] = {}
+    notes: list[str] = []
     for name in order:
         spec = stages[name]
         stage = registry.get(spec["kind"])
@@ -137,12 +139,13 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
         if len(in_traits) == len(inputs):
             stage.check(ctx)
         problems.extend(ctx.problems)
+        notes.extend(ctx.notes)
         traits = stage.traits(params, in_traits, recipe) if not ctx.problems else {"artifact": stage.produces}
         steps[name] = Step(name, spec["kind"], params_dict(params), inputs, traits)
     if problems:
         raise RecipeError(problems)
 
-    plan = Plan(recipe, steps, list(targets))
+    plan = Plan(recipe, steps, list(targets), notes)
     if keys:
         compute_keys(plan, hasher or hash_file)
     return plan

@@ -21,7 +21,7 @@ def parity_rows(step: dict) -> list[list[str]]:
     m = step["metrics"]
     for name, o in m.get("outputs", {}).items():
         rows.append([name, _fmt(o.get("max_abs")), _fmt(o.get("max_rel")), _fmt(o.get("mean_abs")),
-                     _fmt(o.get("min_cosine"), 6), _fmt(o.get("atol")), _fmt(o.get("rtol")),
+                     _fmt(o.get("min_cosine"), 6), _fmt(o.get("mean_cosine"), 6), _fmt(o.get("atol")), _fmt(o.get("rtol")),
                      _fmt(o.get("min_atol_to_pass")), "pass" if o.get("passed") else "FAIL"])
     return rows
 
@@ -41,7 +41,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARITY_HEADER = ["output", "max abs", "max rel", "mean abs", "min cosine", "atol", "rtol",
+PARITY_HEADER = ["output", "max abs", "max rel", "mean abs", "min cosine", "mean cosine", "atol", "rtol",
                  "smallest atol that passes", "result"]
 LATENCY_HEADER = ["measure", "median ms", "p90 ms", "p99 ms", "CoV", "throughput", "unit", "iterations"]
 
@@ -53,6 +53,8 @@ def render_markdown(manifest: dict) -> str:
     out = [f"# {manifest['recipe']['name']}: {manifest['status'].upper()}\n"]
     if manifest["recipe"].get("description"):
         out.append(manifest["recipe"]["description"].strip() + "\n")
+    for note in manifest.get("notes", []):
+        out.append(f"Note: {note}.\n\n")
     out.append(f"Built {manifest['created']} by toolchain {manifest['toolchain']} from `{manifest['recipe']['file']}`.\n")
     out.append(f"Machine: {hw.get('cpu', '?')} ({hw.get('cores', '?')} cores); GPUs: {gpus}. "
                f"Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
@@ -64,6 +66,11 @@ def render_markdown(manifest: dict) -> str:
         rows = [[s["name"], s["kind"], s["status"], s["key"][:12], _fmt(s["build_seconds"])] for s in v["steps"]]
         out.append(_table(["step", "kind", "status", "key", "build s"], rows))
         for s in v["steps"]:
+            if s["metrics"].get("not_run"):
+                out.append(f"\n### {s['name']}: NOT RUN\n\n{s['kind']} did not run on this machine: "
+                           f"{s['metrics']['not_run']}. This is neither a pass nor a failure; build with "
+                           "`--require-provider` on the right hardware to make it one.\n")
+                continue
             if s["kind"] == "validate" and s["metrics"]:
                 m = s["metrics"]
                 verdict = "passed" if s["gate"]["passed"] else "FAILED"

@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
     ctx = RunContext(step=spec["step"], params=stage.resolve(spec["params"], {}),
                      inputs={k: Path(v) for k, v in spec["inputs"].items()}, input_meta=spec["input_meta"],
                      output=Path(spec["output"]), recipe_dir=Path(spec["recipe_dir"]),
-                     recipe_model=spec["recipe_model"], traits=spec["traits"], progress=progress, log=log)
+                     recipe_model=spec["recipe_model"], traits=spec["traits"], progress=progress, log=log,
+                     cache_dir=Path(spec["cache_dir"]) if spec.get("cache_dir") else None)
     try:
         metrics = stage.run(ctx) or {}
         result = {"ok": True, "metrics": metrics}

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 ONNX_FILE = "model.onnx"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def _uses_token_type_ids(model) -> bool:
@@ -143,36 +142,69 @@ def _ort():
 
 
 class ProviderMismatch(RuntimeError):
-    pass
+    """onnxruntime would run the session on another provider than the one asked for."""
 
 
-def session(path: Path, device: str = "cpu", threads: int | None = None):
-    """An InferenceSession on exactly the provider `device` asks for: onnxruntime falls back to the
-    CPU silently when a provider cannot load, so we compare what it took with what we asked."""
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run on this machine at all (a `not run` check, not a failure)."""
+
+
+def session(path: Path, provider: str = "cpu", device: str = "cpu", options: dict | None = None,
+            cache_dir: Path | None = None):
+    """An InferenceSession on exactly the provider asked for. onnxruntime falls back to the CPU
+    silently when a provider cannot load, so we compare what it took with what we asked."""
+    from .. import environment
+
+    why = environment.provider_status(provider)
+    if why:
+        raise ProviderUnavailable(why)
     ort = _ort()
-    wanted = PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
+    wanted = environment.PROVIDER_NAMES[provider]
     if wanted not in ort.get_available_providers():
-        raise ProviderMismatch(f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+        raise ProviderUnavailable(f"onnxruntime here has no {wanted} (available: "
+                                  f"{', '.join(ort.get_available_providers())})")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = [wanted] if wanted == "CPUExecutionProvider" else [
-        (wanted, {"device_id": int(device.split(":")[1]) if ":" in device else 0}), "CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    provider_options = dict(options or {})
+    if provider in ("cuda", "tensorrt", "rocm"):
+        provider_options.setdefault("device_id", int(device.split(":")[1]) if ":" in device else 0)
+    if provider == "tensorrt" and cache_dir is not None:
+        for kind in ("engine", "timing"):
+            folder = Path(cache_dir) / "tensorrt" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            provider_options.setdefault(f"trt_{kind}_cache_enable", True)
+            provider_options.setdefault(f"trt_{kind}_cache_path", str(folder))
+    providers = [(wanted, {k: str(v) if isinstance(v, bool) else v for k, v in provider_options.items()})]
+    if provider == "tensorrt":  # TensorRT hands nodes it cannot take to CUDA, as intended
+        providers.append(("CUDAExecutionProvider", {"device_id": provider_options["device_id"]}))
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ProviderMismatch(f"onnxruntime could not create a {wanted} session: {exc}") from None
+    return verify_provider(sess, wanted)
+
+
+def verify_provider(sess, wanted: str):
+    """Refuse a session whose first provider is not the one asked for (onnxruntime only warns)."""
     if sess.get_providers()[0] != wanted:
-        raise ProviderMismatch(f"asked onnxruntime for {wanted} but the session runs on {sess.get_providers()[0]}")
+        raise ProviderMismatch(f"asked onnxruntime for {wanted} but the session runs on {sess.get_providers()[0]} "
+                               f"(providers taken: {', '.join(sess.get_providers())}); refusing the silent fallback")
     return sess
 
 
 class OrtModel:
     """Runs an exported folder with numpy inputs; mirrors what the PyTorch side computes."""
 
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, device: str = "cpu", provider: str | None = None, cache_dir=None):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "toolchain.json").read_text())
         self.graph = self.meta["graph"]
-        self.sess = session(self.folder / self.graph["file"], device)
+        target = self.meta.get("target", {})
+        self.provider = provider or target.get("provider", "cpu")
+        options = target.get("provider_options", {}) if self.provider == target.get("provider", "cpu") else {}
+        self.io_binding = self.provider in ("cuda", "tensorrt", "rocm") and target.get("io_binding", True)
+        self.device = device
+        self.sess = session(self.folder / self.graph["file"], self.provider, device, options, cache_dir)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.float_type = np.float16 if self.meta.get("dtype") == "float16" else np.float32
 

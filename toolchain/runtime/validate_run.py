@@ -19,7 +19,8 @@ def run_validation(ctx) -> dict:
     cand_meta, ref_meta = ctx.input_meta["candidate"], ctx.input_meta["reference"]
     ctx.progress("loading reference and candidate")
     ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
-    cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device)
+    cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device,
+                               ctx.onnx_provider("candidate"), ctx.cache_dir)
     tokenizer = ref.tokenizer
     quant = getattr(cand, "meta", {}).get("quantization")
     precision = quant["scheme"] if quant else cand.dtype
@@ -65,7 +66,7 @@ def run_validation(ctx) -> dict:
             why = []
             if o["nonfinite"]:
                 why.append(f"{o['nonfinite']} non-finite values")
-            if o["min_atol_to_pass"] > o["atol"]:
+            if o["atol"] is not None and o["min_atol_to_pass"] > o["atol"]:
                 why.append(f"max abs error {o['max_abs']:.3g} exceeds atol {o['atol']:g} + rtol {o['rtol']:g}*|ref| "
                            f"(atol {o['min_atol_to_pass']:.3g} would have passed)")
             if o["min_cosine"] < o["min_cosine_gate"]:
@@ -96,6 +97,8 @@ def run_validation(ctx) -> dict:
                     n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                     first_diff.append(n)
             metrics["generation"] = {"prompts": len(prompts), "new_tokens": gen["new_tokens"], "equal": equal,
+                                     "mean_first_divergence": (sum(first_diff) + gen["new_tokens"] * equal)
+                                     / len(prompts),
                                      "agreement": equal / len(prompts), "min_agreement": min_agree,
                                      "first_divergence": first_diff}
             if equal / len(prompts) < min_agree:

@@ -33,12 +33,24 @@ class CheckContext:
     # that GPU recipes can be linted anywhere; `plan` and `build` set it.
     machine: bool = True
     problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # said before a build starts; not errors
+
+    def note(self, message: str) -> None:
+        if self.machine:
+            self.notes.append(f"stage '{self.step}': {message}")
 
     def error(self, message: str, param: str | None = None, hint: str | None = None) -> None:
         path = ("stages", self.step) + (("params", param) if param else ())
         if param and param not in (self.recipe.stages[self.step].get("params") or {}):
             path = ("stages", self.step)
         self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, hint=hint))
+
+    def provider_note(self, provider: str | None) -> None:
+        from .. import environment
+
+        why = environment.provider_status(provider) if provider else None
+        if why:
+            self.note(f"provider {provider} cannot run here ({why}): reported as not run")
 
     def unavailable(self, message: str, param: str | None = None, hint: str | None = None) -> None:
         """A problem with this machine rather than the recipe: reported by plan/build, not check."""
@@ -69,6 +81,22 @@ class RunContext:
     traits: dict
     progress: Callable[..., None] = lambda *a, **k: None  # progress(message, done=None, total=None)
     log: Callable[[str], None] = print
+    cache_dir: Path | None = None  # the store's folder for provider caches (TensorRT engines)
+
+    def onnx_provider(self, role: str) -> str | None:
+        """The provider an ONNX input runs on (the step's `provider`, else the export's target)."""
+        meta = self.input_meta[role]
+        if meta.get("artifact") != ONNX_MODEL:
+            return None
+        return getattr(self.params, "provider", None) or meta.get("provider", "cpu")
+
+    def provider_not_run(self, role: str) -> dict | None:
+        """Metrics saying the check was not run, when the ONNX input's provider cannot run here."""
+        from .. import environment
+
+        provider = self.onnx_provider(role)
+        why = environment.provider_status(provider) if provider else None
+        return {"not_run": f"provider {provider}: {why}", "provider": provider} if why else None
 
 
 class Stage:

@@ -17,6 +17,7 @@ class BenchmarkParams:
     seed: int = 0
     padding: float = 0.0
     peak_tflops: float | None = None
+    provider: str | None = None
     device: str = "cpu"
 
 
@@ -31,6 +32,8 @@ class Benchmark(Stage):
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
+        if ctx.inputs["model"].get("artifact") == ONNX_MODEL:
+            ctx.provider_note(ctx.params.provider or ctx.inputs["model"].get("provider", "cpu"))
         t = ctx.inputs["model"]
         if ctx.params.decode_tokens and not (t.get("task") == "text-generation"
                                              and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
@@ -43,8 +46,12 @@ class Benchmark(Stage):
 
         p = ctx.params
         meta = ctx.input_meta["model"]
+        not_run = ctx.provider_not_run("model")
+        if not_run:
+            return not_run
         ctx.progress("loading model")
-        runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device)
+        runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
+                                     ctx.cache_dir)
         rng = np.random.default_rng(p.seed)
         vocab = 1000
         ids = rng.integers(5, vocab, size=(p.batch_size, p.sequence_length)).astype(np.int64)

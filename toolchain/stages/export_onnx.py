@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import HF_MODEL, ONNX_MODEL, CheckContext, RunContext, Stage
 
@@ -20,6 +20,9 @@ class ExportOnnxParams:
     opset: int = 18
     dynamic_axes: bool = True
     external_data: str = "auto"
+    provider: str = "cpu"
+    provider_options: dict = field(default_factory=dict)
+    io_binding: bool = True
     device: str = "cpu"
 
 
@@ -43,13 +46,23 @@ class ExportOnnx(Stage):
         if t.get("task") and p.task and p.task != t["task"]:
             ctx.error(f"task {p.task} does not match the loaded model's head ({t['task']})", "task",
                       hint=f"set `model.task: {p.task}` on the source, or drop `task` here")
+        from .. import environment
+
+        why = environment.provider_status(p.provider)
+        if why:
+            ctx.note(f"provider {p.provider} cannot run here ({why}): the export is built, and checks on "
+                     f"{p.provider} are reported as not run")
+        if p.provider == "tensorrt" and any(k.endswith("_cache_path") for k in p.provider_options):
+            ctx.error("TensorRT engine and timing caches live in the store; drop the *_cache_path options",
+                      "provider_options")
         if p.exporter == "dynamo" and p.opset < 18:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
 
     def traits(self, params, inputs, recipe) -> dict:
         t = dict(inputs["model"])
-        t.update(artifact=ONNX_MODEL, task=params.task or t.get("task"), kv_cache=params.kv_cache)
+        t.update(artifact=ONNX_MODEL, task=params.task or t.get("task"), kv_cache=params.kv_cache,
+                 provider=params.provider)
         return t
 
     def run(self, ctx: RunContext) -> dict:
@@ -67,7 +80,9 @@ class ExportOnnx(Stage):
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
         out_meta = {"artifact": ONNX_MODEL, "task": task, "dtype": meta.get("dtype", "float32"),
-                    "model_type": meta.get("model_type"), "graph": graph}
+                    "model_type": meta.get("model_type"), "graph": graph,
+                    "target": {"provider": p.provider, "provider_options": p.provider_options,
+                               "io_binding": p.io_binding}}
         (ctx.output / "toolchain.json").write_text(json.dumps(out_meta, indent=2, sort_keys=True) + "\n")
         ctx.progress("checking the graph")
         import onnx

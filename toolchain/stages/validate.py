@@ -25,6 +25,7 @@ class ValidateParams:
     min_cosine: float | None = None
     min_top1: float | None = None
     generate: dict = field(default_factory=dict)
+    provider: str | None = None
     device: str = "cpu"
 
 
@@ -40,6 +41,8 @@ class Validate(Stage):
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
+        if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
+            ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
         if cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
@@ -58,6 +61,9 @@ class Validate(Stage):
         return list(metrics.get("failures", []))
 
     def run(self, ctx: RunContext) -> dict:
+        not_run = ctx.provider_not_run("candidate")
+        if not_run:
+            return not_run
         from ..runtime.validate_run import run_validation
 
         return run_validation(ctx)
