@@ -119,7 +119,10 @@ def deliver(manifest: dict, variants, store: Store, out: Path) -> None:
                     shutil.copyfile(store.object_path(meta["sha256"]), dest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / "report.json").write_text(json.dumps(report_json(manifest), indent=2, sort_keys=True) + "\n")
-        (tmp / "report.md").write_text(render_markdown(manifest))
+        from .plots import benchmark_rows, render
+
+        plots = render(benchmark_rows([manifest]), tmp / "plots")
+        (tmp / "report.md").write_text(render_markdown(manifest, plots))
         (tmp / "toolchain.lock").write_text(yaml.safe_dump(lock_document(manifest, variants), sort_keys=True))
         old = None
         if out.exists():

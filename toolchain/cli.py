@@ -206,6 +206,36 @@ def cmd_cache(args, console: Console) -> int:
     raise UsageError("usage: toolchain cache {ls,verify,gc}")
 
 
+def cmd_validate(args, console: Console) -> int:
+    from .validate_cmd import run
+
+    return run(args, _store(args).init(), console)
+
+
+def cmd_report(args, console: Console) -> int:
+    from .plots import benchmark_rows, render
+    from .report import comparison_markdown, plots_markdown
+
+    manifests = []
+    for folder in args.builds:
+        path = Path(folder) / "manifest.json" if Path(folder).is_dir() else Path(folder)
+        try:
+            manifests.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{folder}: not a build output folder (no readable manifest.json: {exc})") from None
+    rows = benchmark_rows(manifests)
+    if not rows:
+        raise UsageError("no benchmark results in these builds")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = render(rows, out / "plots", args.baseline)
+    names = ", ".join(sorted({m["recipe"]["name"] for m in manifests}))
+    text = f"# Comparison: {names}\n" + comparison_markdown(rows, args.baseline) + plots_markdown(plots)
+    (out / "report.md").write_text(text)
+    console.print(f"{len(rows)} measurements, {len(plots)} plots -> {out / 'report.md'}")
+    return 0
+
+
 def cmd_env(args, console: Console) -> int:
     from .environment import describe
 
@@ -289,6 +319,39 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--require-provider", action="store_true", help="fail (exit 1) when a check cannot run because "
                     "its onnxruntime provider is not available here, instead of reporting it as not run")
     common(sp)
+    sp = sub.add_parser("validate", help="CI gate: check an ONNX model folder against a reference model "
+                        "(parity and latency); exit 0 passed, 1 failed, 2 wrong input")
+    sp.add_argument("model", help="ONNX model folder (ours, or made by `optimum-cli export onnx`) or .onnx file")
+    sp.add_argument("--reference", required=True, help="reference model folder, or RECIPE.yaml[:STEP] to use a "
+                    "recipe's step (default step: its load)")
+    sp.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "rocm", "tensorrt"])
+    sp.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda, cuda:N)")
+    sp.add_argument("--corpus", default="gensim:lee_background", help="real text (gensim:NAME or a text file)")
+    sp.add_argument("--samples", type=int, default=200, help="passages compared (default 200)")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--max-length", type=int, default=128)
+    sp.add_argument("--atol", type=float)
+    sp.add_argument("--rtol", type=float)
+    sp.add_argument("--min-cosine", type=float)
+    sp.add_argument("--min-top1", type=float)
+    sp.add_argument("--generate", type=int, metavar="PROMPTS", help="LMs: greedy-generation prompts (default 20)")
+    sp.add_argument("--iterations", type=int, default=30, help="timed iterations (0: no latency check)")
+    sp.add_argument("--bench-batch-size", type=int, default=1)
+    sp.add_argument("--sequence-length", type=int, default=128)
+    sp.add_argument("--reference-latency", action="store_true", help="also time the PyTorch reference")
+    sp.add_argument("--baseline", help="an earlier `--json` report: fail when parity got worse beyond tolerance "
+                    "or the median latency slower than --max-slowdown (beyond the recorded noise)")
+    sp.add_argument("--max-slowdown", type=float, default=10.0, metavar="PERCENT", help="default 10")
+    sp.add_argument("--require-provider", action="store_true", help="fail when the provider cannot run here")
+    sp.add_argument("--junit", metavar="FILE", help="write JUnit XML (one test case per check)")
+    sp.add_argument("--markdown", metavar="FILE", help="write a summary for a pull-request comment")
+    sp.add_argument("--json", metavar="FILE", help="write the checks and the manifest as JSON (usable as --baseline)")
+    common(sp)
+    sp = sub.add_parser("report", help="render latency plots and a side-by-side table for any set of builds")
+    sp.add_argument("builds", nargs="+", help="build output folders (or their manifest.json)")
+    sp.add_argument("-o", "--output", required=True, help="folder for report.md and plots/")
+    sp.add_argument("--baseline", help="label of the row speedups are measured against (default: the first)")
+    common(sp, store=False)
     sp = sub.add_parser("cache", help="inspect and maintain the artifact store")
     csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
     c = csub.add_parser("ls", help="list entries")
@@ -311,8 +374,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"check": cmd_check, "plan": cmd_plan, "build": cmd_build, "cache": cmd_cache, "env": cmd_env,
-            "schema": cmd_schema}
+COMMANDS = {"check": cmd_check, "plan": cmd_plan, "build": cmd_build, "validate": cmd_validate, "report": cmd_report, "cache": cmd_cache,
+            "env": cmd_env, "schema": cmd_schema}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ KINDS: dict[str, str] = {
     "quantize": "toolchain.stages.quantize:Quantize",
     "bettertransformer": "toolchain.stages.bettertransformer:BetterTransformer",
     "reverse_bettertransformer": "toolchain.stages.bettertransformer:ReverseBetterTransformer",
+    "import_onnx": "toolchain.stages.import_onnx:ImportOnnx",
 }
 
 

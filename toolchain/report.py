@@ -46,7 +46,34 @@ PARITY_HEADER = ["output", "max abs", "max rel", "mean abs", "min cosine", "mean
 LATENCY_HEADER = ["measure", "median ms", "p90 ms", "p99 ms", "CoV", "throughput", "unit", "iterations"]
 
 
-def render_markdown(manifest: dict) -> str:
+def plots_markdown(plots: list[tuple[str, str]], prefix: str = "plots/") -> str:
+    if not plots:
+        return ""
+    out = ["\n## Plots\n"]
+    for title, name in plots:
+        out.append(f"\n![{title}]({prefix}{name})\n")
+    return "".join(out)
+
+
+def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
+    """A table of every benchmark measure side by side, with speedups over the baseline row."""
+    if not rows:
+        return ""
+    out = ["\n## Latency side by side\n\n"]
+    header = ["variant", "runtime", "device", "median ms", "p90 ms", "CoV", "speedup", "peak MB"]
+    lines = []
+    for measure in sorted({r["measure"] for r in rows}, key=lambda m: (m != "forward", m)):
+        group = [r for r in rows if r["measure"] == measure]
+        base = next((r for r in group if r["label"] == baseline), group[0])
+        for r in group:
+            lines.append([r["label"], r["runtime"] or "-", r["device"] or "-", _fmt(r["median"]), _fmt(r["p90"]),
+                          f"{100 * r['cov']:.1f}%", f"{base['median'] / r['median']:.2f}x", _fmt(r["memory"])])
+    out.append(_table(header, lines))
+    out.append(f"\nSpeedup is the baseline's median divided by each row's median (baseline: {base['label']}).\n")
+    return "".join(out)
+
+
+def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) -> str:
     env = manifest["environment"]
     hw = env.get("hardware", {})
     gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "none"
@@ -101,4 +128,9 @@ def render_markdown(manifest: dict) -> str:
                 out.append(_table(LATENCY_HEADER, latency_rows(s)))
                 for w in m.get("warnings", []):
                     out.append(f"\n- warning: {w}\n")
+    if plots:
+        from .plots import benchmark_rows
+
+        out.append(comparison_markdown(benchmark_rows([manifest])))
+        out.append(plots_markdown(plots))
     return "".join(out)

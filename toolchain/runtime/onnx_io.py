@@ -213,14 +213,17 @@ class OrtModel:
         return {n: np.zeros((batch, g["kv_heads"], 0, g["head_dim"]), dtype=self.float_type)
                 for n in self.inputs if n.startswith("past_key_values.")}
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs for one full forward pass (empty past), limited to what the graph takes."""
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if "token_type_ids" in self.inputs:
-            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        feed["position_ids"] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
         if self.graph.get("kv_cache"):
-            feed["position_ids"] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
             feed.update(self._past(input_ids.shape[0]))
-        values = self.sess.run(None, feed)
+        return {k: v for k, v in feed.items() if k in self.inputs}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.sess.run(None, self.feed(input_ids, attention_mask))
         names = [o.name for o in self.sess.get_outputs()]
         return dict(zip(names, values))
 
@@ -251,6 +254,7 @@ class OrtModel:
         for _ in range(new_tokens):
             feed = {"input_ids": step_ids, "attention_mask": np.ones((1, total), dtype=np.int64),
                     "position_ids": pos, **past}
+            feed = {k: v for k, v in feed.items() if k in self.inputs}
             t0 = time.perf_counter_ns()
             values = self.sess.run(None, feed)
             if step_times is not None:

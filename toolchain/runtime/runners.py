@@ -108,16 +108,11 @@ class OrtRunner(onnx_io.OrtModel):
     def describe(self) -> str:
         extra = ", IO binding" if self.io_binding else ""
         opt = f", optimized {self.meta['optimized']['level']}" if self.meta.get("optimized") else ""
-        return f"ONNX {self.dtype} ({self.graph['exporter']} exporter, opset {self.graph['opset']}{opt}) on " \
+        return f"ONNX {self.dtype} ({self.graph.get('exporter')} exporter, opset {self.graph.get('opset')}{opt}) on " \
                f"onnxruntime {self.sess.get_providers()[0]}{extra}"
 
     def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        if "token_type_ids" in self.inputs:
-            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-        if self.graph.get("kv_cache"):
-            feed["position_ids"] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
-            feed.update(self._past(input_ids.shape[0]))
+        feed = self.feed(input_ids, attention_mask)
         if not self.io_binding:
             return lambda: self.sess.run(None, feed)
         # inputs copied to the device once, outputs left there: times the model, not PCIe copies

@@ -44,7 +44,7 @@ class Validate(Stage):
         if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
-        if cand.get("task") != ref.get("task"):
+        if cand.get("task") and cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
         if not ref.get("has_tokenizer", True):
             ctx.error("the reference model has no tokenizer, so real text cannot be encoded",

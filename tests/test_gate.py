@@ -1,0 +1,172 @@
+"""ONNX Runtime targets without silent fallback, `toolchain validate` as a CI gate (JUnit, markdown,
+JSON, baseline regression), and report plots."""
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from .conftest import run_cli, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """A tiny BERT checkpoint and its ONNX export, built once for this module."""
+    tmp = tmp_path_factory.mktemp("gate")
+    recipe = tiny_recipe(tmp, "gate", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      bench: {kind: benchmark, inputs: {model: export}, params: {batch_size: 2, sequence_length: 16, iterations: 10}}
+    """, extra="targets: [load, export]")
+    res = run_cli("build", recipe, "-o", tmp / "out", "--store", tmp / "store")
+    assert res.returncode == 0, res.stderr
+    return tmp
+
+
+def test_session_that_would_fall_back_is_an_error(tiny_build):
+    """onnxruntime only warns when CUDA is missing and runs on the CPU; we refuse that session."""
+    import onnxruntime as ort
+
+    from toolchain.runtime.onnx_io import ProviderMismatch, ProviderUnavailable, session, verify_provider
+
+    path = tiny_build / "out" / "export" / "model.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert sess.get_providers() == ["CPUExecutionProvider"]  # the silent fallback, for real
+    with pytest.raises(ProviderMismatch, match="runs on CPUExecutionProvider"):
+        verify_provider(sess, "CUDAExecutionProvider")
+    with pytest.raises(ProviderUnavailable, match="onnxruntime-gpu|NVIDIA"):
+        session(path, "cuda", "cuda")
+
+
+def test_unavailable_provider_is_not_run_unless_required(tmp_path, tiny_build):
+    recipe = tiny_recipe(tmp_path, "cuda", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {provider: cuda}}
+      validate: {kind: validate, inputs: {candidate: export, reference: load}, params: {samples: 8}}
+      validate_cpu:
+        kind: validate
+        inputs: {candidate: export, reference: load}
+        params: {samples: 8, provider: cpu}
+    """)
+    store = tiny_build / "store"
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert res.returncode == 0, res.stderr
+    assert "cannot run here" in res.stderr and "not run" in res.stderr
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["variants"][0]["steps"]}
+    assert steps["validate"]["status"] == "not run" and steps["validate_cpu"]["status"] in ("built", "cached")
+    assert (tmp_path / "out" / "export" / "model.onnx").is_file()  # the export is still delivered
+    assert "NOT RUN" in (tmp_path / "out" / "report.md").read_text()
+    strict = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, "--require-provider")
+    assert strict.returncode == 1 and "--require-provider" in strict.stderr
+
+
+def _foreign_export(tiny_build, folder):
+    """An ONNX folder made without toolchain: the TorchScript exporter, optimum-style names."""
+    from transformers import AutoModel
+
+    ref = tiny_build / "out" / "load"
+    model = AutoModel.from_pretrained(ref).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+    folder.mkdir()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    torch.onnx.export(Wrapper(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(folder / "model.onnx"),
+                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=["last_hidden_state"], dynamo=False, opset_version=17,
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
+                                    ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")})
+    (folder / "config.json").write_text((ref / "config.json").read_text())
+    return folder
+
+
+def test_validate_foreign_export_with_junit_markdown_json(tmp_path, tiny_build):
+    folder = _foreign_export(tiny_build, tmp_path / "foreign")
+    ref = tiny_build / "out" / "load"
+    res = run_cli("validate", folder, "--reference", ref, "--samples", "16", "--iterations", "5",
+                  "--store", tiny_build / "store", "--junit", tmp_path / "j.xml", "--markdown", tmp_path / "s.md",
+                  "--json", tmp_path / "r.json")
+    assert res.returncode == 0, res.stderr
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert root.tag == "testsuites" and int(root.get("tests")) >= 3 and root.get("failures") == "0"
+    cases = root.findall("./testsuite/testcase")
+    assert len(cases) == int(root.get("tests")) and all(c.get("classname") and c.get("name") for c in cases)
+    assert any("parity last_hidden_state" == c.get("name") for c in cases)
+    assert "passed" in (tmp_path / "s.md").read_text().splitlines()[0]
+    assert json.loads((tmp_path / "r.json").read_text())["checks"]
+
+
+def _perturb(src, dest, scale):
+    dest.mkdir()
+    m = onnx.load(str(src / "model.onnx"))
+    for init in m.graph.initializer:
+        if init.name.endswith("weight") or "MatMul" in init.name or init.data_type == onnx.TensorProto.FLOAT:
+            arr = onnx.numpy_helper.to_array(init)
+            if arr.ndim == 2 and arr.shape[0] > 16:
+                init.CopyFrom(onnx.numpy_helper.from_array(
+                    arr + scale * np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype), init.name))
+                break
+    onnx.save(m, str(dest / "model.onnx"))
+    (dest / "config.json").write_text((src / "config.json").read_text())
+
+
+def _slowed(src, dest, repeats=60, width=512):
+    """Same outputs, many extra input-dependent matmuls (times zero) before the output."""
+    dest.mkdir()
+    m = onnx.load(str(src / "model.onnx"))
+    out = m.graph.output[0].name
+    h = onnx.helper
+    m.graph.node[-1].output[0] = out + "_raw" if m.graph.node[-1].output[0] == out else m.graph.node[-1].output[0]
+    for node in m.graph.node:
+        node.output[:] = [o if o != out else out + "_raw" for o in node.output]
+    w = np.random.default_rng(0).standard_normal((width, width)).astype(np.float32) * 0.01
+    m.graph.initializer.extend([onnx.numpy_helper.from_array(w, "slow_w"),
+                                onnx.numpy_helper.from_array(np.zeros(1, np.float32), "slow_zero"),
+                                onnx.numpy_helper.from_array(np.array([1, -1], np.int64), "slow_shape"),
+                                onnx.numpy_helper.from_array(np.ones((1, width), np.float32), "slow_row")])
+    nodes = [h.make_node("ReduceSum", [out + "_raw"], ["slow_s"], keepdims=0),
+             h.make_node("Mul", ["slow_row", "slow_s"], ["slow_x0"])]
+    for i in range(repeats):
+        nodes.append(h.make_node("MatMul", [f"slow_x{i}", "slow_w"], [f"slow_x{i + 1}"]))
+    nodes += [h.make_node("ReduceSum", [f"slow_x{repeats}"], ["slow_t"], keepdims=0),
+              h.make_node("Mul", ["slow_t", "slow_zero"], ["slow_z"]),
+              h.make_node("Add", [out + "_raw", "slow_z"], [out])]
+    m.graph.node.extend(nodes)
+    onnx.save(m, str(dest / "model.onnx"))
+    (dest / "config.json").write_text((src / "config.json").read_text())
+
+
+def test_baseline_gate(tmp_path, tiny_build):
+    export, ref, store = tiny_build / "out" / "export", tiny_build / "out" / "load", tiny_build / "store"
+    common = ["--reference", ref, "--samples", "16", "--store", store, "--iterations", "30",
+              "--bench-batch-size", "4", "--sequence-length", "64"]
+    base = run_cli("validate", export, *common, "--json", tmp_path / "base.json")
+    assert base.returncode == 0, base.stderr
+    same = run_cli("validate", export, *common, "--baseline", tmp_path / "base.json")
+    assert same.returncode == 0, same.stderr
+    _perturb(export, tmp_path / "perturbed", 2e-3)
+    worse = run_cli("validate", tmp_path / "perturbed", *common, "--atol", "1", "--baseline", tmp_path / "base.json",
+                    "--junit", tmp_path / "j.xml")
+    assert worse.returncode == 1 and "regression parity" in worse.stdout + worse.stderr
+    assert ET.parse(tmp_path / "j.xml").getroot().get("failures") != "0"
+    _slowed(export, tmp_path / "slowed")
+    slow = run_cli("validate", tmp_path / "slowed", *common, "--baseline", tmp_path / "base.json")
+    assert slow.returncode == 1 and "regression latency forward" in slow.stdout + slow.stderr
+
+
+def test_report_plots(tmp_path, tiny_build):
+    out = tiny_build / "out"
+    assert (out / "plots" / "latency-forward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Latency distribution: forward](plots/latency-forward.png)" in (out / "report.md").read_text()
+    res = run_cli("report", out, out, "-o", tmp_path / "cmp")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "Latency side by side" in text and (tmp_path / "cmp" / "plots" / "speedup-forward.png").is_file()
