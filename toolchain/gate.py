@@ -49,6 +49,9 @@ def checks_from_manifest(manifest: dict) -> list[Check]:
                                      f"(gate {g['min_agreement']})", 0.0, g))
             elif s["kind"] == "benchmark":
                 for name, t in m.get("timings", {}).items():
+                    if "error" in t:
+                        out.append(Check(suite, f"latency {name}", "failed", t["error"], 0.0))
+                        continue
                     out.append(Check(suite, f"latency {name}", "passed",
                                      f"median {_fmt(t['median_ms'])} ms, p90 {_fmt(t['p90_ms'])} ms, "
                                      f"CoV {100 * t['cov']:.1f}% ({m.get('runtime')})", t["median_ms"] / 1e3,

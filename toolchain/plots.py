@@ -16,11 +16,13 @@ def benchmark_rows(manifests: list[dict]) -> list[dict]:
                 if s["kind"] != "benchmark" or s["metrics"].get("not_run"):
                     continue
                 for measure, t in s["metrics"].get("timings", {}).items():
+                    if "error" in t:
+                        continue
                     parts = ([m["recipe"]["name"]] if several else []) + ([vlabel] if vlabel else []) + [s["name"]]
                     label = " ".join(parts) + ("" if measure == "forward" else f" ({measure})")
                     rows.append({"label": label, "measure": measure, "samples": t.get("samples_ms", []),
                                  "median": t["median_ms"], "p90": t["p90_ms"], "cov": t["cov"],
-                                 "memory": s["metrics"].get("peak_memory_mb"),
+                                 "memory": t.get("peak_memory_mb", s["metrics"].get("peak_memory_mb")),
                                  "runtime": s["metrics"].get("runtime"), "device": s["metrics"].get("device_name")})
     return rows
 

@@ -15,6 +15,7 @@ KINDS: dict[str, str] = {
     "bettertransformer": "toolchain.stages.bettertransformer:BetterTransformer",
     "reverse_bettertransformer": "toolchain.stages.bettertransformer:ReverseBetterTransformer",
     "import_onnx": "toolchain.stages.import_onnx:ImportOnnx",
+    "optimize_onnx": "toolchain.stages.optimize_onnx:OptimizeOnnx",
 }
 
 

@@ -29,9 +29,14 @@ def parity_rows(step: dict) -> list[list[str]]:
 def latency_rows(step: dict) -> list[list[str]]:
     rows = []
     for name, t in step["metrics"].get("timings", {}).items():
-        rows.append([name, _fmt(t["median_ms"]), _fmt(t["p90_ms"]), _fmt(t["p99_ms"]),
-                     f"{100 * t['cov']:.1f}%", _fmt(t.get("throughput")), t.get("throughput_unit", ""),
-                     str(t["iterations"])])
+        if "error" in t:
+            rows.append([name] + ["-"] * 8 + [t["error"]])
+            continue
+        frac = t.get("fraction_of_peak")
+        rows.append([name, _fmt(t["median_ms"]), _fmt(t["p90_ms"]), _fmt(t["p99_ms"]), f"{100 * t['cov']:.1f}%",
+                     f"{_fmt(t.get('throughput'))} {t.get('throughput_unit', '')}".strip(),
+                     _fmt(t.get("achieved_tflops")), f"{100 * frac:.0f}%" if frac else "-",
+                     _fmt(t.get("peak_memory_mb")), str(t["iterations"])])
     return rows
 
 
@@ -43,7 +48,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 PARITY_HEADER = ["output", "max abs", "max rel", "mean abs", "min cosine", "mean cosine", "atol", "rtol",
                  "smallest atol that passes", "result"]
-LATENCY_HEADER = ["measure", "median ms", "p90 ms", "p99 ms", "CoV", "throughput", "unit", "iterations"]
+LATENCY_HEADER = ["measure", "median ms", "p90 ms", "p99 ms", "CoV", "throughput", "TFLOP/s", "of peak",
+                  "peak MB", "iterations"]
 
 
 def plots_markdown(plots: list[tuple[str, str]], prefix: str = "plots/") -> str:
@@ -121,10 +127,11 @@ def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) 
             if s["kind"] == "benchmark" and s["metrics"]:
                 m = s["metrics"]
                 out.append(f"\n### Latency: {s['name']}\n\n")
+                pad = m.get("padding_fraction") or 0
                 out.append(f"{m.get('runtime', '?')} on {m.get('device_name', '?')}, batch {m.get('batch_size')}, "
-                           f"sequence {m.get('sequence_length')}, {m.get('warmup')} warm-up iterations; "
-                           f"{m.get('timer', '')}. Peak memory: {_fmt(m.get('peak_memory_mb'))} MB "
-                           f"({m.get('memory_kind', '')}).\n\n")
+                           f"sequence {m.get('sequence_length')}" + (f" ({pad:.0%} padding)" if pad else "") +
+                           f", {m.get('warmup')} warm-up iterations; {m.get('timer', '')}. Peak memory: "
+                           f"{m.get('memory_kind', '')}.\n\n")
                 out.append(_table(LATENCY_HEADER, latency_rows(s)))
                 for w in m.get("warnings", []):
                     out.append(f"\n- warning: {w}\n")

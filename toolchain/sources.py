@@ -126,10 +126,16 @@ def resolve(model: dict, base: Path) -> Source:
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
                               hint="set `model.task` or `architectures` in the config")
-        if "tokenizer" in model:
+        if "tokenizer" in model:  # a folder, an installed package, or PACKAGE/SUBFOLDER
             tok = model["tokenizer"]
             p = base / tok
-            src.tokenizer = p if p.is_dir() else package_folder(tok)
+            if p.is_dir():
+                src.tokenizer = p
+            else:
+                package, _, sub = tok.partition("/")
+                src.tokenizer = package_folder(package) / sub
+                if not src.tokenizer.is_dir():
+                    raise SourceError(f"tokenizer folder not found: {src.tokenizer}", "tokenizer")
         return src
     if kind == "package":
         src.package = model["package"]

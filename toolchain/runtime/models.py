@@ -115,8 +115,9 @@ def _random_init(folder: Path, meta: dict, device: str, kwargs: dict):
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
+    init_device = meta["random_init"].get("device", device)  # the same numbers wherever it then runs
     torch.manual_seed(meta["random_init"]["seed"])
-    with torch.device(device):
+    with torch.device(init_device):
         return auto_class(meta.get("task", "feature-extraction")).from_config(config, **kwargs)
 
 

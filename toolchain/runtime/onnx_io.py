@@ -206,7 +206,8 @@ class OrtModel:
         self.device = device
         self.sess = session(self.folder / self.graph["file"], self.provider, device, options, cache_dir)
         self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.float_type = np.float16 if self.meta.get("dtype") == "float16" else np.float32
+        past_types = [i.type for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.float_type = np.float16 if past_types and past_types[0] == "tensor(float16)" else np.float32
 
     def _past(self, batch: int):
         g = self.graph

@@ -44,6 +44,11 @@ class TorchRunner:
         attn = 4 * batch * seq * seq * hidden * layers * (0.5 if self.task == "text-generation" else 1.0)
         return 2.0 * params * batch * seq + attn
 
+    def release(self) -> None:
+        """Drop what `call` prepared and return cached GPU memory between measurements."""
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     def _run(self, **kwargs):
         with torch.no_grad(), models.sdpa_context(self.meta):
             return self.model(**kwargs)
@@ -131,6 +136,10 @@ class OrtRunner(onnx_io.OrtModel):
         def fn():
             self.sess.run_with_iobinding(binding)
         return fn
+
+    def release(self) -> None:
+        self._binding = None
+        self._keep = []
 
     def sync(self) -> None:
         # sess.run returns host arrays (already synchronised); with IO binding, wait for the device

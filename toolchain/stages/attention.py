@@ -56,9 +56,6 @@ class Attention(Stage):
             if dtype not in HALF:
                 ctx.error(f"{p.implementation} needs float16 or bfloat16, but the model is {dtype}", "implementation",
                           hint="load the model with `dtype: bfloat16` (or float16)")
-            if t.get("quantization") and p.implementation != "flash_attention_2":
-                ctx.error(f"{p.implementation} with a bitsandbytes model is untested here; use flash_attention_2 "
-                          "or sdpa", "implementation")
             if p.device.startswith("cuda"):
                 gpu = environment.gpu(p.device)
                 if gpu:

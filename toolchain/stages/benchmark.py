@@ -8,8 +8,8 @@ from .base import HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
 
 @dataclass
 class BenchmarkParams:
-    batch_size: int = 1
-    sequence_length: int = 128
+    batch_size: int | list = 1
+    sequence_length: int | list = 128
     warmup: int = 5
     iterations: int = 50
     decode_tokens: int = 0
@@ -52,51 +52,100 @@ class Benchmark(Stage):
         ctx.progress("loading model")
         runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
                                      ctx.cache_dir)
-        rng = np.random.default_rng(p.seed)
-        vocab = 1000
-        ids = rng.integers(5, vocab, size=(p.batch_size, p.sequence_length)).astype(np.int64)
-        mask = padding_mask(p.batch_size, p.sequence_length, p.padding)
-        fn = runner.call(ids, mask)
-        warnings = []
+        batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
+        seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
+        grid = len(batches) * len(seqs) > 1
         cuda = p.device.startswith("cuda")
-        if cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats(p.device)
-        else:
-            timing.reset_peak_rss()
-        ctx.progress(f"timing forward ({p.warmup} warm-up + {p.iterations})")
-        samples = timing.measure(fn, p.warmup, p.iterations, runner.sync)
-        tokens = p.batch_size * p.sequence_length
-        timings = {"forward": timing.summarize(samples, tokens, "tokens/s")}
+        timings, warnings, peaks, pads = {}, [], [], []
+        for seq in seqs:
+            for batch in batches:
+                name = f"forward b{batch} s{seq}" if grid else "forward"
+                ids = np.random.default_rng(p.seed).integers(5, 1000, size=(batch, seq)).astype(np.int64)
+                mask = padding_mask(batch, seq, p.padding)
+                pads.append(float(1 - mask.mean()))
+                _reset_peak(cuda, p.device)
+                ctx.progress(f"timing {name} ({p.warmup} warm-up + {p.iterations})")
+                try:
+                    fn = runner.call(ids, mask)
+                    samples = timing.measure(fn, p.warmup, p.iterations, runner.sync)
+                except Exception as exc:  # noqa: BLE001 - one shape out of memory must not lose the others
+                    if not _out_of_memory(exc):
+                        raise
+                    timings[name] = {"error": "out of device memory", "batch_size": batch, "sequence_length": seq}
+                    warnings.append(f"{name}: out of device memory")
+                    _release(cuda)
+                    continue
+                t = timing.summarize(samples, batch * seq, "tokens/s")
+                t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(cuda, p.device))
+                flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
+                if flops:
+                    t["flops_per_call"] = flops
+                    t["achieved_tflops"] = flops / (t["median_ms"] / 1e3) / 1e12
+                    if p.peak_tflops:
+                        t["fraction_of_peak"] = t["achieved_tflops"] / p.peak_tflops
+                peaks.append(t["peak_memory_mb"] or 0)
+                timings[name] = t
+                runner.release()
         if p.decode_tokens:
             ctx.progress(f"timing {p.decode_tokens} decode steps")
-            timings["decode (per token)"] = _decode_timing(runner, ids[:1], p)
-        if cuda:
-            import torch
-
-            peak, kind = torch.cuda.max_memory_allocated(p.device) / 2**20, "PyTorch CUDA allocator peak"
-        else:
-            peak, kind = timing.peak_rss_mb(), "process peak RSS while timing"
-        flops = getattr(runner, "flops", lambda *a: None)(p.batch_size, p.sequence_length)
-        if flops:
-            f = timings["forward"]
-            f["flops_per_call"] = flops
-            f["achieved_tflops"] = flops / (f["median_ms"] / 1e3) / 1e12
-            if p.peak_tflops:
-                f["fraction_of_peak"] = f["achieved_tflops"] / p.peak_tflops
+            prompt = np.random.default_rng(p.seed).integers(5, 1000, size=(1, seqs[0])).astype(np.int64)
+            timings["decode (per token)"] = _decode_timing(runner, prompt, p)
+        kind = "PyTorch CUDA allocator peak" if cuda else "process peak RSS while timing"
+        if cuda and meta["artifact"] == ONNX_MODEL:
+            kind = "not measured for onnxruntime on CUDA (its allocator is outside PyTorch)"
+            peaks = []
         for name, t in timings.items():
-            if t["cov"] > p.max_cov:
+            if t.get("cov", 0) > p.max_cov:
                 warnings.append(f"{name}: coefficient of variation {t['cov']:.1%} is above {p.max_cov:.0%}; "
                                 "the machine may be busy, or raise `iterations`")
         from .. import environment
 
         hw = environment.fact("hardware", p.device)
+        footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
         return {"runtime": runner.describe(), "device_name": hw.get("gpu") or hw.get("cpu"),
+                "model_footprint_mb": footprint() / 2**20 if footprint else None,
                 "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
-                "padding_fraction": float(1 - mask.mean()),
+                "padding_fraction": max(pads) if pads else 0.0,
                 "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if cuda else ""),
-                "timings": timings, "peak_memory_mb": peak, "memory_kind": kind, "warnings": warnings}
+                "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,
+                "warnings": warnings}
+
+
+def _reset_peak(cuda: bool, device: str) -> None:
+    from ..runtime import timing
+
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        timing.reset_peak_rss()
+
+
+def _peak(cuda: bool, device: str) -> float | None:
+    from ..runtime import timing
+
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return timing.peak_rss_mb()
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "OutOfMemory" in text or "out of memory" in text.lower() or "Failed to allocate memory" in text
+
+
+def _release(cuda: bool) -> None:
+    import gc
+
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def padding_mask(batch: int, seq: int, padding: float):

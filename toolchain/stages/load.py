@@ -84,5 +84,6 @@ class Load(Stage):
         if src.tokenizer:
             transformers.AutoTokenizer.from_pretrained(src.tokenizer).save_pretrained(ctx.output)
         models.write_meta(ctx.output, {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
-                                       "model_type": config.model_type, "random_init": {"seed": src.seed}})
+                                       "model_type": config.model_type,
+                                       "random_init": {"seed": src.seed, "device": ctx.params.device}})
         return {"model_type": config.model_type, "materialized": False}
