@@ -124,3 +124,21 @@ def test_concurrent_builds_run_each_step_once(tmp_path, store):
     for step in ("load", "export"):
         statuses = [next(s["status"] for s in m["variants"][0]["steps"] if s["name"] == step) for m in (ma, mb)]
         assert sorted(statuses) == ["built", "cached"], (step, statuses)
+
+
+def test_failed_step_does_not_stop_independent_steps(tmp_path, store):
+    (tmp_path / "empty.txt").write_text("")
+    recipe = tiny_recipe(tmp_path, "partial", """
+      load: {kind: load}
+      eager: {kind: attention, inputs: {model: load}, params: {implementation: eager}}
+      validate: {kind: validate, inputs: {candidate: eager, reference: load}, params: {corpus: empty.txt}}
+      export: {kind: export_onnx, inputs: {model: eager}}
+    """)
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert res.returncode == 2, res.stderr
+    assert "corpus 'empty.txt'" in res.stderr and "1 step(s) failed: partial: validate" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+    # the export, which did not need the failed step, was built and is reused
+    plan = run_cli("plan", recipe, "--store", store, "--json")
+    status = {s["step"]: s["status"] for s in json.loads(plan.stdout)[0]["steps"]}
+    assert status == {"load": "would hit", "eager": "would hit", "export": "would hit", "validate": "must build"}

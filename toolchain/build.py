@@ -13,13 +13,17 @@ from rich.markup import escape
 
 from . import __version__, environment
 from .console import Console
-from .errors import UsageError
+from .errors import ToolchainError, UsageError
 from .executor import LocalExecutor, StepResult
 from .plan import Plan
 from .report import render_markdown
 from .store import Store, _pid_alive
 
 MANIFEST_SCHEMA = 1
+
+
+class BuildFailed(ToolchainError):
+    """One or more steps failed; the message lists them (each was reported when it failed)."""
 
 
 def variant_folder(plan: Plan) -> str:
@@ -36,6 +40,16 @@ def build(plans: list[Plan], store: Store, out: Path | None, console: Console, f
                 console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
             results = executor.run(plan)
             variants.append((plan, results))
+    if executor.errors:  # nothing is delivered from a build with failed steps (each was printed)
+        failed = [(plan.recipe.full_name, r.name) for plan, res in variants for r in res.values()
+                  if r.status == "failed"]
+        skipped = sum(r.status == "skipped" for _, res in variants for r in res.values())
+        error = BuildFailed(f"{len(failed)} step(s) failed: {', '.join(f'{v}: {n}' for v, n in failed)}; "
+                            f"{skipped} skipped because they needed them. The other steps finished and are in "
+                            "the store, so the next build resumes from there; nothing was delivered.")
+        error.exit_code = max(e.exit_code for e in executor.errors) if all(
+            isinstance(e, UsageError) for e in executor.errors) else 3
+        raise error
     manifest = make_manifest(variants, store)
     if out is not None:
         deliver(manifest, variants, store, out)

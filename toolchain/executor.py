@@ -44,6 +44,7 @@ class LocalExecutor:
         self.store, self.console, self.force, self.python = store, console, force, python
         self.require_provider = require_provider
         self.done: dict[str, StepResult] = {}  # key -> result, shared across a matrix's variants
+        self.errors: list[Exception] = []  # failed steps; the build goes on with what does not need them
 
     def run(self, plan: Plan) -> dict[str, StepResult]:
         results: dict[str, StepResult] = {}
@@ -53,9 +54,23 @@ class LocalExecutor:
                 results[step.name] = StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record,
                                                 0.0, r.gate_failures)
                 continue
-            results[step.name] = self._run_step(plan, step, results)
+            broken = [src for src in step.inputs.values() if results[src].status in ("failed", "skipped")]
+            if broken:
+                results[step.name] = self._unbuilt(step, "skipped", f"input '{broken[0]}' did not build")
+                continue
+            try:
+                results[step.name] = self._run_step(plan, step, results)
+            except (StageFailed, StageUserError) as exc:
+                self.errors.append(exc)
+                self.console.error(str(exc))
+                results[step.name] = self._unbuilt(step, "failed", str(exc).splitlines()[0])
             self.done[step.key] = results[step.name]
         return results
+
+    @staticmethod
+    def _unbuilt(step: Step, status: str, reason: str) -> StepResult:
+        record = {"outputs": {}, "metrics": {"error": reason}}
+        return StepResult(step.name, step.kind, step.key, status, reason, record, 0.0, [])
 
     def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult]) -> StepResult:
         t0 = time.perf_counter()

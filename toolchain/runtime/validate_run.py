@@ -31,7 +31,12 @@ def run_validation(ctx) -> dict:
     output = ref.output
     stats = compare.OutputStats(atol, rtol)
     top1_hits = top1_total = 0
-    texts = text.passages(p.corpus, ctx.recipe_dir, p.samples)
+    try:
+        texts = text.passages(p.corpus, ctx.recipe_dir, p.samples)
+    except (OSError, ValueError) as exc:  # the recipe's corpus is unusable: the user's to fix
+        from ..errors import StageUserError
+
+        raise StageUserError(f"corpus {p.corpus!r}: {exc}") from None
     batches = [texts[i:i + p.batch_size] for i in range(0, len(texts), p.batch_size)]
     padded = 0
     for i, batch in enumerate(batches):
