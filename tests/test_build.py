@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from .conftest import ROOT, run_cli, tiny_recipe
 
 
@@ -106,8 +104,7 @@ def test_sigkill_at_random_moments_never_corrupts(tmp_path, store):
     assert final.returncode == 0, final.stderr
     got, _ = manifest_hashes(out)
     assert got == expected
-    assert not list(tmp_path.glob(".out.partial-*")) or True  # leftovers are cleaned by the next build
-    time.sleep(0.5)
+    assert not list(tmp_path.glob(".out.partial-*"))  # killed builds' half-written folders are cleaned up
     assert run_cli("cache", "verify", "--store", store).returncode == 0
 
 

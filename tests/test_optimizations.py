@@ -2,8 +2,6 @@
 rules (which must fire before any weights load)."""
 import json
 
-import pytest
-
 from .conftest import run_cli, tiny_recipe
 
 TINY_LLAMA = ('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '

@@ -9,7 +9,7 @@ from toolchain.errors import RecipeError
 from toolchain.plan import build_plan
 from toolchain.recipe import load_recipe
 
-from .conftest import ROOT, minilm_folder, tiny_recipe
+from .conftest import ROOT, tiny_recipe
 
 
 def plan_of(path):

@@ -74,7 +74,6 @@ class LocalExecutor:
 
     def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult]) -> StepResult:
         t0 = time.perf_counter()
-        stage = step.stage
         if not self.force:
             record = self.store.lookup(step.key)
             if record:

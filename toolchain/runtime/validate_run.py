@@ -16,7 +16,7 @@ def _tokenize(tokenizer, texts, max_length):
 
 def run_validation(ctx) -> dict:
     p = ctx.params
-    cand_meta, ref_meta = ctx.input_meta["candidate"], ctx.input_meta["reference"]
+    cand_meta = ctx.input_meta["candidate"]
     ctx.progress("loading reference and candidate")
     ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
     cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device,

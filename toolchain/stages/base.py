@@ -17,6 +17,11 @@ from typing import Any, Callable
 HF_MODEL = "hf-model"  # a transformers checkpoint folder (+ toolchain.json with how to load it)
 ONNX_MODEL = "onnx-model"  # a folder with model.onnx (+ external data), config, tokenizer
 REPORT = "report"  # measurements only (validate, benchmark)
+# the files beside the weights that describe a model and its tokenizer; carried along by stages
+# that make a new artifact from an old one
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
+              "chat_template.jinja")
 
 _PKG = Path(__file__).resolve().parent.parent
 

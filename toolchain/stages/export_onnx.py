@@ -5,11 +5,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 
-from .base import HF_MODEL, ONNX_MODEL, CheckContext, RunContext, Stage
-
-COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "chat_template.jinja",
-              "tokenizer.model")
+from .base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 
 
 @dataclass
@@ -76,7 +72,7 @@ class ExportOnnx(Stage):
         ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
         graph = onnx_io.export(model, task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes, p.external_data,
                                ctx.output, log=ctx.log)
-        for name in COPY_FILES:
+        for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
         out_meta = {"artifact": ONNX_MODEL, "task": task, "dtype": meta.get("dtype", "float32"),

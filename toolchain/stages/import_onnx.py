@@ -7,11 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import ONNX_MODEL, CheckContext, RunContext, Stage
-
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
-              "chat_template.jinja", "toolchain.json")
+from .base import ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 
 
 @dataclass
@@ -83,7 +79,8 @@ class ImportOnnx(Stage):
         folder = folder.parent if folder.suffix == ".onnx" else folder
         model = onnx_file(folder, name)
         for f in folder.iterdir():  # the graph, its external data, and config/tokenizer files
-            if f.is_file() and (f.name in SIDE_FILES or f.name.startswith(model.name) or f.suffix == ".data"):
+            keep = f.name in SIDE_FILES + ("toolchain.json",) or f.name.startswith(model.name) or f.suffix == ".data"
+            if f.is_file() and keep:
                 shutil.copyfile(f, ctx.output / f.name)
         ours = ctx.output / "toolchain.json"
         meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)

@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import environment
-from .base import HF_MODEL, CheckContext, RunContext, Stage
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
-                   "vocab.json", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+from .base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 
 
 @dataclass
@@ -101,7 +98,7 @@ class Quantize(Stage):
         footprint = model.get_memory_footprint()
         ctx.progress("saving and reloading")
         model.save_pretrained(ctx.output, safe_serialization=True)
-        for name in TOKENIZER_FILES:
+        for name in SIDE_FILES:
             if (src / name).is_file() and not (ctx.output / name).exists():
                 (ctx.output / name).write_bytes((src / name).read_bytes())
         meta.update(quantization={"method": "bitsandbytes", "scheme": scheme, "bits": p.bits,
