@@ -147,3 +147,26 @@ def test_plan_imports_no_heavy_library(tmp_path):
             "heavy = [m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules]; "
             "assert rc == 0, rc; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+def test_missing_package_is_about_the_machine(tmp_path):
+    """`check` lints a recipe whose model package is not installed here (no follow-on errors);
+    `check --this-machine` and `plan` refuse it with the install command."""
+    recipe = tmp_path / "pkg.yaml"
+    recipe.write_text(textwrap.dedent("""
+        name: pkg
+        model: {package: no-such-model-package, subfolder: model}
+        stages:
+          load: {kind: load}
+          export: {kind: export_onnx, inputs: {model: load}, params: {kv_cache: false}}
+          validate: {kind: validate, inputs: {candidate: export, reference: load}}
+    """))
+    from .conftest import run_cli
+
+    assert run_cli("check", recipe).returncode == 0
+    strict = run_cli("check", "--this-machine", recipe)
+    assert strict.returncode == 2 and "not installed" in strict.stderr
+    assert "pip install --no-deps no-such-model-package" in strict.stderr
+    assert strict.stderr.count("pkg.yaml:") == 1, strict.stderr  # no follow-on errors downstream
+    plan = run_cli("plan", recipe, "--store", tmp_path / "s")
+    assert plan.returncode == 2 and "not installed" in plan.stderr

@@ -9,10 +9,9 @@ import uuid
 from pathlib import Path
 
 import yaml
-from rich.markup import escape
 
 from . import __version__, environment
-from .console import Console
+from .console import Console, escape
 from .errors import ToolchainError, UsageError
 from .executor import LocalExecutor, StepResult
 from .plan import Plan

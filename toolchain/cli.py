@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from rich.markup import escape
-
-from .console import Console
+from .console import Console, escape
 from .errors import RecipeError, ToolchainError, UsageError
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +64,12 @@ def cmd_check(args, console: Console) -> int:
                 print(p.render(), file=sys.stderr)
         else:
             if args.verbose:
-                console.print(f"ok  {f} ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
+                console.line(f"ok  {f} ({len(variants)} variant{'s' if len(variants) != 1 else ''})")
     dt = time.perf_counter() - t0
     if bad:
         print(f"{bad} of {len(files)} recipes have problems", file=sys.stderr)
         return 2
-    console.print(f"{len(files)} recipe{'s' if len(files) != 1 else ''} ok ({dt:.2f} s)")
+    console.line(f"{len(files)} recipe{'s' if len(files) != 1 else ''} ok ({dt:.2f} s)")
     return 0
 
 

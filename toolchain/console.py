@@ -1,22 +1,36 @@
 """Console output: rich progress for long steps and summary tables; `quiet` prints nothing but
-errors. Everything here writes to stderr so that `--json` can own stdout."""
+errors. Everything here writes to stderr so that `--json` can own stdout. rich is imported on
+first use, so commands that print plain lines (`check`) start without it."""
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import cached_property
 
-from rich.console import Console as RichConsole
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 class Console:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.err = RichConsole(stderr=True, highlight=False)
-        if not self.err.is_terminal:  # CI logs: wide enough that tables do not wrap
-            self.err = RichConsole(stderr=True, highlight=False, width=140)
+
+    @cached_property
+    def err(self):
+        from rich.console import Console as RichConsole
+
+        err = RichConsole(stderr=True, highlight=False)
+        if not err.is_terminal:  # CI logs: wide enough that tables do not wrap
+            err = RichConsole(stderr=True, highlight=False, width=140)
+        return err
+
+    def line(self, text: str) -> None:
+        """A plain line (no markup, no rich import)."""
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
     def print(self, *args, **kwargs) -> None:
         if not self.quiet:
@@ -42,6 +56,8 @@ class Console:
                     print(f"  {title}: {message}", file=sys.stderr, flush=True)
             yield update
             return
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20),
                       TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=self.err,
                       transient=True) as progress:
@@ -54,6 +70,8 @@ class Console:
     def table(self, title: str, columns: list[str], rows: list[list]) -> None:
         if self.quiet:
             return
+        from rich.table import Table
+
         t = Table(title=escape(title), title_justify="left")
         for c in columns:
             t.add_column(escape(c))

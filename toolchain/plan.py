@@ -136,11 +136,17 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
                                            hint="add a top-level `model:` (path, package, hub or config)"))
             continue
         ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe, machine=machine)
-        if len(in_traits) == len(inputs):
+        # an input whose own checks failed (or could not run here) has no reliable traits: checking
+        # this step against them would only report follow-on errors
+        blind = len(in_traits) != len(inputs) or any(t.get("unknown") for t in in_traits.values())
+        if not blind:
             stage.check(ctx)
-        problems.extend(ctx.problems)
+        problems.extend(ctx.problems + ctx.machine_problems)
         notes.extend(ctx.notes)
-        traits = stage.traits(params, in_traits, recipe) if not ctx.problems else {"artifact": stage.produces}
+        if blind or ctx.problems or ctx.opaque:
+            traits = {"artifact": stage.produces, "unknown": True}
+        else:
+            traits = stage.traits(params, in_traits, recipe)
         steps[name] = Step(name, spec["kind"], params_dict(params), inputs, traits)
     if problems:
         raise RecipeError(problems)

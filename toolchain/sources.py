@@ -23,9 +23,10 @@ HUB_HOST = "huggingface.co"
 class SourceError(Exception):
     """A source that cannot work; `field` is the model key to point at, `hint` what to do."""
 
-    def __init__(self, message: str, field: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None, machine: bool = False):
         super().__init__(message)
-        self.field, self.hint = field, hint
+        # machine: true of this machine, not of the recipe (a package not installed here)
+        self.field, self.hint, self.machine = field, hint, machine
 
 
 @dataclass
@@ -52,7 +53,7 @@ def package_folder(name: str) -> Path:
         dist = metadata.distribution(name)
     except metadata.PackageNotFoundError:
         raise SourceError(f"package '{name}' is not installed", "package",
-                          hint=f"pip install --no-deps {name}") from None
+                          hint=f"pip install --no-deps {name}", machine=True) from None
     tops = sorted({f.parts[0] for f in (dist.files or []) if len(f.parts) == 2 and f.parts[1] == "__init__.py"})
     if not tops:
         raise SourceError(f"package '{name}' has no importable folder", "package")

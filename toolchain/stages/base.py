@@ -39,6 +39,8 @@ class CheckContext:
     machine: bool = True
     problems: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # said before a build starts; not errors
+    opaque: bool = False  # the step's traits cannot be known here (e.g. its model package is missing)
+    machine_problems: list = field(default_factory=list)  # about this machine; traits stay valid
 
     def note(self, message: str) -> None:
         if self.machine:
@@ -60,7 +62,10 @@ class CheckContext:
     def unavailable(self, message: str, param: str | None = None, hint: str | None = None) -> None:
         """A problem with this machine rather than the recipe: reported by plan/build, not check."""
         if self.machine:
+            before = len(self.problems)
             self.error(f"{message} (on this machine)", param, hint)
+            self.machine_problems += self.problems[before:]
+            del self.problems[before:]
 
     def device_rules(self, device: str, param: str = "device") -> None:
         """`cuda` needs an NVIDIA GPU here, and `cuda:N` needs N+1 of them."""

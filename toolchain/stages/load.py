@@ -31,6 +31,11 @@ class Load(Stage):
             self._source(ctx.recipe)
         except sources.SourceError as exc:
             path = ("model", exc.field) if exc.field and exc.field in ctx.recipe.model else ("model",)
+            if exc.machine:  # e.g. the model's package is not installed here: plan/build refuse it
+                ctx.opaque = True
+                if ctx.machine:
+                    ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
+                return
             ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
             return
         if not ctx.params.materialize and "config" not in ctx.recipe.model:
