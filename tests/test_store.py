@@ -89,3 +89,17 @@ def test_record_is_valid_json_with_algorithm(tmp_path):
     store, _ = make(tmp_path)
     rec = json.loads(store.record_path("a" * 64).read_text())
     assert rec["algorithm"] == "sha256" and rec["schema"] == 1 and rec["key"] == "a" * 64
+
+
+def test_tree_stamp_is_outside_and_never_written_through_links(tmp_path):
+    """A step may output any file name; materialising its tree must not write into objects."""
+    store, record = make(tmp_path, files={"m.bin": b"weights", ".complete": b"a stage's own file"})
+    tree = store.tree("a" * 64, record)
+    assert (tree / ".complete").read_bytes() == b"a stage's own file"
+    assert sorted(p.name for p in tree.iterdir()) == [".complete", "m.bin"]
+    assert store.verify() == []
+    # an unstamped tree (a crash between rename and stamp) is rebuilt, not trusted
+    (store.trees / f"{'a' * 64}.complete").unlink()
+    (tree / "m.bin").unlink()
+    assert (store.tree("a" * 64, record) / "m.bin").read_bytes() == b"weights"
+    assert store.verify() == []

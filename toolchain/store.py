@@ -159,9 +159,8 @@ class Store:
         import warnings
 
         warnings.warn(f"store: removed broken entry {key[:12]}: {why}", stacklevel=3)
-        for p in (self.record_path(key),):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(self.trees / key, ignore_errors=True)
+        self.record_path(key).unlink(missing_ok=True)
+        self._drop_tree(key)
 
     def records(self):
         for path in sorted(self.actions.glob("*/*.json")):
@@ -198,32 +197,36 @@ class Store:
 
     # -- trees ----------------------------------------------------------------------------------
     def tree(self, key: str, record: dict) -> Path:
-        """A folder with the step's outputs (hard links into objects/, copies across devices)."""
-        dest = self.trees / key
-        if (dest / ".complete").is_file():
+        """A folder with the step's outputs (hard links into objects/, copies across devices).
+
+        Its completion stamp lives beside it (trees/<key>.complete), never inside: a stage sees
+        exactly the step's outputs, and nothing is ever written through a link into an object."""
+        dest, stamp = self.trees / key, self.trees / f"{key}.complete"
+        if stamp.is_file() and dest.is_dir():
             return dest
-        tmp = self.new_tmp("tree")
-        for rel, meta in record["outputs"].items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = self.object_path(meta["sha256"])
-            try:
-                os.link(src, target)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                shutil.copyfile(src, target)
-                os.chmod(target, 0o444)
-        (tmp / ".complete").write_text(record["outputs_hash"] + "\n")
-        try:
+        with self.lock(f"tree-{key}"):
+            if stamp.is_file() and dest.is_dir():
+                return dest
+            tmp = self.new_tmp("tree")
+            for rel, meta in record["outputs"].items():
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = self.object_path(meta["sha256"])
+                try:
+                    os.link(src, target)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise
+                    shutil.copyfile(src, target)
+                    os.chmod(target, 0o444)
+            shutil.rmtree(dest, ignore_errors=True)  # an unstamped one is a leftover of a crash
             os.rename(tmp, dest)
-        except OSError:  # someone else made it first, or a stale incomplete one is in the way
-            if not (dest / ".complete").is_file():
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+            atomic_write_text(stamp, record["outputs_hash"] + "\n", self.tmp)
         return dest
+
+    def _drop_tree(self, key: str) -> None:
+        (self.trees / f"{key}.complete").unlink(missing_ok=True)
+        shutil.rmtree(self.trees / key, ignore_errors=True)
 
     # -- file hash cache (for source models: hashing 500 MB on every plan would be slow) ----------
     def hash_cached(self, path: Path) -> str:
@@ -254,10 +257,10 @@ class Store:
                 problem = self._missing_objects(record, deep=deep)
             if not problem:
                 tree = self.trees / key
-                if tree.exists():
-                    stamp = tree / ".complete"
-                    if not stamp.is_file() or stamp.read_text().strip() != record.get("outputs_hash"):
-                        problem = "materialised tree is incomplete"
+                stamp = self.trees / f"{key}.complete"
+                if tree.exists() and stamp.is_file():
+                    if stamp.read_text().strip() != record.get("outputs_hash"):
+                        problem = "materialised tree does not belong to its record"
                     else:
                         for rel, meta in record["outputs"].items():
                             t = tree / rel
@@ -269,14 +272,9 @@ class Store:
                 if repair:
                     with self.lock(key):
                         path.unlink(missing_ok=True)
-                        shutil.rmtree(self.trees / key, ignore_errors=True)
+                        self._drop_tree(key)
                     issue.repaired = True
                 issues.append(issue)
-        for tree in self.trees.iterdir() if self.trees.is_dir() else ():
-            if not self.record_path(tree.name).exists() and not (tree / ".complete").is_file():
-                issues.append(Issue(tree.name, "incomplete tree without record", repaired=repair))
-                if repair:
-                    shutil.rmtree(tree, ignore_errors=True)
         return issues
 
     def stale_tmp(self) -> list[Path]:
@@ -341,7 +339,7 @@ class Store:
                 continue
             try:
                 self.record_path(key).unlink(missing_ok=True)
-                shutil.rmtree(self.trees / key, ignore_errors=True)
+                self._drop_tree(key)
                 freed["records"] += 1
             finally:
                 lock.release()
@@ -361,11 +359,15 @@ class Store:
                 freed["bytes"] += obj.stat().st_size
                 if not dry_run:
                     obj.unlink(missing_ok=True)
-        for tree in self.trees.iterdir():
-            if not self.record_path(tree.name).exists():
+        for tree in self.trees.iterdir():  # folders (and stamps) of records that are gone, or unstamped
+            key = tree.name.removesuffix(".complete")
+            stamped = (self.trees / f"{key}.complete").is_file()
+            if tree.is_dir() and (not self.record_path(key).exists() or not stamped):
                 freed["trees"] += 1
                 if not dry_run:
-                    shutil.rmtree(tree, ignore_errors=True)
+                    self._drop_tree(key)
+            elif not tree.is_dir() and not self.record_path(key).exists() and not dry_run:
+                tree.unlink(missing_ok=True)
         for p in self.stale_tmp():
             freed["tmp"] += 1
             if not dry_run:

@@ -173,7 +173,7 @@ def relink(src: Path, out: Path, skip: tuple[str, ...] = ("toolchain.json",)) ->
     import os
     import shutil
 
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip and p.name != ".complete"):
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip):
         dest = out / f.relative_to(src)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
