@@ -12,11 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# model types whose encoder layers share BERT's layout in transformers 5 (checked structurally too)
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text")
-# decoder model types: BetterTransformer meant SDPA attention for them
-DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
-                 "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
+from ..stages.bettertransformer import DECODER_TYPES, ENCODER_TYPES  # one list, readable at plan time
+
 SUPPORTED = ENCODER_TYPES + DECODER_TYPES
 ACTIVATIONS = {"gelu": True, "relu": False}
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .base import HF_MODEL, CheckContext, RunContext, Stage
 
-# mirrors runtime/bettertransformer.py (kept light: plan-time must not import torch)
+# model types whose encoder layers share BERT's layout in transformers 5 (runtime/bettertransformer.py
+# also checks the structure); decoders, for which BetterTransformer meant SDPA attention
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text")
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
                  "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
