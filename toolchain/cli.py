@@ -157,6 +157,9 @@ def summary(manifest: dict, console: Console, seconds: float, output) -> None:
 
 def cmd_cache(args, console: Console) -> int:
     store = _store(args)
+    if args.cache_cmd == "gc":  # a wrong argument is an error even where there is no store yet
+        older = _duration(args.older_than) if args.older_than else None
+        budget = _size(args.max_size) if args.max_size else None
     if not store.exists():
         console.print(f"no store at {store.root}")
         return 0
@@ -192,11 +195,7 @@ def cmd_cache(args, console: Console) -> int:
         console.print(f"store {store.root}: {n} entries consistent")
         return 0
     if args.cache_cmd == "gc":
-        if args.older_than is None and args.max_size is None:
-            freed = store.gc(dry_run=args.dry_run)
-        else:
-            freed = store.gc(older_than_s=_duration(args.older_than) if args.older_than else None,
-                             max_bytes=_size(args.max_size) if args.max_size else None, dry_run=args.dry_run)
+        freed = store.gc(older_than_s=older, max_bytes=budget, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         console.print(f"{verb} {freed['records']} entries, {freed['objects']} files ({_human(freed['bytes'])}), "
                       f"{freed['trees']} folders, {freed['tmp']} temporary folders")
