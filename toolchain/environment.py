@@ -72,10 +72,6 @@ def gpus() -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def cuda_available() -> bool:
-    return bool(gpus())
-
-
 def gpu(device: str) -> dict | None:
     """Facts of the GPU that `cuda` / `cuda:N` names (honours CUDA_VISIBLE_DEVICES only by index)."""
     index = int(device.split(":")[1]) if ":" in device else 0

@@ -46,14 +46,6 @@ class Plan:
     targets: list[str]
     notes: list[str] = field(default_factory=list)  # e.g. checks that cannot run on this machine
 
-    def downstream(self, name: str) -> set[str]:
-        out, frontier = set(), {name}
-        while frontier:
-            nxt = {s.name for s in self.steps.values() if set(s.inputs.values()) & frontier}
-            frontier = nxt - out
-            out |= nxt
-        return out
-
 
 def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True,
                machine: bool | None = None) -> Plan:

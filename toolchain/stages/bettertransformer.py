@@ -20,7 +20,7 @@ DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3
 
 
 @dataclass
-class BetterTransformerParams:
+class BetterTransformerParams:  # both directions take only the device
     device: str = "cpu"
 
 
@@ -60,14 +60,9 @@ class BetterTransformer(Stage):
         return bettertransformer_run.convert_stage(ctx)
 
 
-@dataclass
-class ReverseParams:
-    device: str = "cpu"
-
-
 class ReverseBetterTransformer(Stage):
     kind = "reverse_bettertransformer"
-    Params = ReverseParams
+    Params = BetterTransformerParams
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = BetterTransformer.env
