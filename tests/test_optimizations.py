@@ -68,7 +68,7 @@ name: q
 model: {{config: {TINY_LLAMA}, seed: 0, tokenizer: {tok}}}
 stages:
   load: {{kind: load}}
-  q8: {{kind: quantize, inputs: {{model: load}}, params: {{bits: 8}}}}
+  q8: {{kind: quantize, inputs: {{model: load}}, params: {{bits: 8, device_map: {{"": cpu}}, max_memory: {{cpu: 4GiB}}}}}}
   validate:
     kind: validate
     inputs: {{candidate: q8, reference: load}}
@@ -81,6 +81,17 @@ stages:
     v = s["validate"]["metrics"]
     assert v["precision"] == "int8" and 0.5 <= v["top1_agreement"] <= 1.0
     assert json.loads((tmp_path / "out" / "q8" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    # the placement travels with the artifact: every later load uses it
+    meta = json.loads((tmp_path / "out" / "q8" / "toolchain.json").read_text())
+    assert meta["placement"] == {"device_map": {"": "cpu"}, "max_memory": {"cpu": "4GiB"}}
+
+
+def test_max_memory_names_gpus_this_machine_lacks(tmp_path):
+    err = _rule_errors(tmp_path, """
+      load: {kind: load}
+      q: {kind: quantize, inputs: {model: load}, params: {bits: 4, device_map: auto, max_memory: {0: 2GiB, 7: 8GiB}}}
+    """, "--this-machine")
+    assert "device cuda:7 needs 8 NVIDIA GPUs" in err and "max_memory" in err
 
 
 def _rule_errors(tmp_path, stages, *extra_args, model=None):

@@ -92,7 +92,7 @@ def load_with(folder: Path, meta: dict, device: str = "cpu"):
         kwargs["attn_implementation"] = meta["attn_implementation"]
     quantized = bool(meta.get("quantization"))
     if quantized:  # bitsandbytes weights cannot be moved with .to(): place them while loading
-        kwargs["device_map"] = {"": device if device != "cuda" else "cuda:0"}
+        kwargs.update(placement(meta.get("placement") or {}, device))
     if meta.get("random_init"):
         model = _random_init(folder, meta, device, kwargs)
     else:
@@ -108,6 +108,16 @@ def load_with(folder: Path, meta: dict, device: str = "cpu"):
     if (Path(folder) / "tokenizer_config.json").is_file() or (Path(folder) / "tokenizer.json").is_file():
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def placement(spec: dict, device: str) -> dict:
+    """from_pretrained's `device_map` (and `max_memory`) for a quantized model: the recipe's
+    placement across devices if it gave one, else everything on `device`."""
+    device_map = spec.get("device_map")
+    out = {"device_map": device_map if device_map is not None else {"": device if device != "cuda" else "cuda:0"}}
+    if spec.get("max_memory"):
+        out["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec["max_memory"].items()}
+    return out
 
 
 def _random_init(folder: Path, meta: dict, device: str, kwargs: dict):

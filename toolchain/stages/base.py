@@ -73,7 +73,9 @@ class CheckContext:
 
         if device.startswith("cuda") and environment.gpu(device) is None:
             found = len(environment.gpus())
-            self.unavailable(f"device {device} needs an NVIDIA GPU, but {found or 'none'} {'is' if found == 1 else 'are'} "
+            index = device.partition(":")[2]
+            need = f"{int(index) + 1} NVIDIA GPUs" if index.isdigit() and int(index) > 0 else "an NVIDIA GPU"
+            self.unavailable(f"device {device} needs {need}, but {found or 'none'} {'is' if found == 1 else 'are'} "
                              "visible", param, hint="build this recipe on a GPU machine, or set `device: cpu`")
 
 

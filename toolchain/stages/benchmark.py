@@ -55,7 +55,7 @@ class Benchmark(Stage):
         batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
         seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
         grid = len(batches) * len(seqs) > 1
-        cuda = p.device.startswith("cuda")
+        gpus = _gpus(runner) if p.device.startswith("cuda") else []
         timings, warnings, peaks, pads = {}, [], [], []
         for seq in seqs:
             for batch in batches:
@@ -63,7 +63,7 @@ class Benchmark(Stage):
                 ids = np.random.default_rng(p.seed).integers(5, 1000, size=(batch, seq)).astype(np.int64)
                 mask = padding_mask(batch, seq, p.padding)
                 pads.append(float(1 - mask.mean()))
-                _reset_peak(cuda, p.device)
+                _reset_peak(gpus)
                 ctx.progress(f"timing {name} ({p.warmup} warm-up + {p.iterations})")
                 try:
                     fn = runner.call(ids, mask)
@@ -73,10 +73,10 @@ class Benchmark(Stage):
                         raise
                     timings[name] = {"error": "out of device memory", "batch_size": batch, "sequence_length": seq}
                     warnings.append(f"{name}: out of device memory")
-                    _release(cuda)
+                    _release(gpus)
                     continue
                 t = timing.summarize(samples, batch * seq, "tokens/s")
-                t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(cuda, p.device))
+                t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(gpus))
                 flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
                 if flops:
                     t["flops_per_call"] = flops
@@ -90,8 +90,10 @@ class Benchmark(Stage):
             ctx.progress(f"timing {p.decode_tokens} decode steps")
             prompt = np.random.default_rng(p.seed).integers(5, 1000, size=(1, seqs[0])).astype(np.int64)
             timings["decode (per token)"] = _decode_timing(runner, prompt, p)
-        kind = "PyTorch CUDA allocator peak" if cuda else "process peak RSS while timing"
-        if cuda and meta["artifact"] == ONNX_MODEL:
+        kind = "PyTorch CUDA allocator peak" if gpus else "process peak RSS while timing"
+        if len(gpus) > 1:
+            kind += f" (sum over GPUs {', '.join(map(str, gpus))}: the model is placed across them)"
+        if gpus and meta["artifact"] == ONNX_MODEL:
             kind = "not measured for onnxruntime on CUDA (its allocator is outside PyTorch)"
             peaks = []
         for name, t in timings.items():
@@ -106,30 +108,42 @@ class Benchmark(Stage):
                 "model_footprint_mb": footprint() / 2**20 if footprint else None,
                 "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
                 "padding_fraction": max(pads) if pads else 0.0,
-                "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if cuda else ""),
+                "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if gpus else ""),
                 "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,
                 "warnings": warnings}
 
 
-def _reset_peak(cuda: bool, device: str) -> None:
+def _gpus(runner) -> list[int]:
+    """The GPUs the model occupies: several where `device_map` placed it across them."""
+    import torch
+
+    params = getattr(getattr(runner, "model", None), "parameters", None)  # PyTorch runners only
+    used = sorted({t.device.index or 0 for t in params() if t.is_cuda}) if params else []
+    return used or [torch.cuda.current_device()]
+
+
+def _reset_peak(gpus: list[int]) -> None:
     from ..runtime import timing
 
-    if cuda:
+    if gpus:
         import torch
 
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        for i in gpus:
+            torch.cuda.synchronize(i)
+            torch.cuda.reset_peak_memory_stats(i)
     else:
         timing.reset_peak_rss()
 
 
-def _peak(cuda: bool, device: str) -> float | None:
+def _peak(gpus: list[int]) -> float | None:
+    """Peak MiB: on CUDA what PyTorch allocated on the model's GPUs (summed where it spans several),
+    else the process's peak RSS."""
     from ..runtime import timing
 
-    if cuda:
+    if gpus:
         import torch
 
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return sum(torch.cuda.max_memory_allocated(i) for i in gpus) / 2**20
     return timing.peak_rss_mb()
 
 

@@ -48,6 +48,8 @@ class Quantize(Stage):
         for dev in p.max_memory:
             if str(dev) != "cpu" and not str(dev).isdigit():
                 ctx.error(f"`max_memory` keys are GPU indices or cpu, not {dev!r}", "max_memory")
+            elif str(dev).isdigit():
+                ctx.device_rules(f"cuda:{dev}", "max_memory")
         if environment.package_version("bitsandbytes") is None:
             ctx.unavailable("bitsandbytes is not installed", hint="pip install bitsandbytes==0.50.2")
 
@@ -76,10 +78,8 @@ class Quantize(Stage):
                                     bnb_4bit_use_double_quant=p.double_quant, bnb_4bit_compute_dtype=compute,
                                     llm_int8_skip_modules=p.skip_modules or None)
             scheme = p.quant_type
-        device_map = p.device_map if p.device_map is not None else {"": p.device if p.device != "cuda" else "cuda:0"}
-        kwargs = {"quantization_config": qc, "device_map": device_map, "dtype": models.DTYPES[meta.get("dtype", "float32")]}
-        if p.max_memory:
-            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in p.max_memory.items()}
+        kwargs = {"quantization_config": qc, "dtype": models.DTYPES[meta.get("dtype", "float32")],
+                  **models.placement({"device_map": p.device_map, "max_memory": p.max_memory}, p.device)}
         ctx.progress(f"quantizing to {scheme}")
         load_from = src
         if meta.get("random_init"):  # seed-only artifact: write its weights once, outside the output
@@ -104,6 +104,8 @@ class Quantize(Stage):
         meta.update(quantization={"method": "bitsandbytes", "scheme": scheme, "bits": p.bits,
                                   "double_quant": p.double_quant, "compute_dtype": p.compute_dtype},
                     device=p.device)
+        if p.device_map is not None or p.max_memory:  # every later load places the weights the same way
+            meta["placement"] = {"device_map": p.device_map, "max_memory": p.max_memory}
         models.write_meta(ctx.output, meta)
         # the store copy must load and compute what the in-memory model computes
         reloaded, _ = models.load_with(ctx.output, meta, p.device)
