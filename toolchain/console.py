@@ -4,6 +4,7 @@ first use, so commands that print plain lines (`check`) start without it."""
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from functools import cached_property
 
@@ -47,14 +48,17 @@ class Console:
     def step(self, title: str):
         """A live line for one step; yields update(message, done, total)."""
         if self.quiet or not self.err.is_terminal:
-            # plain logs when not on a terminal: one line per phase change
-            last = [None]
+            # plain logs when not on a terminal: one line per phase change, with the seconds since
+            # the step started (CI logs have no live timer; this shows where a slow step spends time)
+            last, t0 = [None], time.monotonic()
 
             def update(message, done=None, total=None):
                 if not self.quiet and message != last[0]:
                     last[0] = message
-                    print(f"  {title}: {message}", file=sys.stderr, flush=True)
+                    print(f"  {title}: {message} [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
             yield update
+            if not self.quiet:
+                print(f"  {title}: ended [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
             return
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
