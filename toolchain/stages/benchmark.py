@@ -38,6 +38,9 @@ class Benchmark(Stage):
         if ctx.params.decode_tokens and not (t.get("task") == "text-generation"
                                              and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
             ctx.error("`decode_tokens` needs a text-generation model with a KV cache", "decode_tokens")
+        if ctx.params.padding and t.get("sdpa_kernel") == "flash" and ctx.params.device.startswith("cuda"):
+            ctx.error("the model pins the SDPA flash kernel, which on CUDA takes no attention mask, so padded "
+                      "batches cannot run", "padding", hint="set `padding: 0`, or pin `efficient` or `cudnn`")
 
     def run(self, ctx: RunContext) -> dict:
         import numpy as np

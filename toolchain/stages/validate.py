@@ -52,6 +52,11 @@ class Validate(Stage):
         p = ctx.params
         if p.generate and cand.get("task") != "text-generation" and p.generate.get("prompts", 20):
             ctx.error("`generate` applies to text-generation models only", "generate")
+        pins_flash = "flash" in (cand.get("sdpa_kernel"), ref.get("sdpa_kernel"))
+        if p.batch_size > 1 and p.device.startswith("cuda") and pins_flash:
+            ctx.error("a model here pins the SDPA flash kernel, which on CUDA takes no attention mask, so batches "
+                      "of real text (padded to one length) cannot run", "batch_size",
+                      hint="set `batch_size: 1` (each text alone, no padding)")
         if p.corpus and not p.corpus.startswith("gensim:"):
             path = ctx.recipe.dir / p.corpus
             if not path.is_file():
