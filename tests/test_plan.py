@@ -1,4 +1,5 @@
 """Planning: graph checks, plan-time rules, keys that change exactly downstream; no heavy imports."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -170,3 +171,23 @@ def test_missing_package_is_about_the_machine(tmp_path):
     assert strict.stderr.count("pkg.yaml:") == 1, strict.stderr  # no follow-on errors downstream
     plan = run_cli("plan", recipe, "--store", tmp_path / "s")
     assert plan.returncode == 2 and "not installed" in plan.stderr
+
+
+def test_gpus_follow_cuda_visible_devices(tmp_path, monkeypatch):
+    """Plan-time GPU rules count the GPUs this process can use, in CUDA's numbering."""
+    from toolchain import environment
+
+    smi = tmp_path / "nvidia-smi"  # a stand-in for the driver's tool on a 4-GPU host
+    smi.write_text("#!/bin/sh\n" + "".join(
+        f"echo 'NVIDIA H200, 9.0, 143771 MiB, 580.159.04, GPU-{i}aaa-{i}'\n" for i in range(4)))
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("TOOLCHAIN_NO_GPU", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert len(environment.gpus()) == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert len(environment.gpus()) == 1 and environment.gpu("cuda:1") is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3aaa,0,9,1")  # CUDA stops at the invalid 9
+    assert len(environment.gpus()) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert environment.gpus() == ()

@@ -53,27 +53,47 @@ def onnxruntime_flavour() -> str | None:
     return "+".join(found) or None
 
 
-@functools.lru_cache(maxsize=1)
-def gpus() -> tuple[dict, ...]:
-    """NVIDIA GPUs as reported by nvidia-smi (empty when there is none)."""
-    if os.environ.get("TOOLCHAIN_NO_GPU") or not shutil.which("nvidia-smi"):
-        return ()
+@functools.lru_cache(maxsize=4)
+def _smi_rows(smi: str) -> tuple:
+    """(facts, uuid) of every GPU that nvidia-smi at `smi` reports: asked once per process."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total,driver_version", "--format=csv,noheader"],
+            [smi, "--query-gpu=name,compute_cap,memory.total,driver_version,uuid", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
     rows = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 4:
-            rows.append({"name": parts[0], "capability": parts[1], "memory": parts[2], "driver": parts[3]})
+        if len(parts) >= 5:
+            rows.append(({"name": parts[0], "capability": parts[1], "memory": parts[2], "driver": parts[3]}, parts[4]))
     return tuple(rows)
 
 
+def gpus() -> tuple[dict, ...]:
+    """NVIDIA GPUs this process may use, as reported by nvidia-smi (empty when there is none), in
+    CUDA's numbering: CUDA_VISIBLE_DEVICES (indices or UUIDs) selects and orders them."""
+    smi = shutil.which("nvidia-smi")
+    if os.environ.get("TOOLCHAIN_NO_GPU") or not smi:
+        return ()
+    rows = _smi_rows(smi)
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return tuple(facts for facts, _ in rows)
+    visible = []
+    for token in (t.strip() for t in spec.split(",")):
+        if token.isdigit():
+            match = rows[int(token)] if int(token) < len(rows) else None
+        else:
+            match = next((r for r in rows if token and r[1].startswith(token)), None)
+        if match is None:  # CUDA ignores everything from the first entry it cannot resolve
+            break
+        visible.append(match[0])
+    return tuple(visible)
+
+
 def gpu(device: str) -> dict | None:
-    """Facts of the GPU that `cuda` / `cuda:N` names (honours CUDA_VISIBLE_DEVICES only by index)."""
+    """Facts of the GPU that `cuda` / `cuda:N` names (N in CUDA's numbering, see `gpus`)."""
     index = int(device.split(":")[1]) if ":" in device else 0
     found = gpus()
     return found[index] if index < len(found) else None
