@@ -55,7 +55,13 @@ def convert_stage(ctx) -> dict:
     if kind == "decoder":
         meta["attn_implementation"] = "sdpa"
     models.write_meta(ctx.output, meta)
-    metrics.update(path="fused encoder fast path with nested tensors" if kind == "encoder" else "SDPA attention",
+    if kind == "decoder":
+        path = "SDPA attention"
+    elif p.device.startswith("cuda") and model.config.hidden_act == "gelu":
+        path = "nested tensors: PyTorch's fused attention op, exact GELU (its one-op layer has tanh GELU on CUDA)"
+    else:
+        path = "nested tensors: PyTorch's one-op fused encoder layer"
+    metrics.update(path=path,
                    round_trip_state_dict_identical=True, model_type=model.config.model_type)
     return metrics
 
