@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .conftest import ROOT, run_cli, tiny_recipe
 
@@ -106,6 +107,39 @@ def test_sigkill_at_random_moments_never_corrupts(tmp_path, store):
     assert got == expected
     assert not list(tmp_path.glob(".out.partial-*"))  # killed builds' half-written folders are cleaned up
     assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_sigterm_stops_the_build_and_its_worker(tmp_path, store):
+    """A CI timeout sends SIGTERM: the build stops at once, says what was kept, leaves no worker."""
+    recipe = tiny_recipe(tmp_path, stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+    """)
+    proc = _build_proc(recipe, tmp_path / "out", store)
+    deadline = time.time() + 60
+    while not list((store / "tmp").glob("*")) and time.time() < deadline:  # a step is running
+        time.sleep(0.2)
+    workers_before = _workers(store)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert "resumes from there" in proc.stderr.read()
+    time.sleep(0.5)
+    assert workers_before and not _workers(store)
+    assert not (tmp_path / "out").exists()
+    assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def _workers(store) -> list[int]:
+    """PIDs of toolchain workers building into `store`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"toolchain.worker" in cmd and any(str(store).encode() in c for c in cmd):
+            pids.append(int(d.name))
+    return pids
 
 
 def test_concurrent_builds_run_each_step_once(tmp_path, store):

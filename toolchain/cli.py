@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -375,8 +376,13 @@ COMMANDS = {"check": cmd_check, "plan": cmd_plan, "build": cmd_build, "validate"
             "env": cmd_env, "schema": cmd_schema}
 
 
+def _terminated(signum, frame):  # a CI timeout or `kill`: stop like Ctrl-C, workers included
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     console = Console(quiet=getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args, console)
@@ -390,5 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         console.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        extra = (": steps that finished are in the store, so the same build resumes from there; the output "
+                 "folder was not touched") if args.command == "build" else ""
+        print(f"interrupted{extra}", file=sys.stderr)
         return 130

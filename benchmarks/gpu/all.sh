@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue-3 GPU proof in one call: parts run side by side, one GPU each (CUDA_VISIBLE_DEVICES), so
 # no two timed runs share a GPU; `two-gpus` starts once the GPUs it takes are free. Results (build
-# outputs without model files, logs, the store's step logs) come back as $OUT/results.tar.gz and
+# outputs without model files, logs, the store's step logs and records, so the numbers of steps that
+# finished survive a build cut off by the deadline) come back as $OUT/results.tar.gz and
 # one table, $OUT/summary.md.
 #   usage: bash benchmarks/gpu/all.sh [SECONDS]     (default 540: every build stops by then)
 set -uo pipefail
@@ -25,6 +26,6 @@ else
 fi
 cat /tmp/gpu-out/*/summary.md > "$OUT/summary.md" 2>/dev/null
 tar -czf "$OUT/results.tar.gz" --exclude='*.onnx' --exclude='*.onnx.data' --exclude='*.safetensors' \
-  --exclude='*.json.gz' --exclude='tokenizer*' -C /tmp gpu-out gpu-builds toolchain-store/logs 2>/dev/null
+  --exclude='*.json.gz' --exclude='tokenizer*' -C /tmp gpu-out gpu-builds toolchain-store/logs toolchain-store/actions 2>/dev/null
 grep -hE "^=== " /tmp/gpu-out/*/log.txt
 cat /tmp/gpu-out/bt/bt_precision.md 2>/dev/null
