@@ -9,6 +9,8 @@ the state_dict comes back bit-identical (concatenation and slicing copy values e
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -134,8 +136,12 @@ class FastEncoder(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("the BetterTransformer fast path is for inference: run under torch.no_grad() "
                                "or torch.inference_mode()")
-        x = torch._nested_tensor_from_mask(hidden_states, valid, mask_check=False) if not bool(valid.all()) \
-            else hidden_states
+        if bool(valid.all()):
+            x = hidden_states
+        else:
+            with warnings.catch_warnings():  # the strided nested layout is what the fused ops take
+                warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors", category=UserWarning)
+                x = torch._nested_tensor_from_mask(hidden_states, valid, mask_check=False)
         for layer in self.layer:
             x = layer(x)
         if x.is_nested:
