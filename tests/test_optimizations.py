@@ -161,6 +161,19 @@ def test_bettertransformer_refuses_unsupported_architecture(tmp_path):
     assert "does not support model type 't5'" in err and "bert" in err
 
 
+def test_bettertransformer_config_rules_fire_at_plan_time(tmp_path):
+    """A BERT whose config the fast path cannot run is refused by `check`, before any weights load."""
+    from .conftest import TINY_BERT, minilm_folder
+
+    cfg = dict(TINY_BERT, position_embedding_type="relative_key", hidden_act="silu")
+    err = _rule_errors(tmp_path, """
+      load: {kind: load}
+      bt: {kind: bettertransformer, inputs: {model: load}}
+    """, model=f"{{config: {json.dumps(cfg)}, seed: 0, tokenizer: {minilm_folder()}}}")
+    assert "absolute position embeddings only, not relative_key" in err
+    assert "gelu or relu activations, not silu" in err
+
+
 def test_reverse_needs_a_converted_model(tmp_path):
     err = _rule_errors(tmp_path, """
       load: {kind: load}

@@ -41,10 +41,17 @@ class Source:
     tokenizer: Path | None = None
     task: str | None = None
     model_type: str | None = None
+    config_facts: dict | None = None  # a few config.json keys that plan-time rules read (None: unknown)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     package: str | None = None
     package_version: str | None = None
+
+
+def _facts(cfg: dict) -> dict:
+    from .stages.bettertransformer import CONFIG_FACTS
+
+    return {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
 
 
 def package_folder(name: str) -> Path:
@@ -122,7 +129,7 @@ def resolve(model: dict, base: Path) -> Source:
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise SourceError("`model.config` must give a `model_type` (e.g. llama, bert)", "config")
         src.type, src.config, src.seed = "config", cfg, int(model.get("seed", 0))
-        src.model_type = cfg["model_type"]
+        src.model_type, src.config_facts = cfg["model_type"], _facts(cfg)
         src.task = src.task or _task_from_architectures(cfg.get("architectures"))
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
@@ -167,7 +174,7 @@ def resolve(model: dict, base: Path) -> Source:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SourceError(f"{cfg_file} is not valid JSON: {exc}", field) from None
-    src.model_type = cfg.get("model_type")
+    src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
     src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,

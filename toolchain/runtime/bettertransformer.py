@@ -14,10 +14,10 @@ import warnings
 import torch
 from torch import nn
 
-from ..stages.bettertransformer import DECODER_TYPES, ENCODER_TYPES  # one list, readable at plan time
+from ..stages.bettertransformer import (  # one set of rules, readable at plan time
+    CONFIG_FACTS, DECODER_TYPES, ENCODER_ACTIVATIONS, ENCODER_TYPES, encoder_config_problems)
 
 SUPPORTED = ENCODER_TYPES + DECODER_TYPES
-ACTIVATIONS = {"gelu": True, "relu": False}
 
 
 class UnsupportedModel(ValueError):
@@ -47,7 +47,7 @@ class FastEncoderLayer(nn.Module):
         self.norm2_bias = nn.Parameter(out.LayerNorm.bias.detach().clone())
         self.norm1_eps = att.output.LayerNorm.eps
         self.norm2_eps = out.LayerNorm.eps
-        self.use_gelu = ACTIVATIONS[config.hidden_act]
+        self.use_gelu = ENCODER_ACTIVATIONS[config.hidden_act]
         self.original_class = type(layer)
         self.layer_idx = getattr(layer, "layer_idx", None)
 
@@ -167,13 +167,10 @@ def check_supported(model) -> str:
     if mt not in ENCODER_TYPES:
         raise UnsupportedModel(f"BetterTransformer does not support model type '{mt}'; supported: "
                                f"{', '.join(SUPPORTED)}")
-    cfg = model.config
-    if cfg.is_decoder or getattr(cfg, "add_cross_attention", False):
-        raise UnsupportedModel(f"'{mt}' configured as a decoder cannot use the encoder fast path")
-    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-        raise UnsupportedModel("the encoder fast path supports absolute position embeddings only")
-    if cfg.hidden_act not in ACTIVATIONS:
-        raise UnsupportedModel(f"the encoder fast path supports gelu or relu activations, not {cfg.hidden_act}")
+    facts = {k: v for k in CONFIG_FACTS if (v := getattr(model.config, k, None)) is not None}
+    problems = encoder_config_problems(mt, facts)
+    if problems:
+        raise UnsupportedModel("; ".join(problems))
     enc = getattr(_base(model), "encoder", None)
     if enc is None or not hasattr(enc, "layer"):
         raise UnsupportedModel(f"'{mt}' has no BERT-style encoder")

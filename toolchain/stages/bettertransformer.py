@@ -18,6 +18,25 @@ ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
                  "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
 
+# the encoder fast path's activations: name -> use_gelu flag of PyTorch's fused layer
+ENCODER_ACTIVATIONS = {"gelu": True, "relu": False}
+# config.json keys the encoder rules read; `load` passes them on at plan time where it can read them
+CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cross_attention")
+
+
+def encoder_config_problems(model_type: str, cfg: dict) -> list[str]:
+    """Why a BERT-layout model of this config cannot take the encoder fast path (empty: it can).
+    Used at plan time on the config facts the source exposes and at run time on the loaded config."""
+    problems = []
+    if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
+        problems.append(f"'{model_type}' configured as a decoder cannot use the encoder fast path")
+    if (cfg.get("position_embedding_type") or "absolute") != "absolute":
+        problems.append(f"the encoder fast path supports absolute position embeddings only, not "
+                        f"{cfg['position_embedding_type']}")
+    if cfg.get("hidden_act", "gelu") not in ENCODER_ACTIVATIONS:
+        problems.append(f"the encoder fast path supports gelu or relu activations, not {cfg['hidden_act']}")
+    return problems
+
 
 @dataclass
 class BetterTransformerParams:  # both directions take only the device
@@ -41,6 +60,9 @@ class BetterTransformer(Stage):
         if mt and mt not in ENCODER_TYPES + DECODER_TYPES:
             ctx.error(f"BetterTransformer does not support model type '{mt}'",
                       hint=f"supported: {', '.join(ENCODER_TYPES + DECODER_TYPES)}")
+        if mt in ENCODER_TYPES:
+            for problem in encoder_config_problems(mt, t.get("config") or {}):
+                ctx.error(problem, hint="use an `attention` stage with `implementation: sdpa` for this model instead")
         if mt in ENCODER_TYPES and t.get("quantization"):
             ctx.error("the encoder fast path needs plain weights, but the model is quantized "
                       f"({t['quantization']})", hint="convert the unquantized model")

@@ -45,7 +45,7 @@ class Load(Stage):
         src = self._source(recipe)
         return {"artifact": HF_MODEL, "task": src.task, "model_type": src.model_type, "dtype": params.dtype,
                 "device": params.device, "quantization": None, "attention": None, "source": src.type,
-                "has_tokenizer": src.type != "config" or src.tokenizer is not None}
+                "has_tokenizer": src.type != "config" or src.tokenizer is not None, "config": src.config_facts}
 
     def fingerprint(self, params, recipe, hasher) -> dict:
         src = self._source(recipe)
