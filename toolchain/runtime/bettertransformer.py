@@ -24,6 +24,19 @@ class UnsupportedModel(ValueError):
     pass
 
 
+def splits_gelu(use_gelu: bool, cuda: bool) -> bool:
+    """Whether a layer runs `forward_exact_gelu` instead of PyTorch's one-op layer, whose GELU is
+    the tanh approximation on CUDA."""
+    return use_gelu and cuda
+
+
+def encoder_path(config, device: str) -> str:
+    """What a converted encoder runs on `device`, in words (for the stage's metrics)."""
+    if splits_gelu(ENCODER_ACTIVATIONS[config.hidden_act], device.startswith("cuda")):
+        return "nested tensors: PyTorch's fused attention op, exact GELU (its one-op layer has tanh GELU on CUDA)"
+    return "nested tensors: PyTorch's one-op fused encoder layer"
+
+
 class FastEncoderLayer(nn.Module):
     """One BERT-layout encoder layer on PyTorch's fused fast path."""
 
@@ -52,7 +65,7 @@ class FastEncoderLayer(nn.Module):
         self.layer_idx = getattr(layer, "layer_idx", None)
 
     def forward(self, hidden_states):
-        if self.use_gelu and hidden_states.is_cuda:
+        if splits_gelu(self.use_gelu, hidden_states.is_cuda):
             return self.forward_exact_gelu(hidden_states)
         return self.forward_fused(hidden_states)
 

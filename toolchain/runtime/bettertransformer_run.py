@@ -8,13 +8,6 @@ from ..errors import StageUserError
 from ..stages.base import relink
 
 
-def _sample_batch(tokenizer, ctx, n=16):
-    sentences = text.passages("gensim:lee_background", ctx.recipe_dir, n)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
-
-
 def convert_stage(ctx) -> dict:
     p = ctx.params
     src = ctx.inputs["model"]
@@ -28,7 +21,8 @@ def convert_stage(ctx) -> dict:
     except bettertransformer.UnsupportedModel as exc:
         raise StageUserError(str(exc)) from None
     if tokenizer is not None:
-        enc = {k: v.to(p.device) for k, v in _sample_batch(tokenizer, ctx).items()}
+        ids, mask = text.tokenize(tokenizer, text.passages("gensim:lee_background", ctx.recipe_dir, 16), 64)
+        enc = {"input_ids": torch.from_numpy(ids).to(p.device), "attention_mask": torch.from_numpy(mask).to(p.device)}
         keep = enc["attention_mask"].bool()
         # both runs under the SDPA kernel the artifact pins, if any, as the model will run later
         with torch.no_grad(), models.sdpa_context(meta):
@@ -55,12 +49,7 @@ def convert_stage(ctx) -> dict:
     if kind == "decoder":
         meta["attn_implementation"] = "sdpa"
     models.write_meta(ctx.output, meta)
-    if kind == "decoder":
-        path = "SDPA attention"
-    elif p.device.startswith("cuda") and model.config.hidden_act == "gelu":
-        path = "nested tensors: PyTorch's fused attention op, exact GELU (its one-op layer has tanh GELU on CUDA)"
-    else:
-        path = "nested tensors: PyTorch's one-op fused encoder layer"
+    path = "SDPA attention" if kind == "decoder" else bettertransformer.encoder_path(model.config, p.device)
     metrics.update(path=path,
                    round_trip_state_dict_identical=True, model_type=model.config.model_type)
     return metrics

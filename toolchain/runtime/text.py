@@ -42,3 +42,15 @@ def passages(spec: str, base: Path, count: int, min_words: int = 3) -> list[str]
     if not out:
         raise ValueError(f"corpus {path} has no usable text")
     return out
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int):
+    """(input_ids, attention_mask) as int64 numpy arrays, right-padded to the longest text
+    (models without a pad token pad with end-of-sequence)."""
+    import numpy as np
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

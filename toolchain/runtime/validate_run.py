@@ -6,14 +6,6 @@ import numpy as np
 from . import compare, runners, text
 
 
-def _tokenize(tokenizer, texts, max_length):
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-
-
 def run_validation(ctx) -> dict:
     p = ctx.params
     cand_meta = ctx.input_meta["candidate"]
@@ -41,7 +33,7 @@ def run_validation(ctx) -> dict:
     padded = 0
     for i, batch in enumerate(batches):
         ctx.progress("comparing real text", i, len(batches))
-        ids, mask = _tokenize(tokenizer, batch, p.max_length)
+        ids, mask = text.tokenize(tokenizer, batch, p.max_length)
         padded += int((mask == 0).sum())
         r = ref.forward(ids, mask)[output]
         c = cand.forward(ids, mask)[output]

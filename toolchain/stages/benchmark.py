@@ -155,11 +155,11 @@ def _out_of_memory(exc: Exception) -> bool:
     return "OutOfMemory" in text or "out of memory" in text.lower() or "Failed to allocate memory" in text
 
 
-def _release(cuda: bool) -> None:
+def _release(gpus: list[int]) -> None:
     import gc
 
     gc.collect()
-    if cuda:
+    if gpus:
         import torch
 
         torch.cuda.empty_cache()

@@ -78,8 +78,9 @@ class Quantize(Stage):
                                     bnb_4bit_use_double_quant=p.double_quant, bnb_4bit_compute_dtype=compute,
                                     llm_int8_skip_modules=p.skip_modules or None)
             scheme = p.quant_type
+        spread = {"device_map": p.device_map, "max_memory": p.max_memory}
         kwargs = {"quantization_config": qc, "dtype": models.DTYPES[meta.get("dtype", "float32")],
-                  **models.placement({"device_map": p.device_map, "max_memory": p.max_memory}, p.device)}
+                  **models.placement(spread, p.device)}
         ctx.progress(f"quantizing to {scheme}")
         load_from = src
         if meta.get("random_init"):  # seed-only artifact: write its weights once, outside the output
@@ -105,7 +106,7 @@ class Quantize(Stage):
                                   "double_quant": p.double_quant, "compute_dtype": p.compute_dtype},
                     device=p.device)
         if p.device_map is not None or p.max_memory:  # every later load places the weights the same way
-            meta["placement"] = {"device_map": p.device_map, "max_memory": p.max_memory}
+            meta["placement"] = spread
         models.write_meta(ctx.output, meta)
         # the store copy must load and compute what the in-memory model computes
         reloaded, _ = models.load_with(ctx.output, meta, p.device)
