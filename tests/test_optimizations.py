@@ -123,6 +123,26 @@ def test_flash_attention_rules(tmp_path):
     assert "CUDA only" in err
 
 
+def test_every_variant_problem_reported_at_once(tmp_path):
+    """A matrix recipe reports the problems of all its variants in one run: each variant's own
+    problem names the variant, a problem every variant shares appears once without a label."""
+    recipe = tiny_recipe(tmp_path, "matrix", """
+      load: {kind: load}
+      fa: {kind: attention, inputs: {model: load}, params: {implementation: "${matrix.impl}"}}
+      k: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: efficient}}
+    """, extra="matrix:\n  impl: [flash_attention_2, flash_attention_4]\ntargets: [fa, k]")
+    for command in (("check",), ("plan",), ("build", "-o", str(tmp_path / "out"))):
+        res = run_cli(*command, recipe)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        lines = [line for line in res.stderr.splitlines() if line.startswith(str(recipe))]
+        for impl in ("flash_attention_2", "flash_attention_4"):
+            (own,) = [line for line in lines if f"{impl} needs a CUDA device" in line]
+            assert own.endswith(f"[variant impl={impl}]"), own
+        (shared,) = [line for line in lines if "CUDA only" in line]
+        assert "[variant" not in shared
+    assert not (tmp_path / "out").exists()
+
+
 def test_flash_kernel_pin_rejects_padded_batches_on_cuda(tmp_path):
     err = _rule_errors(tmp_path, """
       load: {kind: load, params: {dtype: float16, device: cuda}}

@@ -37,16 +37,16 @@ def _store(args):
 
 
 def _plans(recipe_path: str, store=None, keys: bool = True):
-    from .plan import build_plan
+    from .plan import build_plans
     from .recipe import load_recipe
 
     hasher = store.init().hash_cached if store is not None else None
-    return [build_plan(r, hasher=hasher, keys=keys) for r in load_recipe(recipe_path)]
+    return build_plans(load_recipe(recipe_path), hasher=hasher, keys=keys)
 
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_check(args, console: Console) -> int:
-    from .plan import build_plan
+    from .plan import build_plans
     from .recipe import find_recipe_files, load_recipe
 
     files = find_recipe_files(args.paths)
@@ -57,8 +57,7 @@ def cmd_check(args, console: Console) -> int:
     for f in files:
         try:
             variants = load_recipe(f)
-            for r in variants:
-                build_plan(r, keys=False, machine=args.this_machine)
+            build_plans(variants, keys=False, machine=args.this_machine)
         except RecipeError as exc:
             bad += 1
             for p in exc.problems:

@@ -47,6 +47,32 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # e.g. checks that cannot run on this machine
 
 
+def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = None, keys: bool = True,
+                machine: bool | None = None) -> list[Plan]:
+    """`build_plan` for every variant of a recipe, reporting the problems of all variants at once
+    (the same problem in several variants once): a user who fixes what the first variant reports
+    must not meet the next variant's problem only on the next run. A problem that only some
+    variants have names them."""
+    import dataclasses
+
+    plans, found = [], {}  # rendered problem -> (problem, variant ids)
+    for variant in variants:
+        try:
+            plans.append(build_plan(variant, hasher=hasher, keys=keys, machine=machine))
+        except RecipeError as exc:
+            for pr in exc.problems:
+                found.setdefault(pr.render(), (pr, []))[1].append(variant.variant_id)
+    if not found:
+        return plans
+    problems = []
+    for pr, ids in found.values():
+        if len(variants) > 1 and len(ids) < len(variants):
+            label = "variant" + ("s " if len(ids) > 1 else " ") + "; ".join(ids)
+            pr = dataclasses.replace(pr, message=f"{pr.message} [{label}]")
+        problems.append(pr)
+    raise RecipeError(problems)
+
+
 def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True,
                machine: bool | None = None) -> Plan:
     """Check the recipe's graph and rules; with `keys`, also compute every step's cache key
