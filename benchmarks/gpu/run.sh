@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU proof runs on the GPU host (see benchmarks/results/*/README.md).
 #   usage: bash benchmarks/gpu/run.sh PART [PART...]      parts run one after another
-# Parts: attention | bnb | bnb-combos | bt | bnb7b | two-gpus | ort. Each builds its recipes with the
-# store in /tmp (kept while the machine stays warm) and writes its log and summary under
-# /tmp/gpu-out/PART/; `benchmarks/gpu/all.sh` runs parts on several GPUs at once and packs the results.
+# Parts: attention | fa2 | bnb | bnb-combos | bt | bnb7b | two-gpus | ort (fa2 needs flash-attn, built
+# by benchmarks/gpu/flash_attn_2.sh). Each builds its recipes with the store in /tmp (kept while the
+# machine stays warm) and writes its log and summary under /tmp/gpu-out/PART/; `benchmarks/gpu/all.sh`
+# runs parts on several GPUs at once and packs the results.
 # DEADLINE (seconds since the epoch, optional): no build starts or runs past it.
 set -uo pipefail
 source "$HOME/gpu-env.sh"
@@ -25,6 +26,7 @@ for PART in "$@"; do
   { python -m toolchain env; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; } >>"$LOG" 2>&1
   case $PART in
     attention) build recipes/gpu/llama7b-attention.yaml llama7b-attention ;;
+    fa2) build recipes/gpu/llama7b-flash-attention-2.yaml llama7b-flash-attention-2 ;;
     bnb) build recipes/gpu/smollm2-bitsandbytes.yaml smollm2-bitsandbytes ;;
     bnb-combos)
       build recipes/gpu/guide-4bit-sdpa-flash.yaml guide-4bit-sdpa-flash
