@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import graphlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -53,8 +53,6 @@ def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = N
     (the same problem in several variants once): a user who fixes what the first variant reports
     must not meet the next variant's problem only on the next run. A problem that only some
     variants have names them."""
-    import dataclasses
-
     plans, found = [], {}  # rendered problem -> (problem, variant ids)
     for variant in variants:
         try:
@@ -68,7 +66,7 @@ def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = N
     for pr, ids in found.values():
         if len(variants) > 1 and len(ids) < len(variants):
             label = "variant" + ("s " if len(ids) > 1 else " ") + "; ".join(ids)
-            pr = dataclasses.replace(pr, message=f"{pr.message} [{label}]")
+            pr = replace(pr, message=f"{pr.message} [{label}]")
         problems.append(pr)
     raise RecipeError(problems)
 
