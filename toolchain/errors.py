@@ -79,3 +79,33 @@ class StageUserError(UsageError):
 
 class StoreError(ToolchainError):
     """The artifact store is unusable (permissions, corrupt beyond repair)."""
+
+
+class NotAStore(UsageError):
+    """`--store` names a folder that the toolchain did not create (exit 2: nothing is touched)."""
+
+
+class MachineError(ToolchainError):
+    """This machine cannot do what was asked: disk full, read-only or unwritable folder (exit 4).
+
+    Distinct from a failed gate (1), a wrong recipe (2) and a failed stage (3), so that CI can retry
+    elsewhere instead of blaming the change under test."""
+
+    exit_code = 4
+
+
+def machine_error(exc: OSError, doing: str) -> MachineError:
+    """A MachineError that says what failed, on which path, and what to do about it."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    why = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some disk space (e.g. `toolchain cache gc --max-size 20G`) and run it again",
+            errno.EDQUOT: "free some disk space or raise the quota, and run it again",
+            errno.EFBIG: "the file is larger than this process may write (ulimit -f); raise the limit",
+            errno.EROFS: "the folder is on a read-only file system: choose a writable --store or -o",
+            errno.EACCES: "you may not write there: choose a folder you own (--store, -o, TOOLCHAIN_STORE)",
+            errno.EPERM: "you may not write there: choose a folder you own (--store, -o, TOOLCHAIN_STORE)",
+            }.get(exc.errno, "check the disk and the folder's permissions")
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return MachineError(f"machine problem while {doing}: {why} [{name}]{where}\n    hint: {hint}")

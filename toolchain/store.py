@@ -7,18 +7,26 @@
                                   if a holder dies, so a killed build never blocks the next one)
     STORE/tmp/                    work in progress; never trusted
     STORE/logs/<key>.log          the worker log of the last run of a key
+    STORE/verified/ab/<sha256>    the stat signature (inode, size, mtime, ctime) an object had when it
+                                  last hashed to its name: a cheap proof that it has not changed since
+    STORE/STORE                   the marker: only a folder holding it is ever used, or cleaned, as a store
 
 Every write goes to tmp/ first and becomes visible through one atomic rename; the record is written
 last, so a crash at any instant leaves at worst unreferenced objects (removed by `gc`), never a
-record that points at missing or partial files.
+record that points at missing or partial files. Nothing read back is trusted blindly: a cache
+hit rehashes any object whose stat signature moved, commits replace damaged objects, and delivery
+hashes the bytes it copies.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,13 +34,20 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import StoreError
+from .errors import NotAStore, StoreError, machine_error
 from .hashing import ALGORITHM, hash_file, hash_value
 
 RECORD_SCHEMA = 1
 MARKER = "toolchain-store"
 TMP_GRACE_S = 24 * 3600  # tmp folders of a live process younger than this are left alone
 OBJECT_GRACE_S = 3600  # unreferenced objects younger than this may belong to a commit in flight
+CLOCK_SLACK_S = 300  # an mtime further in the future than this says nothing about use (clock skew)
+# what the checkout's embedded store holds before its first build: such a folder may become a store
+ADOPTABLE = frozenset({".gitignore", ".gitkeep"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# names the store gives its temporary files; gc removes nothing in tmp/ that is not named so
+_TMP_NAMES = (re.compile(r"(?P<pid>\d+)-[A-Za-z0-9_.-]+-[0-9a-f]{12}"),  # Store.new_tmp
+              re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp"))  # atomic_write_text
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,14 +72,55 @@ def _pid_alive(pid: int) -> bool:
 
 
 def atomic_write_text(path: Path, text: str, tmp_dir: Path | None = None) -> None:
+    """Write `path` whole or not at all: a failure (disk full) or a kill leaves the old file and at
+    most a temporary file that `gc` recognises by its name."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+class DamagedObject(StoreError):
+    """Bytes read from the store did not hash to the name they are stored under."""
+
+    def __init__(self, digest: str, found: str, what: str):
+        self.digest = digest
+        super().__init__(f"the store's copy of {what} is damaged: its sha256 is {found[:16]}..., not "
+                         f"{digest[:16]}... as recorded. It was removed from the store, so the next build "
+                         "rebuilds it; nothing was delivered. If this repeats, check the disk "
+                         "(`toolchain cache verify --repair` rehashes the whole store).")
+
+
+def copy_verified(src: Path, dest: Path, digest: str, what: str) -> None:
+    """Copy `src` to a new file `dest`, hashing the bytes as they pass: what lands in `dest` is
+    exactly what was hashed, so a damaged source can never be delivered as if it were good."""
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fi, open(dest, "xb") as fo:
+            while chunk := fi.read(1 << 20):
+                h.update(chunk)
+                fo.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    if h.hexdigest() != digest:
+        dest.unlink(missing_ok=True)
+        raise DamagedObject(digest, h.hexdigest(), what)
+
+
+def _safe_rel(rel: object) -> bool:
+    """A record's output name must stay inside the folder it is written to."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 @dataclass
@@ -80,22 +136,77 @@ class Store:
         self.objects, self.actions = self.root / "objects", self.root / "actions"
         self.trees, self.locks = self.root / "trees", self.root / "locks"
         self.tmp, self.logs = self.root / "tmp", self.root / "logs"
-        self.hashes = self.root / "hashes"
+        self.hashes, self.verified = self.root / "hashes", self.root / "verified"
+        self.marker = self.root / "STORE"
+        self.dropped: dict[str, str] = {}  # key -> why its broken entry was removed (this process)
+        self.discarded: list[str] = []  # damaged objects removed (this process)
 
     # -- setup ----------------------------------------------------------------------------------
-    def init(self) -> "Store":
+    def _marker_problem(self) -> str | None:
+        """None when `root` holds a store this toolchain made, else why not."""
         try:
-            for d in (self.objects, self.actions, self.trees, self.locks, self.tmp, self.logs, self.hashes):
-                d.mkdir(parents=True, exist_ok=True)
-            marker = self.root / "STORE"
-            if not marker.exists():
-                atomic_write_text(marker, f"{MARKER} {RECORD_SCHEMA} {ALGORITHM}\n")
+            with open(self.marker, encoding="utf-8", errors="replace") as f:
+                words = f.read(256).split()
+        except FileNotFoundError:
+            return "it has no STORE marker"
         except OSError as exc:
-            raise StoreError(f"cannot use store {self.root}: {exc.strerror or exc}") from None
-        return self
+            return f"its STORE marker cannot be read ({exc.strerror})"
+        if len(words) != 3 or words[0] != MARKER:
+            return "its STORE file was not written by toolchain"
+        if words[1:] != [str(RECORD_SCHEMA), ALGORITHM]:
+            return (f"it is a store of format {' '.join(words[1:])}, and this toolchain reads format "
+                    f"{RECORD_SCHEMA} {ALGORITHM}")
+        return None
 
     def exists(self) -> bool:
-        return (self.root / "STORE").is_file()
+        return self._marker_problem() is None
+
+    def init(self) -> "Store":
+        """Use `root` as the store, creating it if needed. A folder that exists and holds anything
+        but a store of ours is refused (exit 2), so a mistyped `--store` can never adopt a user's
+        folder, and `gc` can never later delete files in it."""
+        if self.root.exists() and not self.root.is_dir():
+            raise NotAStore(f"--store {self.root} is a file, not a folder")
+        problem = self._marker_problem() if self.root.is_dir() else None
+        if problem:
+            try:
+                foreign = sorted(set(os.listdir(self.root)) - ADOPTABLE)
+            except OSError as exc:
+                raise machine_error(exc, f"opening the store {self.root}") from None
+            if foreign or problem != "it has no STORE marker":
+                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                raise NotAStore(f"{self.root} is not a toolchain store ({problem}"
+                                + (f"; it holds {shown}" if foreign else "") + "), so it is left alone. "
+                                "Give --store (or TOOLCHAIN_STORE) a new or empty folder, or an existing store.")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if problem or not self.marker.is_file():  # the marker first: then the folder is ours
+                atomic_write_text(self.marker, f"{MARKER} {RECORD_SCHEMA} {ALGORITHM}\n")
+            for d in (self.objects, self.actions, self.trees, self.locks, self.tmp, self.logs, self.hashes,
+                      self.verified):
+                d.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise machine_error(exc, f"creating the store {self.root}") from None
+        return self
+
+    def open(self) -> "Store":
+        """An existing store, for the commands that inspect or maintain one (never creates it)."""
+        if not self.root.is_dir():
+            raise NotAStore(f"no toolchain store at {self.root}: the folder does not exist")
+        problem = self._marker_problem()
+        if problem:
+            raise NotAStore(f"{self.root} is not a toolchain store ({problem})")
+        return self
+
+    def require_writable(self) -> None:
+        """Fail before any step runs when the store cannot take new entries (read-only, no rights)."""
+        try:
+            probe = self.new_tmp("probe")
+            probe.rmdir()
+            with FileLock(str(self.locks / "probe.lock"), timeout=10):
+                pass
+        except OSError as exc:
+            raise machine_error(exc, f"writing to the store {self.root}") from None
 
     # -- paths ----------------------------------------------------------------------------------
     def object_path(self, digest: str) -> Path:
@@ -112,6 +223,81 @@ class Store:
         path.mkdir(parents=True)
         return path
 
+    # -- object integrity -----------------------------------------------------------------------
+    @staticmethod
+    def _signature(st: os.stat_result) -> str:
+        # every stat field that moves when the bytes could have; ctime cannot be set back by a user
+        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n"
+
+    def _stamp(self, digest: str, signature: str) -> None:
+        """Remember that the object with this stat signature hashed to its name."""
+        path = self.verified / digest[:2] / digest
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_text(path, signature, self.tmp)
+        except OSError:
+            pass  # a read-only store rehashes next time instead
+
+    def check_object(self, digest: str, rehash: bool = False) -> tuple[str | None, bool]:
+        """(problem, damaged): problem is None when the object holds exactly the bytes its name
+        says. Rehashes only when the file changed since it last hashed right (its stat signature:
+        inode, size, mtime, ctime), or when asked. damaged: the object exists but is wrong."""
+        obj = self.object_path(digest)
+        try:
+            st = os.lstat(obj)
+        except FileNotFoundError:
+            return "is missing from the store", False
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})", False
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file in the store", True
+        signature = self._signature(st)
+        if not rehash:
+            try:
+                if (self.verified / digest[:2] / digest).read_text() == signature:
+                    return None, False
+            except OSError:
+                pass
+        try:
+            actual = hash_file(obj)
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})", False
+        if actual != digest:
+            return "is damaged (its content does not match its hash)", True
+        self._stamp(digest, signature)
+        return None, False
+
+    def discard_object(self, digest: str) -> None:
+        """Remove a damaged object (and its stamp): the next commit of that content writes it anew."""
+        obj = self.object_path(digest)
+        try:
+            if obj.is_dir() and not obj.is_symlink():
+                shutil.rmtree(obj)
+            else:
+                obj.unlink(missing_ok=True)
+        except OSError:
+            pass
+        (self.verified / digest[:2] / digest).unlink(missing_ok=True)
+
+    def _outputs_problem(self, record: dict, rehash: bool = False, seen: dict | None = None,
+                         discard: bool = True) -> str | None:
+        """Why the record's outputs cannot be trusted (None: all present and intact). With
+        `discard`, damaged objects are removed on the way, so that a rebuild replaces them."""
+        seen = {} if seen is None else seen
+        for rel, meta in record["outputs"].items():
+            digest = meta["sha256"]
+            if digest not in seen:
+                seen[digest] = self.check_object(digest, rehash)
+                if seen[digest][1] and discard:
+                    self.discard_object(digest)
+                    self.discarded.append(digest)
+            problem, _ = seen[digest]
+            if problem:
+                return f"output {rel} {problem}"
+            if self.object_path(digest).stat().st_size != meta["size"]:
+                return f"output {rel} has another size than its record says"
+        return None
+
     # -- records --------------------------------------------------------------------------------
     def _read_record(self, key: str) -> dict | None:
         path = self.record_path(key)
@@ -124,15 +310,23 @@ class Store:
         if (not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or record.get("key") != key
                 or record.get("algorithm") != ALGORITHM or not isinstance(record.get("outputs"), dict)):
             return {"_corrupt": "not a valid record"}
+        for rel, meta in record["outputs"].items():  # a tampered record must not steer any write
+            if (not _safe_rel(rel) or not isinstance(meta, dict) or set(meta) != {"sha256", "size"}
+                    or not isinstance(meta["sha256"], str) or not _HEX64.fullmatch(meta["sha256"])
+                    or type(meta["size"]) is not int):
+                return {"_corrupt": f"output entry {rel!r} is malformed"}
+        if record.get("outputs_hash") != hash_value(record["outputs"]):  # edited by hand, or damaged
+            return {"_corrupt": "its outputs do not match the hash written with them"}
         return record
 
     def lookup(self, key: str) -> dict | None:
-        """The record for `key` if it and its files are present (sizes checked, not hashes:
-        `verify` rehashes). A broken record is removed and treated as a miss."""
+        """The record for `key` if it and every object it names are present and intact (an object
+        is rehashed whenever its stat signature changed since it last hashed right). A broken
+        record is removed, a damaged object too, and the step counts as a miss."""
         record = self._read_record(key)
         if record is None:
             return None
-        problem = record.get("_corrupt") or self._missing_objects(record, deep=False)
+        problem = record.get("_corrupt") or self._outputs_problem(record)
         if problem:
             self._drop(key, problem)
             return None
@@ -142,87 +336,109 @@ class Store:
             pass
         return record
 
-    def _missing_objects(self, record: dict, deep: bool) -> str | None:
-        for rel, meta in record["outputs"].items():
-            obj = self.object_path(meta["sha256"])
-            try:
-                size = obj.stat().st_size
-            except FileNotFoundError:
-                return f"output {rel} is missing from the store"
-            if size != meta["size"]:
-                return f"output {rel} has the wrong size"
-            if deep and hash_file(obj) != meta["sha256"]:
-                return f"output {rel} does not match its hash"
-        return None
-
     def _drop(self, key: str, why: str) -> None:
-        import warnings
-
-        warnings.warn(f"store: removed broken entry {key[:12]}: {why}", stacklevel=3)
+        self.dropped[key] = why  # the executor tells the user why the step runs again
         self.record_path(key).unlink(missing_ok=True)
         self._drop_tree(key)
 
     def records(self):
         for path in sorted(self.actions.glob("*/*.json")):
-            record = self._read_record(path.stem)
-            yield path.stem, record, path
+            if _HEX64.fullmatch(path.stem) and path.parent.name == path.stem[:2]:
+                yield path.stem, self._read_record(path.stem), path
 
     # -- commit ---------------------------------------------------------------------------------
     def commit(self, key: str, out_dir: Path, fields: dict) -> dict:
-        """Move every file of `out_dir` into objects/ and write the record (last)."""
+        """Move every file of `out_dir` into objects/ and write the record (last). An object that
+        already exists is kept only if it still hashes to its name; a damaged one is replaced."""
         outputs = {}
-        for f in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
-            if f.is_symlink():
-                raise StoreError(f"stage output contains a symbolic link ({f.name}); outputs must be plain files")
-            rel = f.relative_to(out_dir).as_posix()
-            digest = hash_file(f)
-            size = f.stat().st_size
-            outputs[rel] = {"sha256": digest, "size": size}
-            dest = self.object_path(digest)
-            if dest.exists():
-                f.unlink()
-                continue
-            dest.parent.mkdir(exist_ok=True)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(f, 0o444)
-            os.replace(f, dest)
-        record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
-                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
-        record["outputs_hash"] = hash_value(outputs)
-        path = self.record_path(key)
-        path.parent.mkdir(exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n", self.tmp)
+        try:
+            for f in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
+                if f.is_symlink():
+                    raise StoreError(f"stage output contains a symbolic link ({f.name}); outputs must be plain files")
+                rel = f.relative_to(out_dir).as_posix()
+                digest = hash_file(f)
+                size = f.stat().st_size
+                outputs[rel] = {"sha256": digest, "size": size}
+                dest = self.object_path(digest)
+                if os.path.lexists(dest):
+                    problem, damaged = self.check_object(digest)
+                    if problem is None:
+                        f.unlink()
+                        continue
+                    if damaged:
+                        self.discard_object(digest)
+                dest.parent.mkdir(exist_ok=True)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.chmod(f, 0o444)
+                os.replace(f, dest)
+                self._stamp(digest, self._signature(os.stat(dest)))
+            record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
+                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
+            record["outputs_hash"] = hash_value(outputs)
+            path = self.record_path(key)
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n", self.tmp)
+        except OSError as exc:  # disk full, read-only: no record was written, so nothing half-made is visible
+            raise machine_error(exc, f"saving a step's outputs in the store {self.root}") from None
         return record
 
     # -- trees ----------------------------------------------------------------------------------
     def tree(self, key: str, record: dict) -> Path:
-        """A folder with the step's outputs (hard links into objects/, copies across devices).
-
-        Its completion stamp lives beside it (trees/<key>.complete), never inside: a stage sees
-        exactly the step's outputs, and nothing is ever written through a link into an object."""
+        """A folder with the step's outputs (hard links into objects/; verified copies where links
+        are refused). Reused only while every file is still the object it links to and nothing
+        was added. Its completion stamp lives beside it (trees/<key>.complete), never inside: a
+        stage sees exactly the step's outputs, and nothing is ever written through a link."""
         dest, stamp = self.trees / key, self.trees / f"{key}.complete"
-        if stamp.is_file() and dest.is_dir():
+        if self._tree_intact(key, record):
             return dest
         with self.lock(f"tree-{key}"):
-            if stamp.is_file() and dest.is_dir():
+            if self._tree_intact(key, record):
                 return dest
-            tmp = self.new_tmp("tree")
-            for rel, meta in record["outputs"].items():
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = self.object_path(meta["sha256"])
-                try:
-                    os.link(src, target)
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                        raise
-                    shutil.copyfile(src, target)
-                    os.chmod(target, 0o444)
-            shutil.rmtree(dest, ignore_errors=True)  # an unstamped one is a leftover of a crash
-            os.rename(tmp, dest)
-            atomic_write_text(stamp, record["outputs_hash"] + "\n", self.tmp)
+            try:
+                tmp = self.new_tmp("tree")
+                for rel, meta in record["outputs"].items():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = self.object_path(meta["sha256"])
+                    try:
+                        os.link(src, target)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                            raise
+                        copy_verified(src, target, meta["sha256"], rel)
+                        os.chmod(target, 0o444)
+                self._drop_tree(key)  # a stale or unstamped one is a leftover
+                os.rename(tmp, dest)
+                atomic_write_text(stamp, record["outputs_hash"] + "\n", self.tmp)
+            except OSError as exc:
+                raise machine_error(exc, f"preparing a step's inputs in the store {self.root}") from None
         return dest
+
+    def _tree_problem(self, key: str, record: dict) -> str | None:
+        """None when the materialised tree of `key` is exactly the record's outputs."""
+        dest, stamp = self.trees / key, self.trees / f"{key}.complete"
+        try:
+            if stamp.read_text().strip() != record.get("outputs_hash"):
+                return "materialised tree does not belong to its record"
+        except OSError:
+            return "materialised tree is not stamped complete"
+        for rel, meta in record["outputs"].items():
+            try:
+                st, obj = os.lstat(dest / rel), os.stat(self.object_path(meta["sha256"]))
+            except OSError:
+                return f"materialised tree lacks {rel}"
+            if (st.st_dev, st.st_ino) != (obj.st_dev, obj.st_ino):  # a copy, where links were refused
+                if (not stat.S_ISREG(st.st_mode) or st.st_size != meta["size"]
+                        or hash_file(dest / rel) != meta["sha256"]):
+                    return f"materialised tree has a changed {rel}"
+        found = sum(1 for p in dest.rglob("*") if not p.is_dir() or p.is_symlink())
+        if found != len(record["outputs"]):
+            return "materialised tree holds files that are not the step's outputs"
+        return None
+
+    def _tree_intact(self, key: str, record: dict) -> bool:
+        return (self.trees / key).is_dir() and self._tree_problem(key, record) is None
 
     def _drop_tree(self, key: str) -> None:
         (self.trees / f"{key}.complete").unlink(missing_ok=True)
@@ -231,7 +447,8 @@ class Store:
     # -- file hash cache (for source models: hashing 500 MB on every plan would be slow) ----------
     def hash_cached(self, path: Path) -> str:
         st = path.stat()
-        ident = hash_value([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+        # ctime too: a same-size edit whose mtime was set back still moves the ctime
+        ident = hash_value([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
         entry = self.hashes / ident[:2] / ident
         try:
             digest = entry.read_text().strip()
@@ -249,24 +466,15 @@ class Store:
 
     # -- maintenance ----------------------------------------------------------------------------
     def verify(self, repair: bool = False, deep: bool = True) -> list[Issue]:
-        """Rehash everything records point at. With `repair`, drop what is broken."""
+        """Rehash every object records point at (each once). With `repair`, remove damaged objects,
+        every record that points at a missing or damaged object, and stale trees."""
         issues: list[Issue] = []
+        seen: dict[str, tuple[str | None, bool]] = {}
         for key, record, path in self.records():
-            problem = record.get("_corrupt") if record else "unreadable"
-            if not problem:
-                problem = self._missing_objects(record, deep=deep)
-            if not problem:
-                tree = self.trees / key
-                stamp = self.trees / f"{key}.complete"
-                if tree.exists() and stamp.is_file():
-                    if stamp.read_text().strip() != record.get("outputs_hash"):
-                        problem = "materialised tree does not belong to its record"
-                    else:
-                        for rel, meta in record["outputs"].items():
-                            t = tree / rel
-                            if not t.is_file() or t.stat().st_size != meta["size"]:
-                                problem = f"materialised tree lacks {rel}"
-                                break
+            problem = (record.get("_corrupt") if record else "unreadable") or self._outputs_problem(
+                record, rehash=deep, seen=seen, discard=repair)
+            if not problem and (self.trees / key).exists():
+                problem = self._tree_problem(key, record)
             if problem:
                 issue = Issue(key, problem)
                 if repair:
@@ -278,11 +486,15 @@ class Store:
         return issues
 
     def stale_tmp(self) -> list[Path]:
+        """Leftovers in tmp/ of processes that are gone (only names the store itself gives)."""
         out = []
+        now = time.time()
         for p in self.tmp.iterdir() if self.tmp.is_dir() else ():
-            pid = p.name.split("-", 1)[0].lstrip(".").split(".")[0]
-            age = time.time() - p.lstat().st_mtime
-            if not pid.isdigit() or not _pid_alive(int(pid)) or age > TMP_GRACE_S:
+            m = next((m for r in _TMP_NAMES if (m := r.fullmatch(p.name))), None)
+            if not m:
+                continue  # not ours: never touched
+            age = now - p.lstat().st_mtime
+            if not _pid_alive(int(m["pid"])) or age > TMP_GRACE_S or age < -CLOCK_SLACK_S:
                 out.append(p)
         return out
 
@@ -295,7 +507,7 @@ class Store:
     def gc(self, older_than_s: float | None = None, max_bytes: int | None = None, dry_run: bool = False) -> dict:
         """Remove records unused for `older_than_s`, then least recently used ones until the
         objects they reference fit in `max_bytes`; then unreferenced objects, trees and stale tmp.
-        Refuses to run while a build uses the store."""
+        Refuses to run while a build uses the store. Touches only names the store gives."""
         from filelock import ReadWriteLock, Timeout
 
         lock = ReadWriteLock(str(self.locks / "store.rwlock"))
@@ -311,7 +523,9 @@ class Store:
         for key, record, path in self.records():
             if not record or record.get("_corrupt"):
                 continue
-            entries.append((path.stat().st_mtime, key, record))
+            used = path.stat().st_mtime
+            # a last use in the future is clock skew, not use: such an entry counts as the oldest
+            entries.append((used if used <= now + CLOCK_SLACK_S else float("-inf"), key, record))
         entries.sort()  # least recently used first
         remove = set()
         if older_than_s is not None:
@@ -351,16 +565,23 @@ class Store:
             else:
                 referenced |= digests
         for obj in self.objects.glob("*/*"):
-            if obj.name in referenced:
+            if not _HEX64.fullmatch(obj.name) or obj.parent.name != obj.name[:2] or obj.name in referenced:
                 continue
             # an unreferenced object that no removed record held may belong to a commit in flight
-            if obj.name in orphaned or now - obj.stat().st_mtime > OBJECT_GRACE_S:
+            # (unless its mtime is nonsense: far in the future)
+            age = now - obj.lstat().st_mtime
+            if obj.name in orphaned or age > OBJECT_GRACE_S or age < -CLOCK_SLACK_S:
                 freed["objects"] += 1
-                freed["bytes"] += obj.stat().st_size
+                freed["bytes"] += obj.lstat().st_size
                 if not dry_run:
-                    obj.unlink(missing_ok=True)
+                    self.discard_object(obj.name)
+        for stamp in self.verified.glob("*/*") if not dry_run else ():
+            if _HEX64.fullmatch(stamp.name) and not os.path.lexists(self.object_path(stamp.name)):
+                stamp.unlink(missing_ok=True)
         for tree in self.trees.iterdir():  # folders (and stamps) of records that are gone, or unstamped
             key = tree.name.removesuffix(".complete")
+            if not _HEX64.fullmatch(key):
+                continue  # not a name the store gives
             stamped = (self.trees / f"{key}.complete").is_file()
             if tree.is_dir() and (not self.record_path(key).exists() or not stamped):
                 freed["trees"] += 1
@@ -371,8 +592,8 @@ class Store:
         for p in self.stale_tmp():
             freed["tmp"] += 1
             if not dry_run:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         return freed
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.objects.glob("*/*"))
+        return sum(p.lstat().st_size for p in self.objects.glob("*/*") if _HEX64.fullmatch(p.name))
