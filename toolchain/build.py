@@ -1,36 +1,47 @@
 """`toolchain build`: recipe -> plans -> executor -> output folder (targets, manifest, reports, lock)."""
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from . import __version__, environment
 from .console import Console, escape
-from .errors import ToolchainError, UsageError
+from .errors import ToolchainError, UsageError, machine_error
 from .executor import LocalExecutor, StepResult
-from .plan import Plan
+from .hashing import hash_file
+from .plan import Plan, variant_folder
 from .report import render_markdown
-from .store import Store, _pid_alive
+from .store import DamagedObject, Store, _pid_alive, copy_verified
 
 MANIFEST_SCHEMA = 1
+# written last into every delivered folder: what was delivered, so that a later build replaces a
+# folder only when it holds exactly what toolchain put there
+DELIVERY_MARKER = ".toolchain-output.json"
+PARTIAL_SENTINEL = ".toolchain-partial"  # inside a folder still being written
+# set once a delivery has swapped the new folder in (what an interrupt message may then say)
+delivered_to: Path | None = None
 
 
 class BuildFailed(ToolchainError):
     """One or more steps failed; the message lists them (each was reported when it failed)."""
 
 
-def variant_folder(plan: Plan) -> str:
-    return plan.recipe.variant_id.replace(",", "-").replace("/", "_")
-
-
 def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False,
           require_provider: bool = False) -> dict:
+    if out is not None:  # refuse a wrong -o before any step runs, not after an hour of building
+        check_output(out, store)
+    store.require_writable()
     executor = LocalExecutor(store, console, force=force, require_provider=require_provider)
     variants = []
     with store.using():
@@ -46,7 +57,9 @@ def build(plans: list[Plan], store: Store, out: Path | None, console: Console, f
         error = BuildFailed(f"{len(failed)} step(s) failed: {', '.join(f'{v}: {n}' for v, n in failed)}; "
                             f"{skipped} skipped because they needed them. The other steps finished and are in "
                             "the store, so the next build resumes from there; nothing was delivered.")
-        error.exit_code = max(e.exit_code for e in executor.errors) if all(
+        codes = {e.exit_code for e in executor.errors}
+        # 4 (this machine: disk full...) over 3 (a stage failed) over 2 (an input cannot work)
+        error.exit_code = 4 if 4 in codes else max(codes) if all(
             isinstance(e, UsageError) for e in executor.errors) else 3
         raise error
     manifest = make_manifest(variants, store)
@@ -103,50 +116,196 @@ def lock_document(manifest: dict, variants) -> dict:
     return doc
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise UsageError(f"output folder {out} exists and was not made by toolchain (no manifest.json); "
-                         "refusing to overwrite it: choose another -o or empty it")
+def _output_path(out: Path) -> Path:
+    """The absolute -o path; a symbolic link there is refused rather than followed."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise UsageError(f"output folder {out} is a symbolic link; give -o the real folder it points to")
+    return out
+
+
+def _delivered_files(out: Path, limit: int) -> list[str] | None:
+    """Every entry under `out` (files, links, and folders that hold nothing), relative; None when
+    there are more than `limit` (more than any delivery of ours could hold)."""
+    found = []
+    for root, dirs, files in os.walk(out):
+        rel_root = Path(root).relative_to(out)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            found.append((rel_root / name).as_posix())
+        if not dirs and not files and rel_root != Path("."):
+            found.append(rel_root.as_posix() + "/")
+        if len(found) > limit:
+            return None
+    return found
+
+
+def _delivery_problem(out: Path) -> str | None:
+    """None when `out` is a folder that toolchain delivered and nobody added to since."""
+    try:
+        with open(out / DELIVERY_MARKER, encoding="utf-8") as f:
+            marker = json.loads(f.read(64 << 20))
+        files = marker["files"]
+        if not isinstance(files, dict) or not isinstance(marker.get("manifest_sha256"), str):
+            raise ValueError
+    except FileNotFoundError:
+        return f"was not delivered by toolchain (it has no {DELIVERY_MARKER})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has a {DELIVERY_MARKER} that toolchain cannot read"
+    try:
+        if hash_file(out / "manifest.json") != marker["manifest_sha256"]:
+            return "has a manifest.json that is not the one toolchain delivered"
+    except OSError:
+        return "has lost its manifest.json"
+    found = _delivered_files(out, len(files) + 1 + 1000)  # (the marker itself, and extras worth naming)
+    if found is None:
+        return "holds over a thousand files that toolchain did not deliver"
+    extra = sorted(set(found) - set(files) - {DELIVERY_MARKER})
+    if extra:
+        return (f"holds {len(extra)} file{'s' if len(extra) != 1 else ''} that toolchain did not deliver "
+                f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    return None
+
+
+def check_output(out: Path, store: Store) -> None:
+    """Refuse (exit 2) an -o whose replacement could lose anything toolchain did not make: a
+    folder without our delivery marker, one that gained files, the store or anything around it."""
+    out, root = _output_path(out), store.root
+    out = out.parent.resolve() / out.name  # compare real paths: the store may be reached through a link
+    if out == root or root.is_relative_to(out) or out.is_relative_to(root):
+        where = "is" if out == root else "contains" if root.is_relative_to(out) else "is inside"
+        raise UsageError(f"output folder {out} {where} the store {root}; delivering there would delete "
+                         "store files: choose an -o outside the store")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise UsageError(f"output path {out} exists and is not a folder; refusing to replace it: choose another -o")
+    try:
+        empty = not any(os.scandir(out))
+    except OSError as exc:
+        raise machine_error(exc, f"reading the output folder {out}") from None
+    problem = None if empty else _delivery_problem(out)
+    if problem:
+        raise UsageError(f"output folder {out} {problem}; refusing to overwrite it, which would delete it "
+                         "whole: choose another -o, or move the folder away (or remove the extra files) first")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE), so that `b` is never missing.
+    False where the system or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _leftovers(out: Path):
+    """(kind, path) of folders that earlier deliveries into `out` left beside it when killed; only
+    folders named and marked by us, of processes that are gone."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if (m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m[2]))
+                and ((p / PARTIAL_SENTINEL).is_file() or (p / DELIVERY_MARKER).is_file())):
+            yield m[1], p
+
+
+def _restore_or_clean(out: Path) -> None:
+    for kind, p in sorted(_leftovers(out)):
+        if kind == "old" and not os.path.lexists(out) and (p / DELIVERY_MARKER).is_file():
+            os.rename(p, out)  # killed between the two renames of the fallback swap: put it back
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Make `tmp` visible as `out`; afterwards `tmp` holds the old folder (if any) to remove.
+    SIGINT/SIGTERM wait until this is over, so an interrupt message can say truthfully what
+    happened to the output folder."""
+    global delivered_to
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        if not os.path.lexists(out):
+            os.rename(tmp, out)
+        elif not _exchange(tmp, out):  # no atomic exchange here: two renames, undone on failure
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            os.rename(old, tmp) if not os.path.lexists(tmp) else shutil.rmtree(old, ignore_errors=True)
+        delivered_to = out
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def deliver(manifest: dict, variants, store: Store, out: Path) -> None:
-    """Write the output folder next to its final place, then swap it in: readers see the old or
-    the new folder, never a half-written one."""
-    out = out.resolve()
-    _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    """Write the output folder beside its final place, then swap it in with one atomic exchange:
+    readers see the old or the new folder, never a half-written or missing one. Every byte copied
+    from the store is hashed on the way. Deliveries into one folder take turns (a lock beside it)."""
+    out = _output_path(out)
     try:
-        for (plan, results), v in zip(variants, manifest["variants"]):
-            base = tmp / v["folder"] if v["folder"] else tmp
-            for target in plan.targets:
-                r = results[target]
-                for rel, meta in r.record["outputs"].items():
-                    dest = base / target / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(store.object_path(meta["sha256"]), dest)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report_json(manifest), indent=2, sort_keys=True) + "\n")
-        from .plots import benchmark_rows, render
-
-        plots = render(benchmark_rows([manifest]), tmp / "plots")
-        (tmp / "report.md").write_text(render_markdown(manifest, plots))
-        (tmp / "toolchain.lock").write_text(yaml.safe_dump(lock_document(manifest, variants), sort_keys=True))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out.parent / f".{out.name}.toolchain-lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise machine_error(exc, f"creating the output folder {out}") from None
+    try:
+        check_output(out, store)  # again, under the lock: another build may have delivered meanwhile
+        _restore_or_clean(out)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        (tmp / PARTIAL_SENTINEL).touch()
+        try:
+            files = _write_delivery(manifest, variants, store, tmp)
+            (tmp / PARTIAL_SENTINEL).unlink()
+            marker = {"toolchain": __version__, "manifest_sha256": files["manifest.json"]["sha256"],
+                      "files": files}
+            (tmp / DELIVERY_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            _swap_in(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except DamagedObject as exc:
+        store.discard_object(exc.digest)
         raise
+    except OSError as exc:
+        raise machine_error(exc, f"writing the output folder {out} (it was left as it was)") from None
+    finally:
+        lock.release()
+
+
+def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
+    """Fill `tmp` with targets, manifest, reports, plots and lock; return {file: sha256, size}."""
+    files = {}
+    for (plan, results), v in zip(variants, manifest["variants"]):
+        base = Path(v["folder"]) if v["folder"] else Path()
+        for target in plan.targets:
+            for rel, meta in results[target].record["outputs"].items():
+                dest = base / target / rel
+                (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+                copy_verified(store.object_path(meta["sha256"]), tmp / dest, meta["sha256"], f"{target}/{rel}")
+                files[dest.as_posix()] = {"sha256": meta["sha256"], "size": meta["size"]}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (tmp / "report.json").write_text(json.dumps(report_json(manifest), indent=2, sort_keys=True) + "\n")
+    from .plots import benchmark_rows, render
+
+    plots = render(benchmark_rows([manifest]), tmp / "plots")
+    (tmp / "report.md").write_text(render_markdown(manifest, plots))
+    (tmp / "toolchain.lock").write_text(yaml.safe_dump(lock_document(manifest, variants), sort_keys=True))
+    for f in sorted(tmp.rglob("*")):
+        rel = f.relative_to(tmp).as_posix()
+        if f.is_file() and rel not in files and rel != PARTIAL_SENTINEL:
+            files[rel] = {"sha256": hash_file(f), "size": f.stat().st_size}
+    return files
 
 
 def report_json(manifest: dict) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import graphlib
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,8 @@ from .recipe import Recipe
 from .stages.base import REPORT, CheckContext, params_dict
 
 KEY_SCHEMA = 1  # bump to invalidate every key (change of key layout)
+RESERVED_TARGETS = ("plots",)  # folders of the output that a target folder must not land on
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
 @dataclass
@@ -47,6 +50,34 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # e.g. checks that cannot run on this machine
 
 
+def variant_folder(plan: "Plan") -> str:
+    """The output subfolder of a matrix variant, e.g. `dtype=float16-impl=sdpa` (empty without a
+    matrix): only portable characters, never hidden, never too long for a file system."""
+    vid = plan.recipe.variant_id
+    if not vid:
+        return ""
+    name = _UNSAFE.sub("_", vid.replace(",", "-"))
+    if len(name) > 120 or name.startswith("."):
+        name = f"{name[:100].lstrip('.')}-{hash_value(plan.recipe.variant)[:12]}"
+    return name
+
+
+def _folder_clashes(plans: list["Plan"]) -> list:
+    """Distinct variants must land in distinct folders (case-insensitively, for macOS and Windows
+    file systems): otherwise one would overwrite the other's files and the manifest would lie."""
+    seen: dict[str, Plan] = {}
+    problems = []
+    for plan in plans:
+        folder = variant_folder(plan)
+        first = seen.setdefault(folder.lower(), plan)
+        if first is not plan:
+            problems.append(plan.recipe.problem(
+                f"matrix variants {first.recipe.variant_id} and {plan.recipe.variant_id} would both be delivered "
+                f"into the folder '{folder}'", ("matrix",), key=True,
+                hint="make the matrix values differ in more than case, ',' or characters outside A-Z a-z 0-9 . _ = + -"))
+    return problems
+
+
 def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = None, keys: bool = True,
                 machine: bool | None = None) -> list[Plan]:
     """`build_plan` for every variant of a recipe, reporting the problems of all variants at once
@@ -60,9 +91,9 @@ def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = N
         except RecipeError as exc:
             for pr in exc.problems:
                 found.setdefault(pr.render(), (pr, []))[1].append(variant.variant_id)
-    if not found:
+    problems = _folder_clashes(plans)
+    if not found and not problems:
         return plans
-    problems = []
     for pr, ids in found.values():
         if len(variants) > 1 and len(ids) < len(variants):
             label = "variant" + ("s " if len(ids) > 1 else " ") + "; ".join(ids)
@@ -114,11 +145,17 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
             guess = difflib.get_close_matches(t, names, n=1)
             problems.append(recipe.problem(f"target '{t}' is not a stage", ("targets", i),
                                            hint=f"did you mean '{guess[0]}'?" if guess else None))
+        elif t in RESERVED_TARGETS:
+            problems.append(recipe.problem(f"target '{t}' would be delivered into the output's own '{t}/' folder",
+                                           ("targets", i), hint=f"rename the stage '{t}'"))
     consumed = {src for deps in graph.values() for src in deps}
     if targets is None:  # the ends of the model chain: checks (validate, benchmark) do not consume
         makes_model = {n for n in names if registry.get(stages[n]["kind"]).produces != REPORT}
         fed = {src for n in makes_model for src in graph[n]}
         targets = [n for n in order if n in makes_model and n not in fed]
+        for t in set(targets) & set(RESERVED_TARGETS):
+            problems.append(recipe.problem(f"stage '{t}' is a target and would be delivered into the output's own "
+                                           f"'{t}/' folder", ("stages", t), key=True, hint=f"rename the stage '{t}'"))
 
     steps: dict[str, Step] = {}
     notes: list[str] = []
@@ -173,9 +210,10 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     return plan
 
 
-def compute_keys(plan: Plan, hasher: Callable[[Path], str]) -> None:
+def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
     """key = sha256(canonical JSON of kind, code version, params, input keys, environment facts,
     source fingerprint). Changing any of them changes this key and every key downstream."""
+    hasher = hasher or hash_file
     for step in plan.steps.values():
         stage = step.stage
         env_names = set(stage.env)
