@@ -37,11 +37,17 @@ def _store(args):
 
 
 def _plans(recipe_path: str, store=None, keys: bool = True):
-    from .plan import build_plans
+    """Plans with keys. The store is opened (or created) only once the recipe is known to be
+    good: a command that fails with exit 2 leaves no new store behind."""
+    from .plan import build_plans, compute_keys
     from .recipe import load_recipe
 
-    hasher = store.init().hash_cached if store is not None else None
-    return build_plans(load_recipe(recipe_path), hasher=hasher, keys=keys)
+    plans = build_plans(load_recipe(recipe_path), keys=False, machine=True)
+    if keys:
+        hasher = store.init().hash_cached if store is not None else None
+        for plan in plans:
+            compute_keys(plan, hasher)
+    return plans
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -99,8 +105,12 @@ def cmd_plan(args, console: Console) -> int:
 def cmd_build(args, console: Console) -> int:
     from .build import build
 
+    from .build import check_output
+
     store = _store(args)
     t0 = time.perf_counter()
+    if args.output:  # a wrong -o is refused before anything is read or created
+        check_output(Path(args.output), store)
     plans = _plans(args.recipe, store)
     console.print(f"[bold]{escape(plans[0].recipe.name)}[/]: {sum(len(p.steps) for p in plans)} steps in "
                   f"{len(plans)} variant{'s' if len(plans) != 1 else ''}, store {store.root}")
@@ -160,9 +170,7 @@ def cmd_cache(args, console: Console) -> int:
     if args.cache_cmd == "gc":  # a wrong argument is an error even where there is no store yet
         older = _duration(args.older_than) if args.older_than else None
         budget = _size(args.max_size) if args.max_size else None
-    if not store.exists():
-        console.print(f"no store at {store.root}")
-        return 0
+    store.open()  # a missing folder, or one that is not a store, is an error (exit 2), never "all fine"
     if args.cache_cmd == "ls":
         rows = []
         for key, record, path in store.records():
@@ -189,10 +197,14 @@ def cmd_cache(args, console: Console) -> int:
                           "`toolchain cache gc` removes them)")
         n = sum(1 for _ in store.records())
         if issues and not args.repair:
-            print(f"{len(issues)} problem(s) in {n} entries; run `toolchain cache verify --repair` to drop them",
-                  file=sys.stderr)
+            print(f"{len(issues)} problem(s) in {n} entries; run `toolchain cache verify --repair` to remove the "
+                  "broken entries and damaged files (the next build rebuilds them)", file=sys.stderr)
             return 1
-        console.print(f"store {store.root}: {n} entries consistent")
+        if issues:
+            console.print(f"removed {len(issues)} broken entr{'ies' if len(issues) != 1 else 'y'} and "
+                          f"{len(store.discarded)} damaged file{'s' if len(store.discarded) != 1 else ''}; the next "
+                          "build rebuilds them")
+        console.print(f"store {store.root}: {n} entries, all consistent")
         return 0
     if args.cache_cmd == "gc":
         freed = store.gc(older_than_s=older, max_bytes=budget, dry_run=args.dry_run)
@@ -394,8 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     except ToolchainError as exc:
         console.error(str(exc))
         return exc.exit_code
+    except OSError as exc:  # disk full, read-only folder, no rights: say so, never a traceback
+        from .errors import machine_error
+
+        error = machine_error(exc, f"running `toolchain {args.command}`")
+        console.error(str(error))
+        return error.exit_code
     except KeyboardInterrupt:
-        extra = (": steps that finished are in the store, so the same build resumes from there; the output "
-                 "folder was not touched") if args.command == "build" else ""
+        extra = ""
+        if args.command == "build":
+            from . import build
+
+            extra = (": steps that finished are in the store, so the same build resumes from there; "
+                     + (f"the output folder {build.delivered_to} already holds the new build"
+                        if build.delivered_to else "the output folder was not touched"))
         print(f"interrupted{extra}", file=sys.stderr)
         return 130

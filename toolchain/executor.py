@@ -17,7 +17,7 @@ from pathlib import Path
 from filelock import Timeout
 
 from .console import Console
-from .errors import StageFailed, StageUserError
+from .errors import MachineError, StageFailed, StageUserError
 from .plan import Plan, Step
 from .store import Store
 
@@ -90,6 +90,9 @@ class LocalExecutor:
                 if record:
                     return self._result(step, "cached", "built meanwhile by a concurrent build", record, t0)
             reason = "--force" if self.force else "not in the store"
+            if step.key in self.store.dropped:
+                reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
+                self.console.warn(f"{step.name}: {reason}; building it again")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
             record = self._execute(plan, step, inputs)
@@ -130,7 +133,10 @@ class LocalExecutor:
             if not result["ok"]:
                 if result.get("user_error"):
                     raise StageUserError(f"stage '{step.name}': {result['error']}")
-                raise StageFailed(step.name, result["error"] + self._tail(log_path), str(log_path))
+                error = StageFailed(step.name, result["error"] + self._tail(log_path), str(log_path))
+                if result.get("machine"):
+                    error.exit_code = MachineError.exit_code
+                raise error
             fields = {"step": step.name, "kind": step.kind, "key_material": step.key_material,
                       "traits": step.traits, "metrics": result["metrics"],
                       "timings": {"started": started, "seconds": round(time.time() - started, 3)}}

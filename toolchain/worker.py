@@ -62,9 +62,26 @@ def main(argv: list[str]) -> int:
         result = {"ok": False, "user_error": True, "error": str(exc)}
     except Exception as exc:  # reported to the executor, which decides how to fail
         traceback.print_exc()
-        result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}"}
+        result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}",
+                  "machine": _machine_problem(exc)}
     result_path.write_text(json.dumps(result, default=_jsonable))
     return 0
+
+
+def _machine_problem(exc: BaseException) -> bool:
+    """True when the failure is this machine's (disk full, read-only folder), however deeply a
+    library wrapped the OSError: the build then exits 4, not 3, and names the machine."""
+    import errno
+
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+    texts = [os.strerror(c) for c in codes]  # libraries in Rust or C++ (safetensors) pass only the text
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno in codes) or any(t in str(exc) for t in texts):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _jsonable(value):
