@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT, tiny_recipe
+from .conftest import ROOT, run_cli, tiny_recipe
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
                "ORT_INTRA_OP_NUM_THREADS", "ORT_INTER_OP_NUM_THREADS")
@@ -114,3 +114,21 @@ def test_import_closure_rules(tmp_path):
         (pkg / rel).write_text(text)
     assert closure(("toolchain.main",), pkg) == tuple(sorted(set(files) - {"unused.py", "sub/unused.py"}))
     assert closure(("toolchain.other",), pkg) == ("__init__.py", "other.py")
+
+
+def test_a_worker_that_runs_code_outside_its_key_fails_the_step(tmp_path, store):
+    """A module loaded by name at run time (no import statement to follow) is caught when the
+    step runs: the step fails, names the module, and nothing is stored under a key that misses it."""
+    copy = package_copy(tmp_path / "pkg")
+    with open(copy / "toolchain" / "stages" / "load.py", "a", encoding="utf-8") as f:
+        f.write("\n\nimport importlib as _importlib\n\n_plain_run = Load.run\n\n\n"
+                "def _run_with_hidden_import(self, ctx):\n"
+                "    _importlib.import_module('toolchain.runtime.' + 'timing')\n"
+                "    return _plain_run(self, ctx)\n\n\nLoad.run = _run_with_hidden_import\n")
+    recipe = tiny_recipe(tmp_path, stages="load: {kind: load}")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, cwd=tmp_path,
+                  env={"PYTHONPATH": str(copy)})
+    assert res.returncode == 3, res.stderr
+    assert "toolchain.runtime.timing (runtime/timing.py)" in res.stderr and "internal error" in res.stderr
+    plan = run_cli("plan", "--json", "--store", store, recipe, cwd=tmp_path, env={"PYTHONPATH": str(copy)})
+    assert [s["status"] for s in json.loads(plan.stdout)[0]["steps"]] == ["must build"]

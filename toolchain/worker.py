@@ -63,6 +63,10 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # reported to the executor, which decides how to fail
         traceback.print_exc()
         result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}"}
+    from . import codehash
+
+    # what really ran, for the executor to check against the files hashed into the step's key
+    result["modules"] = codehash.loaded_modules()
     result_path.write_text(json.dumps(result, default=_jsonable))
     return 0
 
