@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT, run_cli, tiny_recipe
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+# thread-count variables that torch, numpy and onnxruntime read (measured: each changes the threads
+# they start); plan_keys runs without them unless asked
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DOMAIN_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "ORT_INTRA_OP_NUM_THREADS", "ORT_INTER_OP_NUM_THREADS")
 
 
@@ -132,3 +136,27 @@ def test_a_worker_that_runs_code_outside_its_key_fails_the_step(tmp_path, store)
     assert "toolchain.runtime.timing (runtime/timing.py)" in res.stderr and "internal error" in res.stderr
     plan = run_cli("plan", "--json", "--store", store, recipe, cwd=tmp_path, env={"PYTHONPATH": str(copy)})
     assert [s["status"] for s in json.loads(plan.stdout)[0]["steps"]] == ["must build"]
+
+
+def test_cpu_thread_settings_are_in_benchmark_keys_only(tmp_path):
+    """Thread counts and the CPUs a process may use change CPU timings on the same CPU: they are in
+    the keys of measurements, and only of measurements."""
+    recipe = tiny_recipe(tmp_path, stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      bench: {kind: benchmark, inputs: {model: load}}
+      bench_onnx: {kind: benchmark, inputs: {model: export}}
+    """)
+    store = tmp_path / "s"
+    base = plan_keys(recipe, store)
+    measured = {"bench", "bench_onnx"}
+    for var in THREAD_VARS:
+        now = plan_keys(recipe, store, env={var: "1"})
+        assert {n for n in base if now[n] != base[n]} == measured, var
+    one = plan_keys(recipe, store, env={"OMP_NUM_THREADS": "1"})
+    assert plan_keys(recipe, store, env={"OMP_NUM_THREADS": "2"})["bench"] != one["bench"]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        pytest.skip("needs two usable CPUs to run with fewer")
+    pinned = plan_keys(recipe, store, preexec_fn=lambda: os.sched_setaffinity(0, cpus[:1]))
+    assert {n for n in base if pinned[n] != base[n]} == measured
