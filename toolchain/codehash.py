@@ -16,6 +16,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent  # the package folder; its name is the top module name
 
 
+@functools.lru_cache(maxsize=None)
 def module_file(name: str, pkg: Path = PKG) -> Path | None:
     """The file that importing the dotted module `name` runs; None when it is not a project module."""
     top, *rest = name.split(".")
@@ -34,7 +35,7 @@ def _imports(name: str, pkg: Path) -> tuple[str, ...]:
     path = module_file(name, pkg)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in _statements(ast.parse(path.read_bytes(), str(path)).body):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -47,6 +48,15 @@ def _imports(name: str, pkg: Path) -> tuple[str, ...]:
             found.append(base)
             found += [f"{base}.{a.name}" for a in node.names if a.name != "*"]
     return tuple(m for m in found if module_file(m, pkg))
+
+
+def _statements(nodes):
+    """Every statement, nested ones too (an import is always a statement, so expressions, most of a
+    file's nodes, need no visit)."""
+    for node in nodes:
+        yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, name, ()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    from . import registry
+    from . import codehash, registry
     from .errors import StageUserError
     from .stages.base import RunContext
 
@@ -63,8 +63,6 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # reported to the executor, which decides how to fail
         traceback.print_exc()
         result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}"}
-    from . import codehash
-
     # what really ran, for the executor to check against the files hashed into the step's key
     result["modules"] = codehash.loaded_modules()
     result_path.write_text(json.dumps(result, default=_jsonable))
