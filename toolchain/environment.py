@@ -99,6 +99,22 @@ def gpu(device: str) -> dict | None:
     return found[index] if index < len(found) else None
 
 
+# Environment variables that set how many threads the CPU runtimes use: OpenMP and MKL (torch),
+# OpenBLAS (numpy) and onnxruntime's default session pools. They change CPU timings without
+# changing the CPU, so CPU measurements keep them in their key.
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "MKL_NUM_THREADS", "MKL_DOMAIN_NUM_THREADS",
+               "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "ORT_INTRA_OP_NUM_THREADS", "ORT_INTER_OP_NUM_THREADS")
+
+
+def usable_cpus() -> int | None:
+    """CPUs this process may run on (its affinity: taskset, a cgroup cpuset), which the runtimes
+    size their thread pools by; all CPUs where the platform cannot tell."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     try:
@@ -129,7 +145,8 @@ def fact(name: str, device: str = "cpu"):
             g = gpu(device)
             return {"gpu": g["name"] if g else None, "capability": g["capability"] if g else None,
                     "driver": g["driver"] if g else None}
-        return {"cpu": cpu_model(), "cores": os.cpu_count()}
+        return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
+                "thread_env": {v: os.environ[v] for v in THREAD_VARS if v in os.environ}}
     return package_version(name)
 
 

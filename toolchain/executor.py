@@ -16,6 +16,7 @@ from pathlib import Path
 
 from filelock import Timeout
 
+from . import codehash
 from .console import Console
 from .errors import MachineError, StageFailed, StageUserError
 from .plan import Plan, Step
@@ -137,6 +138,7 @@ class LocalExecutor:
                 if result.get("machine"):
                     error.exit_code = MachineError.exit_code
                 raise error
+            self._check_code_covered(step, result, log_path)
             fields = {"step": step.name, "kind": step.kind, "key_material": step.key_material,
                       "traits": step.traits, "metrics": result["metrics"],
                       "timings": {"started": started, "seconds": round(time.time() - started, 3)}}
@@ -145,6 +147,25 @@ class LocalExecutor:
             return self.store.commit(step.key, out, fields)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _check_code_covered(step: Step, result: dict, log_path: Path) -> None:
+        """Refuse a result that ran project code outside the files hashed into its key: stored,
+        it would be reused after that code changed (a stale verdict)."""
+        loaded = result.get("modules")
+        if loaded is None:
+            raise StageFailed(step.name, "internal error: the worker did not report which project modules it "
+                              "loaded, so the step's key cannot be checked to cover them; nothing was stored",
+                              str(log_path))
+        missing = codehash.uncovered(loaded, step.stage.code_files())
+        if missing:
+            names = ", ".join(f"{name} ({file})" for name, file in missing.items())
+            raise StageFailed(step.name, f"internal error: the worker ran project code outside the files hashed "
+                              f"into this step's cache key: {names}; the result was not stored. The key covers "
+                              f"what {type(step.stage).__module__} and the worker import by statement; a module "
+                              "loaded by name (importlib, __import__) is invisible to it. Fix: import it with an "
+                              "`import` or `from ... import` statement where it is used (inside a function is fine)",
+                              str(log_path))
 
     def _spawn(self, work: Path, log_path: Path, update) -> int:
         read_fd, write_fd = os.pipe()

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    from . import registry
+    from . import codehash, registry
     from .errors import StageUserError
     from .stages.base import RunContext
 
@@ -64,6 +64,8 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}",
                   "machine": _machine_problem(exc)}
+    # what really ran, for the executor to check against the files hashed into the step's key
+    result["modules"] = codehash.loaded_modules()
     result_path.write_text(json.dumps(result, default=_jsonable))
     return 0
 

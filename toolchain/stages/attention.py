@@ -34,7 +34,6 @@ class Attention(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "flash_attn", "flash_attn_4")
-    code = ("runtime/models.py", "runtime/observe.py")
 
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]

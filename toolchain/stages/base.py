@@ -8,11 +8,11 @@ process and must import heavy libraries itself.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .. import codehash
 
 HF_MODEL = "hf-model"  # a transformers checkpoint folder (+ toolchain.json with how to load it)
 ONNX_MODEL = "onnx-model"  # a folder with model.onnx (+ external data), config, tokenizer
@@ -22,8 +22,6 @@ REPORT = "report"  # measurements only (validate, benchmark)
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
               "chat_template.jinja")
-
-_PKG = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -120,8 +118,6 @@ class Stage:
     # True: the exact processor/GPU goes into the key (measurements); otherwise only the device kind
     hardware_in_key: bool = False
     has_gate: bool = False  # True for stages whose results pass or fail the build
-    # modules (relative to the toolchain package) whose source is part of this stage's code version
-    code: tuple[str, ...] = ()
 
     # -- planning (main process, no heavy imports) -------------------------------------------
     def resolve(self, params: dict, defaults: dict) -> Any:
@@ -141,8 +137,14 @@ class Stage:
         """Extra key material (e.g. the content hash of a source model)."""
         return {}
 
+    def code_files(self) -> tuple[str, ...]:
+        """The project files (relative to the package) this stage's result can depend on: the static
+        import closure of its module and of the worker that runs it (see codehash)."""
+        return codehash.closure((type(self).__module__, f"{codehash.PKG.name}.worker"))
+
     def code_version(self) -> str:
-        return _code_version(type(self).__module__, self.code)
+        """A hash of `code_files`: editing any of them changes this stage's keys, and only theirs."""
+        return codehash.version(self.code_files())
 
     # -- execution (worker process) ---------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
@@ -151,18 +153,6 @@ class Stage:
     def gate(self, metrics: dict) -> list[str]:
         """Failed gate messages for a finished step (empty: passed)."""
         return []
-
-
-@functools.lru_cache(maxsize=None)
-def _code_version(module: str, extra: tuple[str, ...]) -> str:
-    """sha256 over the stage module's source and the runtime modules it uses: editing the code
-    invalidates exactly the cache entries it could change."""
-    h = hashlib.sha256()
-    files = [_PKG / (module.split(".", 1)[1].replace(".", "/") + ".py"), _PKG / "stages" / "base.py",
-             _PKG / "worker.py"] + [_PKG / e for e in extra]
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def params_dict(params: Any) -> dict:

@@ -28,7 +28,6 @@ class Benchmark(Stage):
     produces = REPORT
     hardware_in_key = True  # numbers belong to the exact processor / GPU they were measured on
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy")
-    code = ("runtime/runners.py", "runtime/timing.py", "runtime/onnx_io.py", "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)

@@ -49,7 +49,6 @@ class BetterTransformer(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers")
-    code = ("runtime/bettertransformer.py", "runtime/models.py", "stages/bettertransformer.py")
 
     def check(self, ctx: CheckContext) -> None:
         t = ctx.inputs["model"]
@@ -88,7 +87,6 @@ class ReverseBetterTransformer(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = BetterTransformer.env
-    code = BetterTransformer.code
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)

@@ -28,7 +28,6 @@ class ExportOnnx(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = ONNX_MODEL
     env = ("python", "platform", "torch", "transformers", "onnx", "onnxscript", "numpy")
-    code = ("runtime/onnx_io.py", "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)

@@ -20,7 +20,6 @@ class Load(Stage):
     roles = {}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate")
-    code = ("sources.py", "runtime/models.py")
 
     def _source(self, recipe):
         return sources.resolve(recipe.model, recipe.dir)

@@ -23,7 +23,6 @@ class OptimizeOnnx(Stage):
     roles = {"model": (ONNX_MODEL,)}
     produces = ONNX_MODEL
     env = ("python", "platform", "onnx", "onnxruntime", "numpy")
-    code = ("runtime/onnx_io.py",)
 
     def check(self, ctx: CheckContext) -> None:
         t = ctx.inputs["model"]

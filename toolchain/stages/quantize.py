@@ -30,7 +30,6 @@ class Quantize(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors")
-    code = ("runtime/models.py",)
 
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]

@@ -36,8 +36,6 @@ class Validate(Stage):
     produces = REPORT
     has_gate = True
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
-    code = ("runtime/runners.py", "runtime/compare.py", "runtime/text.py", "runtime/onnx_io.py",
-            "runtime/models.py")
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
