@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,13 +96,14 @@ def _merge(base: Located, child: Located) -> Located:
 
 
 def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
+    shown = _display(path)  # the name the user wrote, not where a symlink leads
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(p.name for p in chain + (path,))
         raise RecipeError([Problem(f"`extends` forms a cycle: {cycle}")])
     if len(chain) > MAX_EXTENDS_DEPTH:
         raise RecipeError([Problem(f"`extends` nests deeper than {MAX_EXTENDS_DEPTH} files")])
-    doc = load_yaml(path, display=_display(path))
+    doc = load_yaml(path, display=shown)
     if not isinstance(doc.data, dict):
         raise RecipeError([Problem("a recipe must be a YAML mapping", doc.file, 1, 1)])
     parent = doc.data.get("extends")
@@ -123,8 +125,9 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
 
 
 def _display(path: Path) -> str:
+    path = Path(os.path.abspath(path))
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 

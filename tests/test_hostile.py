@@ -1,0 +1,127 @@
+"""Hostile inputs: small recipe files (and the files they name) that used to exhaust memory, hang
+or crash must exit 2 quickly with the recipe's file:line; inputs that go into cache keys are
+hashed only if they are regular files, completely and nothing more.
+
+Each test runs the CLI in a subprocess, as users do, with a timeout (a hang fails the test) and a
+memory cap (a bomb fails it instead of taking the machine down). The 20 s bound is generous on
+purpose: the target is well under a second, which slow CI machines cannot promise.
+"""
+import hashlib
+import json
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from toolchain.plan import build_plan
+from toolchain.recipe import load_recipe
+
+from .conftest import TINY_BERT, run_cli, tiny_recipe
+
+FAST = 20  # seconds
+MEMORY = 2 << 30  # bytes of address space for the CLI under attack
+
+
+def refused(*args, where: str, expect: str, cwd=None):
+    """Run the CLI on a hostile input: exit 2, `where` (file:line) and `expect` on stderr."""
+    res = run_cli(*args, cwd=cwd, timeout=FAST, max_memory=MEMORY, env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.search(where, res.stderr), res.stderr[-3000:]
+    assert expect in res.stderr, res.stderr[-3000:]
+    return res
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def plan_keys(recipe: Path, store: Path) -> dict[str, str]:
+    res = run_cli("plan", recipe, "--store", store, "--json", timeout=FAST, max_memory=MEMORY)
+    assert res.returncode == 0, res.stderr
+    return {s["step"]: s["key"] for s in json.loads(res.stdout)[0]["steps"]}
+
+
+HEAD = "name: h\nmodel: {config: {model_type: bert, architectures: [BertModel]}}\nstages: {load: {kind: load}}\n"
+
+
+# -- A. the recipe file itself ------------------------------------------------------------------
+def test_alias_bomb_is_refused(tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values
+    r = write(tmp_path / "r.yaml", HEAD + "description:\n" + textwrap.indent("\n".join(lines), "  ") + "\n")
+    refused("check", r, where=r"r\.yaml:\d+:\d+", expect="more than 100000 values")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    r = write(tmp_path / "r.yaml", HEAD + "targets: &t [*t]\n")
+    refused("check", r, where=r"r\.yaml:4:", expect="recursive")
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(HEAD + "description: " + "[" * 500_000 + "\n")  # under the size limit
+    refused("check", r, where=r"r\.yaml:4:", expect="nest")  # ours, or libyaml's own limit
+
+
+def test_large_recipe_file_is_refused(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text(HEAD + ("# padding\n" * 300_000))  # valid YAML, 3 MB
+    refused("check", r, where=r"r\.yaml:1", expect="more than the 1048576 allowed")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_recipe_file_must_be_regular(tmp_path, kind):
+    r = tmp_path / "r.yaml"
+    if kind == "fifo":
+        os.mkfifo(r)  # reading it would wait for a writer forever
+    else:
+        if not os.path.exists("/dev/zero"):
+            pytest.skip("no /dev/zero")
+        r.symlink_to("/dev/zero")  # endless zeros: reading it all never ends
+    refused("check", r, where=r"r\.yaml:1", expect="not a regular file")
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, str(2**60), "-" + str(2**60)])
+def test_huge_integers_are_refused(tmp_path, number):
+    r = write(tmp_path / "r.yaml", HEAD + f"matrix:\n  a: [1, {number}]\n")
+    refused("check", r, where=r"r\.yaml:5:", expect="out of range")
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "1.0e+400", "matrix -.inf"])
+@pytest.mark.parametrize("command", ["check", "plan"])
+def test_non_finite_numbers_are_refused(tmp_path, value, command):
+    atol = "0.001" if value.startswith("matrix") else value
+    r = tiny_recipe(tmp_path, "r", stages=f"""
+      load: {{kind: load}}
+      export: {{kind: export_onnx, inputs: {{model: load}}}}
+      validate: {{kind: validate, inputs: {{candidate: export, reference: load}}, params: {{atol: {atol}}}}}
+    """, extra=f"matrix: {{a: [1, {value.split()[-1]}]}}" if value.startswith("matrix") else "")
+    extra = ["--store", tmp_path / "s"] if command == "plan" else []
+    refused(command, r, *extra, where=r"r\.yaml:\d+:", expect="not finite")
+
+
+def test_values_without_a_json_form_are_refused(tmp_path):
+    r = write(tmp_path / "r.yaml", HEAD.replace("architectures: [BertModel]", "architectures: [BertModel], "
+                                                "released: 2024-01-31"))  # a date: no JSON, so no key
+    refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:2:", expect="is a date")
+
+
+# -- B. files the recipe names, hashed into keys -------------------------------------------------
+def onnx_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "model.onnx").write_bytes(b"graph")
+    (path / "model.onnx.data").write_bytes(b"weights")
+    (path / "config.json").write_text('{"model_type": "bert"}')
+    return path
+
+
+def import_recipe(folder: Path, name="r") -> Path:
+    return write(folder.parent / f"{name}.yaml", f"""
+        name: {name}
+        stages:
+          imported: {{kind: import_onnx, params: {{path: {folder.name}}}}}
+    """)
