@@ -85,6 +85,40 @@ def test_recipe_file_must_be_regular(tmp_path, kind):
     refused("check", r, where=r"r\.yaml:1", expect="not a regular file")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "proc"])
+def test_extends_file_must_be_regular(tmp_path, kind):
+    base = tmp_path / "_base.yaml"
+    if kind == "fifo":
+        os.mkfifo(base)
+    else:
+        if not os.path.exists("/proc/self/status"):
+            pytest.skip("no /proc")
+        base.symlink_to("/proc/self/status")
+    r = write(tmp_path / "r.yaml", "extends: _base.yaml\n" + HEAD)
+    refused("check", r, where=r"r\.yaml:1:", expect="not a regular file" if kind == "fifo" else "pseudo-filesystem")
+
+
+def test_matrix_product_is_bounded(tmp_path):
+    axes = "".join(f"  v{i}: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" for i in range(30))  # 10**30 variants
+    r = write(tmp_path / "r.yaml", HEAD + "matrix:\n" + axes)
+    refused("check", r, where=r"r\.yaml:4:", expect="more than the 256 allowed")
+
+
+def test_matrix_copies_of_a_big_recipe_are_bounded(tmp_path):
+    big = ", ".join(["1"] * 20_000)
+    r = write(tmp_path / "r.yaml", HEAD.replace("architectures: [BertModel]", f"architectures: [BertModel], x: [{big}]")
+              + "matrix:\n  a: [" + ", ".join(map(str, range(200))) + "]\n")
+    refused("check", r, where=r"r\.yaml:4:", expect="values allowed in all")
+
+
+def test_placeholder_expansion_is_bounded(tmp_path):
+    value = "z" * 400_000  # used by 1,000 placeholders: 400 MB of text per variant
+    r = write(tmp_path / "r.yaml", HEAD.replace("architectures: [BertModel]", "architectures: [BertModel], x: '"
+                                                + "${matrix.a}" * 1000 + "'")
+              + f"matrix:\n  a: ['{value}', b]\n")
+    refused("check", r, where=r"r\.yaml:2:", expect="placeholders expand to more than")
+
+
 @pytest.mark.parametrize("number", ["9" * 5000, str(2**60), "-" + str(2**60)])
 def test_huge_integers_are_refused(tmp_path, number):
     r = write(tmp_path / "r.yaml", HEAD + f"matrix:\n  a: [1, {number}]\n")
