@@ -159,3 +159,47 @@ def import_recipe(folder: Path, name="r") -> Path:
         stages:
           imported: {{kind: import_onnx, params: {{path: {folder.name}}}}}
     """)
+
+
+def test_folder_of_the_whole_filesystem_fails_fast(tmp_path):
+    r = write(tmp_path / "r.yaml", f"""
+        name: r
+        model: {{config: {json.dumps(TINY_BERT)}, tokenizer: /}}
+        stages: {{load: {{kind: load}}}}
+    """)
+    refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:2:", expect="/ ")
+
+
+@pytest.mark.parametrize("kind", ["load"])
+def test_folder_with_too_many_files_fails_fast(tmp_path, kind):
+    folder = onnx_folder(tmp_path / "onnx")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    many = folder / "many" if kind == "load" else folder
+    many.mkdir(exist_ok=True)
+    for i in range(20_001):
+        (many / f"f{i}").touch()
+    r = import_recipe(folder) if kind == "import_onnx" else write(tmp_path / "r.yaml", """
+        name: r
+        stages: {load: {kind: load}}
+        model: {path: onnx}
+    """)
+    refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:3:", expect="more than 20000")
+
+
+def test_remote_code_is_part_of_the_model_key(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**TINY_BERT, "auto_map": {"AutoModel": "modeling_x.XModel"}}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "modeling_x.py").write_text("class XModel: pass\n")
+    r = write(tmp_path / "r.yaml", f"""
+        name: r
+        model: {{path: m, trust_remote_code: true}}
+        stages: {{load: {{kind: load}}}}
+    """)
+    before = plan_keys(r, tmp_path / "s")["load"]
+    (model / "__pycache__").mkdir()
+    (model / "__pycache__" / "modeling_x.cpython-311.pyc").write_bytes(b"cache")  # byte code: not content
+    assert plan_keys(r, tmp_path / "s")["load"] == before
+    (model / "modeling_x.py").write_text("class XModel: pass  # now different code\n")
+    assert plan_keys(r, tmp_path / "s")["load"] != before
