@@ -161,6 +161,22 @@ def import_recipe(folder: Path, name="r") -> Path:
     """)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "proc"])
+@pytest.mark.parametrize("command", ["check", "plan"])
+def test_import_onnx_inputs_must_be_regular_files(tmp_path, kind, command):
+    folder = onnx_folder(tmp_path / "onnx")
+    (folder / "model.onnx.data").unlink()
+    if kind == "fifo":
+        os.mkfifo(folder / "model.onnx.data")
+    else:
+        target = {"dev-zero": "/dev/zero", "proc": "/proc/self/status"}[kind]
+        if not os.path.exists(target):
+            pytest.skip(f"no {target}")
+        (folder / "model.onnx.data").symlink_to(target)
+    extra = ["--store", tmp_path / "s"] if command == "plan" else []
+    refused(command, import_recipe(folder), *extra, where=r"r\.yaml:3:", expect="model.onnx.data is")
+
+
 def test_folder_of_the_whole_filesystem_fails_fast(tmp_path):
     r = write(tmp_path / "r.yaml", f"""
         name: r
@@ -170,7 +186,7 @@ def test_folder_of_the_whole_filesystem_fails_fast(tmp_path):
     refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:2:", expect="/ ")
 
 
-@pytest.mark.parametrize("kind", ["load"])
+@pytest.mark.parametrize("kind", ["import_onnx", "load"])
 def test_folder_with_too_many_files_fails_fast(tmp_path, kind):
     folder = onnx_folder(tmp_path / "onnx")
     (folder / "model.safetensors").write_bytes(b"weights")
@@ -184,6 +200,17 @@ def test_folder_with_too_many_files_fails_fast(tmp_path, kind):
         model: {path: onnx}
     """)
     refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:3:", expect="more than 20000")
+
+
+def test_import_onnx_key_covers_exactly_the_copied_files(tmp_path):
+    folder = onnx_folder(tmp_path / "onnx")
+    r = import_recipe(folder)
+    before = plan_keys(r, tmp_path / "s")["imported"]
+    (folder / "notes.txt").write_text("not part of the model")  # not copied: must not change the key
+    (folder / "other.bin").write_bytes(b"x")
+    assert plan_keys(r, tmp_path / "s")["imported"] == before
+    (folder / "model.onnx.data").write_bytes(b"other weights")  # copied: must change it
+    assert plan_keys(r, tmp_path / "s")["imported"] != before
 
 
 def test_remote_code_is_part_of_the_model_key(tmp_path):
