@@ -213,6 +213,46 @@ def test_import_onnx_key_covers_exactly_the_copied_files(tmp_path):
     assert plan_keys(r, tmp_path / "s")["imported"] != before
 
 
+def test_validate_key_follows_corpus_content(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The first sentence of the corpus. A second one follows here.\n")
+    r = tiny_recipe(tmp_path, "r", stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      validate: {kind: validate, inputs: {candidate: export, reference: load}, params: {corpus: corpus.txt}}
+    """)
+    before = plan_keys(r, tmp_path / "s")
+    corpus.write_text("Entirely different text. Which changes what the check compares.\n")  # same name
+    after = plan_keys(r, tmp_path / "s")
+    assert after["validate"] != before["validate"] and after["load"] == before["load"]
+
+
+def test_validate_corpus_must_be_a_regular_file(tmp_path):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc")
+    (tmp_path / "corpus.txt").symlink_to("/proc/self/status")
+    r = tiny_recipe(tmp_path, "r", stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      validate: {kind: validate, inputs: {candidate: export, reference: load}, params: {corpus: corpus.txt}}
+    """)
+    refused("plan", r, "--store", tmp_path / "s", where=r"r\.yaml:\d+:", expect="pseudo-filesystem")
+
+
+def test_validate_key_holds_the_gensim_corpus_content(tmp_path):
+    """`gensim:NAME` is a file inside the installed gensim package; its content (found without
+    importing gensim) is in the key, so another gensim release with other text rebuilds."""
+    from toolchain.runtime.text import corpus_path
+
+    try:
+        path = corpus_path("gensim:lee_background", tmp_path)
+    except FileNotFoundError:
+        pytest.skip("gensim is not installed")
+    (r,) = load_recipe(tiny_recipe(tmp_path, "r"))
+    step = build_plan(r).steps["validate"]
+    assert step.key_material["fingerprint"]["corpus"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_remote_code_is_part_of_the_model_key(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
