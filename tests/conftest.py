@@ -24,12 +24,19 @@ def minilm_folder() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
-def run_cli(*args, cwd=None, env=None, timeout=900):
+def run_cli(*args, cwd=None, env=None, timeout=900, max_memory: int | None = None):
+    """`max_memory` (bytes of address space) keeps a test of a memory bomb from taking the machine
+    down with it when the defence regresses."""
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
+
+    def cap():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
     proc = subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=cap if max_memory else None)
     return proc
 
 

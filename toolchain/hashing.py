@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .safeio import read_chunks
+
 ALGORITHM = "sha256"
-_CHUNK = 1 << 20
 
 
 def canonical_json(value: Any) -> str:
@@ -20,8 +21,9 @@ def hash_value(value: Any) -> str:
 
 
 def hash_file(path: Path) -> str:
+    """sha256 of a regular file's content; `safeio.UnsafeInput` for a FIFO, a device, a file on
+    /proc or /sys, or one that changes while it is read (none of them may reach a cache key)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    for chunk in read_chunks(path):
+        h.update(chunk)
     return h.hexdigest()

@@ -16,6 +16,8 @@ from . import environment, registry
 from .errors import RecipeError
 from .hashing import ALGORITHM, hash_file, hash_value
 from .recipe import Recipe
+from .safeio import UnsafeInput
+from .sources import SourceError
 from .stages.base import REPORT, CheckContext, params_dict
 
 KEY_SCHEMA = 1  # bump to invalidate every key (change of key layout)
@@ -212,8 +214,11 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
 
 def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
     """key = sha256(canonical JSON of kind, code version, params, input keys, environment facts,
-    source fingerprint). Changing any of them changes this key and every key downstream."""
+    source fingerprint). Changing any of them changes this key and every key downstream.
+    An input that cannot be hashed safely is a problem located at the recipe key that names it."""
     hasher = hasher or hash_file
+    problems = []
+    recipe = plan.recipe
     for step in plan.steps.values():
         stage = step.stage
         env_names = set(stage.env)
@@ -222,11 +227,28 @@ def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
         if stage.hardware_in_key:
             env["hardware"] = environment.fact("hardware", step.device)
         params = stage.resolve(step.params, {})
+        try:
+            fingerprint = stage.fingerprint(params, recipe, hasher)
+        except SourceError as exc:  # the model source's files (load)
+            model = recipe.model or {}
+            path = ("model", exc.field) if exc.field in model else ("model",)
+            problems.append(recipe.problem(f"stage '{step.name}': {exc}", path, hint=exc.hint))
+            continue
+        except OSError as exc:  # an input that is not a stable regular file (UnsafeInput), or vanished
+            ctx = CheckContext(step=step.name, params=params, inputs={}, recipe=recipe)
+            if isinstance(exc, UnsafeInput):
+                ctx.error(str(exc), exc.param, hint=exc.hint)
+            else:
+                ctx.error(f"cannot hash an input: {exc}")
+            problems += ctx.problems
+            continue
         material = {
             "key_schema": KEY_SCHEMA, "algorithm": ALGORITHM, "kind": step.kind,
             "code": stage.code_version(), "params": step.params,
             "inputs": {role: plan.steps[src].key for role, src in sorted(step.inputs.items())},
-            "env": env, "fingerprint": stage.fingerprint(params, plan.recipe, hasher),
+            "env": env, "fingerprint": fingerprint,
         }
         step.key_material = material
         step.key = hash_value(material)
+    if problems:
+        raise RecipeError(problems)

@@ -4,20 +4,26 @@ Nothing here imports torch, transformers or onnxruntime.
 """
 from __future__ import annotations
 
-import copy
 import itertools
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import safeio
 from .errors import Problem, RecipeError
 from .hashing import hash_value
 from .schema import validate
-from .yamlsrc import Located, load_yaml
+from .yamlsrc import MAX_NODES, Located, load_yaml
 
 _PLACEHOLDER = re.compile(r"\$\{matrix\.([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_EXTENDS_DEPTH = 16
+MAX_VARIANTS = 256  # combinations before `exclude`; each is planned (and may be built) on its own
+MAX_RESOLVED_NODES = 1_000_000  # values over all variants: each variant is a full copy of the recipe
+MAX_SUBSTITUTED_CHARS = 1 << 22  # text `${matrix.*}` may add over all variants (no placeholder bombs)
+_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -95,13 +101,14 @@ def _merge(base: Located, child: Located) -> Located:
 
 
 def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
+    shown = _display(path)  # the name the user wrote, not where a symlink leads
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(p.name for p in chain + (path,))
         raise RecipeError([Problem(f"`extends` forms a cycle: {cycle}")])
     if len(chain) > MAX_EXTENDS_DEPTH:
         raise RecipeError([Problem(f"`extends` nests deeper than {MAX_EXTENDS_DEPTH} files")])
-    doc = load_yaml(path, display=_display(path))
+    doc = load_yaml(path, display=shown)
     if not isinstance(doc.data, dict):
         raise RecipeError([Problem("a recipe must be a YAML mapping", doc.file, 1, 1)])
     parent = doc.data.get("extends")
@@ -111,20 +118,39 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
         file, line, col = doc.where(("extends",))
         raise RecipeError([Problem("`extends` must be a file path", file, line, col)])
     parent_path = (path.parent / parent)
-    if not parent_path.is_file():
+    if not os.path.lexists(parent_path):
         file, line, col = doc.where(("extends",))
         raise RecipeError([Problem(f"`extends` names a file that does not exist: {parent}", file, line, col,
                                    hint=f"paths are relative to {_display(path.parent)}/")])
+    try:  # a FIFO, a device or a /proc file would hang or flood the read
+        safeio.check_file(parent_path)
+    except safeio.UnsafeInput as exc:
+        file, line, col = doc.where(("extends",))
+        raise RecipeError([Problem(f"`extends`: {exc}", file, line, col, hint=exc.hint)]) from None
     base = _load_with_extends(parent_path, chain + (path,))
     base.data.pop("extends", None)
     merged = _merge(base, doc)
     merged.data.pop("extends", None)
+    if _count(merged.data) > MAX_NODES:
+        file, line, col = doc.where(("extends",))
+        raise RecipeError([Problem(f"this recipe and the files it extends hold more than {MAX_NODES} values",
+                                   file, line, col, hint="recipes are small; is this the right file?")])
     return merged
 
 
+def _count(value: Any) -> int:
+    """Values in a parsed recipe (its depth is bounded by the YAML loader)."""
+    if isinstance(value, dict):
+        return 1 + sum(_count(v) for v in value.values()) + len(value)
+    if isinstance(value, list):
+        return 1 + sum(_count(v) for v in value)
+    return 1
+
+
 def _display(path: Path) -> str:
+    path = Path(os.path.abspath(path))
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
@@ -132,12 +158,15 @@ def _display(path: Path) -> str:
 _UNSET = object()
 
 
-def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: list[Problem]) -> Any:
+def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: list[Problem],
+                budget: list[int]) -> Any:
+    """`value` with placeholders replaced; new containers throughout, so variants share no mutable
+    state. `budget[0]`: characters substitution may still add."""
     if isinstance(value, dict):
-        out = {k: _substitute(v, variant, path + (k,), doc, problems) for k, v in value.items()}
+        out = {k: _substitute(v, variant, path + (k,), doc, problems, budget) for k, v in value.items()}
         return {k: v for k, v in out.items() if v is not _UNSET}
     if isinstance(value, list):
-        return [_substitute(v, variant, path + (i,), doc, problems) for i, v in enumerate(value)]
+        return [_substitute(v, variant, path + (i,), doc, problems, budget) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -154,6 +183,14 @@ def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: 
     if whole:  # keep the value's type (numbers, booleans); null leaves the key unset
         found = lookup(whole.group(1))
         return _UNSET if found is None else found
+    # a long value used by many placeholders could multiply the text: count before building it
+    budget[0] -= sum(len(str(variant.get(m.group(1), ""))) - len(m.group(0)) for m in _PLACEHOLDER.finditer(value))
+    if budget[0] < 0:
+        file, line, col = doc.where(path)
+        problems.append(Problem(f"`${{matrix.*}}` placeholders expand to more than {MAX_SUBSTITUTED_CHARS} "
+                                "characters over all variants", file, line, col,
+                                hint="use short matrix values, or fewer placeholders"))
+        return value
     return _PLACEHOLDER.sub(lambda m: str(lookup(m.group(1))), value)
 
 
@@ -167,7 +204,16 @@ def load_recipe(path: str | Path) -> list[Recipe]:
     combos: list[dict] = [{}]
     if matrix:
         exclude = matrix.pop("exclude", None) or []
-        if all(isinstance(v, list) and v for v in matrix.values()):
+        # anything but non-empty lists of scalars is left for the schema to report
+        if all(isinstance(v, list) and v and all(isinstance(x, _SCALARS) for x in v) for v in matrix.values()):
+            count, nodes = math.prod(len(v) for v in matrix.values()), _count(data)
+            if count > MAX_VARIANTS or count * nodes > MAX_RESOLVED_NODES:
+                file, line, col = doc.key_where(("matrix",))
+                too_many = (f"`matrix` makes {count} combinations, more than the {MAX_VARIANTS} allowed"
+                            if count > MAX_VARIANTS else f"`matrix` makes {count} copies of a recipe of {nodes} "
+                            f"values, more than the {MAX_RESOLVED_NODES} values allowed in all")
+                raise RecipeError([Problem(too_many, file, line, col,
+                                           hint="split it into several recipes, or use fewer values")])
             names = list(matrix)
             combos = [dict(zip(names, values)) for values in itertools.product(*matrix.values())]
             combos = [c for c in combos if not any(isinstance(e, dict) and e and
@@ -178,6 +224,7 @@ def load_recipe(path: str | Path) -> list[Recipe]:
     problems: list[Problem] = []
     recipes: list[Recipe] = []
     seen: set[tuple] = set()
+    budget = [MAX_SUBSTITUTED_CHARS]
 
     def add(new: list[Problem]) -> None:
         for p in new:
@@ -189,7 +236,7 @@ def load_recipe(path: str | Path) -> list[Recipe]:
     for combo in combos:
         sub_problems: list[Problem] = []
         body = {k: v for k, v in data.items() if k != "matrix"}
-        resolved = _substitute(copy.deepcopy(body), combo, (), doc, sub_problems)
+        resolved = _substitute(body, combo, (), doc, sub_problems, budget)
         if "matrix" in data:
             resolved["matrix"] = data["matrix"]
         add(sub_problems)

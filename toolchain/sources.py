@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import os
 import socket
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from . import safeio
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
@@ -120,12 +121,9 @@ def resolve(model: dict, base: Path) -> Source:
         cfg = model["config"]
         if isinstance(cfg, str):
             p = base / cfg
-            if not p.is_file():
+            if not os.path.lexists(p):
                 raise SourceError(f"model config file not found: {p}", "config")
-            try:
-                cfg = json.loads(p.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"model config {p} is not valid JSON: {exc}", "config") from None
+            cfg = _read_json(p, "config", "model config")
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise SourceError("`model.config` must give a `model_type` (e.g. llama, bert)", "config")
         src.type, src.config, src.seed = "config", cfg, int(model.get("seed", 0))
@@ -144,6 +142,7 @@ def resolve(model: dict, base: Path) -> Source:
                 src.tokenizer = package_folder(package) / sub
                 if not src.tokenizer.is_dir():
                     raise SourceError(f"tokenizer folder not found: {src.tokenizer}", "tokenizer")
+            _walk(src.tokenizer, "tokenizer")  # hashed into the key: fail here, at check, if it cannot be
         return src
     if kind == "package":
         src.package = model["package"]
@@ -163,23 +162,27 @@ def resolve(model: dict, base: Path) -> Source:
             found = sorted(p.name for p in folder.glob("*.gguf"))
             raise SourceError(f"GGUF file not found: {g}", "gguf",
                               hint=f"GGUF files there: {', '.join(found)}" if found else None)
+        try:
+            safeio.check_file(g)
+        except safeio.UnsafeInput as exc:
+            raise SourceError(str(exc), "gguf", hint=exc.hint) from None
         src.type, src.gguf = "gguf", g
         src.task = src.task or "text-generation"
         return src
+    files = _walk(folder, field)
     cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
+    if cfg_file not in files:
         raise SourceError(f"no config.json in model folder {folder}", field,
                           hint="point at the folder that holds config.json and the weights")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{cfg_file} is not valid JSON: {exc}", field) from None
+    cfg = _read_json(cfg_file, field, "model config")
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{cfg_file} must hold a JSON object", field)
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
     src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,
                           hint="set `model.trust_remote_code: true` only if you trust its authors")
-    weights = [p for p in folder.iterdir() if p.is_file()]
+    weights = [p for p in files if p.parent == folder]
     safe = [p for p in weights if p.suffix == ".safetensors"]
     pickled = [p for p in weights if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"]
     if not safe:
@@ -192,14 +195,42 @@ def resolve(model: dict, base: Path) -> Source:
     return src
 
 
+def _read_json(path: Path, field: str, what: str) -> dict:
+    try:
+        return safeio.read_json(path)
+    except safeio.UnsafeInput as exc:
+        raise SourceError(f"{what}: {exc}", field, hint=exc.hint) from None
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{what} {path} is not valid JSON: {exc}", field) from None
+
+
+def _model_files(root: Path) -> list[Path]:
+    # remote code (`trust_remote_code`) is part of the model; only Python's byte-code caches are not
+    return safeio.walk_files(root, keep=lambda name: not name.endswith(".pyc"), skip_dirs=("__pycache__",))
+
+
+def _walk(root: Path, field: str) -> list[Path]:
+    try:
+        return _model_files(root)
+    except safeio.UnsafeInput as exc:
+        raise SourceError(str(exc), field, hint=exc.hint) from None
+
+
+def input_field(model: dict) -> str:
+    """The `model` key that names the files hashed for a source (for locating a problem with them)."""
+    for key in ("gguf", "subfolder", "tokenizer", "config", "path", "package"):
+        if key in model:
+            return key
+    return "path"
+
+
 def fingerprint_files(src: Source) -> list[Path]:
-    """The files whose content defines the loaded model."""
+    """The files whose content defines the loaded model: every file under its folder (remote code
+    included), walked with a bound; `safeio.UnsafeInput` if that cannot be done safely."""
     if src.type == "gguf":
         return [src.gguf]
     files: list[Path] = []
     for root in [src.folder, src.tokenizer]:
-        if root is None:
-            continue
-        files += sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                        and p.suffix not in (".py", ".pyc"))
+        if root is not None:
+            files += _model_files(root)
     return files

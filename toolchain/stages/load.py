@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import sources
+from .. import safeio, sources
 from .base import HF_MODEL, CheckContext, RunContext, Stage
 
 
@@ -47,6 +47,13 @@ class Load(Stage):
                 "has_tokenizer": src.type != "config" or src.tokenizer is not None, "config": src.config_facts}
 
     def fingerprint(self, params, recipe, hasher) -> dict:
+        try:
+            return self._fingerprint(recipe, hasher)
+        except OSError as exc:  # safeio.UnsafeInput (e.g. a file that changed while hashed), or it vanished
+            raise sources.SourceError(str(exc), sources.input_field(recipe.model),
+                                      hint=getattr(exc, "hint", None)) from None
+
+    def _fingerprint(self, recipe, hasher) -> dict:
         src = self._source(recipe)
         fp = {"type": src.type, "task": src.task, "model": dict(recipe.model)}
         if src.type == "folder" or src.type == "gguf":

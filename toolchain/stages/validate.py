@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import safeio
 from .base import HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
 
 
@@ -59,6 +60,33 @@ class Validate(Stage):
             path = ctx.recipe.dir / p.corpus
             if not path.is_file():
                 ctx.error(f"corpus file not found: {path}", "corpus")
+                return
+        try:  # its content goes into the key
+            self._corpus(p, ctx.recipe)
+        except ValueError as exc:  # an unknown gensim corpus
+            ctx.error(str(exc), "corpus")
+        except safeio.UnsafeInput as exc:
+            ctx.error(f"corpus: {exc}", "corpus", hint=exc.hint)
+
+    def _corpus(self, params, recipe):
+        """The corpus file (None: gensim is not installed here, which the run reports); found
+        without importing gensim, and refused unless it is a regular file."""
+        from ..runtime.text import corpus_path
+
+        try:
+            path = corpus_path(params.corpus, recipe.dir)
+        except FileNotFoundError:
+            return None
+        safeio.check_file(path)
+        return path
+
+    def fingerprint(self, params, recipe, hasher) -> dict:
+        """The text compared is part of what the result depends on: a corpus file's content, not its name."""
+        try:
+            path = self._corpus(params, recipe)
+            return {"corpus": hasher(path) if path else None}
+        except (OSError, ValueError) as exc:
+            raise safeio.UnsafeInput(f"corpus: {exc}", getattr(exc, "hint", None), param="corpus") from None
 
     def gate(self, metrics: dict) -> list[str]:
         return list(metrics.get("failures", []))
