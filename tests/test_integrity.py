@@ -228,6 +228,14 @@ def test_delivered_folder_is_replaced_only_while_untouched(warm, tmp_path):
     assert run_cli("build", recipe, "-o", out, "--store", store).returncode == 0
     assert run_cli("build", recipe, "-o", out, "--store", store).returncode == 0  # ours, untouched: replaced
     valid_delivery(out)
+    with open(out / "report.md", "a") as f:  # an edit inside a delivered file is the user's work too
+        f.write("my conclusions\n")
+    res = run_cli("build", recipe, "-o", out, "--store", store)
+    assert res.returncode == 2 and "changed" in res.stderr and "report.md" in res.stderr, res.stderr
+    assert (out / "report.md").read_text().endswith("my conclusions\n")
+    (out / "report.md").unlink()  # a delivered file deleted: nothing of the user's to lose
+    assert run_cli("build", recipe, "-o", out, "--store", store).returncode == 0
+    valid_delivery(out)
 
 
 def test_output_folder_never_holds_or_sits_in_the_store(warm, tmp_path):
@@ -333,10 +341,17 @@ def test_killed_swap_leaves_nothing_behind(warm, tmp_path):
     partial = tmp_path / f".out.partial-{dead_pid()}-12345678"
     partial.mkdir()
     (partial / ".toolchain-partial").touch()
+    finished = tmp_path / f".out.partial-{dead_pid()}-9abcdef0"  # killed after its marker was written
+    shutil.copytree(hidden, finished)
+    emptied = tmp_path / f".out.partial-{dead_pid()}-0f0f0f0f"  # killed while being removed
+    emptied.mkdir()
+    foreign = tmp_path / f".out.partial-{dead_pid()}-abcdabcd"  # named like ours, but not ours
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("not toolchain's")
     res = run_cli("build", recipe, "-o", out, "--store", store)
     assert res.returncode == 0, res.stderr
     valid_delivery(out)
-    assert not leftovers(tmp_path)
+    assert leftovers(tmp_path) == [foreign.name] and (foreign / "mine.txt").is_file()
 
 
 def test_sigkill_during_cached_builds_never_damages_the_output(warm, tmp_path):
@@ -368,6 +383,13 @@ def test_variants_that_would_share_a_folder_are_refused(tmp_path):
     res = run_cli("check", recipe)
     assert res.returncode == 2, res.stderr
     assert "clash.yaml:" in res.stderr and "would both be delivered into the folder 'tag=a_b'" in res.stderr
+
+
+def test_yaml_numbers_that_overflow_are_recipe_errors(tmp_path):
+    recipe = tmp_path / "sf.yaml"
+    recipe.write_text("name: x\nstages: {load: {kind: load, params: {dtype: 0" + ":0" * 180 + ".5}}}\n")
+    res = run_cli("check", recipe)
+    assert res.returncode == 2 and "sf.yaml:2:" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 # -- 8. machine problems ---------------------------------------------------------------------------
@@ -438,3 +460,57 @@ def test_gc_collects_entries_dated_in_the_future(tmp_path):
     freed = store.gc(older_than_s=86400)
     assert freed["records"] == 1 and store.lookup("f" * 64) is None
     assert not orphan.exists() and not store.object_path(record["outputs"]["w.bin"]["sha256"]).exists()
+
+
+def test_worker_that_cannot_write_its_result_reports_the_machine(tmpfs):
+    """The disk can fill with a stage's own output, leaving no room for result.json: the worker
+    then exits with its machine status, which the executor turns into exit 4."""
+    from toolchain.worker import NO_RESULT_MACHINE
+
+    small = tmpfs("64k")
+    with open(small / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    spec = small.parent / "spec.json"
+    spec.write_text(json.dumps({"kind": "import_onnx", "step": "imp", "params": {"path": "nowhere"}, "inputs": {},
+                                "input_meta": {}, "output": str(small.parent), "result": str(small / "result.json"),
+                                "recipe_dir": str(small.parent), "recipe_model": None, "traits": {}}))
+    proc = subprocess.run([sys.executable, "-m", "toolchain.worker", str(spec)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == NO_RESULT_MACHINE, proc.stderr
+    assert "No space left on device" in proc.stderr
+
+
+def test_odd_store_and_output_paths_are_refused_at_once(warm, tmp_path, tmpfs):
+    recipe, store = warm
+    fifo_store = tmp_path / "fifo-store"
+    fifo_store.mkdir()
+    os.mkfifo(fifo_store / "STORE")  # opening it would block forever
+    res = run_cli("plan", recipe, "--store", fifo_store, timeout=60)
+    assert res.returncode == 2 and "not a toolchain store" in res.stderr
+    (tmp_path / "afile").write_text("x")
+    res = run_cli("plan", recipe, "--store", tmp_path / "afile" / "sub")
+    assert res.returncode == 2 and "not a folder" in res.stderr, res.stderr
+    mount = tmpfs("1m", "mnt")
+    res = run_cli("build", recipe, "-o", mount, "--store", store)
+    assert res.returncode == 2 and "mount point" in res.stderr, res.stderr
+
+
+def test_repair_of_a_tree_keeps_the_record_and_dry_run_counts_files(warm, tmp_path):
+    _, store = warm
+    s = Store(store).open()
+    key, record, _ = next(iter(s.records()))
+    tree = s.tree(key, record)  # what a build materialises as the input of the next step
+    (tree / "extra.txt").write_text("stray")
+    res = run_cli("cache", "verify", "--repair", "--store", store)
+    assert res.returncode == 0 and not tree.exists(), res.stderr
+    assert len(list((store / "actions").glob("*/*.json"))) == 2  # both records kept
+    dry = run_cli("cache", "gc", "--max-size", "0", "--dry-run", "--store", store)
+    real = run_cli("cache", "gc", "--max-size", "0", "--store", store)
+    assert dry.returncode == real.returncode == 0
+    said = lambda r: r.stdout + r.stderr  # noqa: E731
+    assert said(dry).split("remove", 1)[1].split(",")[:2] == said(real).split("removed", 1)[1].split(",")[:2]
+    assert " 0 files" not in said(real)

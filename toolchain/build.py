@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import uuid
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def build(plans: list[Plan], store: Store, out: Path | None, console: Console, f
                 console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
             results = executor.run(plan)
             variants.append((plan, results))
+        _raise_if_failed(executor, variants)
+        manifest = make_manifest(variants, store)
+        if out is not None:  # still under the store's shared lock: gc must not run before delivery
+            deliver(manifest, variants, store, out)
+    return manifest
+
+
+def _raise_if_failed(executor, variants) -> None:
+    """Raise BuildFailed when any step failed (nothing is delivered then)."""
     if executor.errors:  # nothing is delivered from a build with failed steps (each was printed)
         failed = [(plan.recipe.full_name, r.name) for plan, res in variants for r in res.values()
                   if r.status == "failed"]
@@ -62,10 +72,6 @@ def build(plans: list[Plan], store: Store, out: Path | None, console: Console, f
         error.exit_code = 4 if 4 in codes else max(codes) if all(
             isinstance(e, UsageError) for e in executor.errors) else 3
         raise error
-    manifest = make_manifest(variants, store)
-    if out is not None:
-        deliver(manifest, variants, store, out)
-    return manifest
 
 
 def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Store) -> dict:
@@ -142,20 +148,18 @@ def _delivered_files(out: Path, limit: int) -> list[str] | None:
 def _delivery_problem(out: Path) -> str | None:
     """None when `out` is a folder that toolchain delivered and nobody added to since."""
     try:
+        if not stat.S_ISREG(os.lstat(out / DELIVERY_MARKER).st_mode):  # never open a FIFO: it would block
+            raise ValueError
         with open(out / DELIVERY_MARKER, encoding="utf-8") as f:
             marker = json.loads(f.read(64 << 20))
         files = marker["files"]
-        if not isinstance(files, dict) or not isinstance(marker.get("manifest_sha256"), str):
+        if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("sha256"), str)
+                                                  for m in files.values()):
             raise ValueError
     except FileNotFoundError:
         return f"was not delivered by toolchain (it has no {DELIVERY_MARKER})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"has a {DELIVERY_MARKER} that toolchain cannot read"
-    try:
-        if hash_file(out / "manifest.json") != marker["manifest_sha256"]:
-            return "has a manifest.json that is not the one toolchain delivered"
-    except OSError:
-        return "has lost its manifest.json"
     found = _delivered_files(out, len(files) + 1 + 1000)  # (the marker itself, and extras worth naming)
     if found is None:
         return "holds over a thousand files that toolchain did not deliver"
@@ -163,7 +167,34 @@ def _delivery_problem(out: Path) -> str | None:
     if extra:
         return (f"holds {len(extra)} file{'s' if len(extra) != 1 else ''} that toolchain did not deliver "
                 f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    changed = [rel for rel, meta in files.items() if _changed(out / rel, meta)]
+    if changed:
+        return (f"has {len(changed)} delivered file{'s' if len(changed) != 1 else ''} changed since "
+                f"({', '.join(sorted(changed)[:5])}{', ...' if len(changed) > 5 else ''})")
     return None
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _changed(path: Path, meta: dict) -> bool:
+    """True when a delivered file now holds other bytes (a deleted one is not a change: nothing of
+    the user's is lost by replacing it). Only a file whose stat moved since delivery is rehashed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    if meta.get("stat") == _signature(st):
+        return False
+    try:
+        return st.st_size != meta.get("size") or hash_file(path) != meta["sha256"]
+    except OSError:
+        return True
 
 
 def check_output(out: Path, store: Store) -> None:
@@ -179,6 +210,9 @@ def check_output(out: Path, store: Store) -> None:
         return
     if not out.is_dir():
         raise UsageError(f"output path {out} exists and is not a folder; refusing to replace it: choose another -o")
+    if os.path.ismount(out):
+        raise UsageError(f"output folder {out} is a mount point, which cannot be swapped for a new folder: "
+                         "give -o a folder inside it")
     try:
         empty = not any(os.scandir(out))
     except OSError as exc:
@@ -212,8 +246,23 @@ def _leftovers(out: Path):
     for p in out.parent.iterdir():
         m = pattern.fullmatch(p.name)
         if (m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m[2]))
-                and ((p / PARTIAL_SENTINEL).is_file() or (p / DELIVERY_MARKER).is_file())):
+                and ((p / PARTIAL_SENTINEL).is_file() or (p / DELIVERY_MARKER).is_file() or not any(p.iterdir()))):
             yield m[1], p
+
+
+def _remove_ours(folder: Path) -> None:
+    """Remove a folder of ours so that, killed at any moment, what is left still carries our
+    marker (removed last) or is empty: the next build can tell it is ours and finish the job."""
+    keep = (DELIVERY_MARKER, PARTIAL_SENTINEL)
+    for p in list(folder.iterdir()) if folder.is_dir() else ():
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    for name in keep:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        pass
 
 
 def _restore_or_clean(out: Path) -> None:
@@ -221,7 +270,7 @@ def _restore_or_clean(out: Path) -> None:
         if kind == "old" and not os.path.lexists(out) and (p / DELIVERY_MARKER).is_file():
             os.rename(p, out)  # killed between the two renames of the fallback swap: put it back
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_ours(p)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -242,7 +291,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
             except BaseException:
                 os.rename(old, out)
                 raise
-            os.rename(old, tmp) if not os.path.lexists(tmp) else shutil.rmtree(old, ignore_errors=True)
+            os.rename(old, tmp) if not os.path.lexists(tmp) else _remove_ours(old)
         delivered_to = out
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -267,13 +316,14 @@ def deliver(manifest: dict, variants, store: Store, out: Path) -> None:
         (tmp / PARTIAL_SENTINEL).touch()
         try:
             files = _write_delivery(manifest, variants, store, tmp)
-            (tmp / PARTIAL_SENTINEL).unlink()
             marker = {"toolchain": __version__, "manifest_sha256": files["manifest.json"]["sha256"],
                       "files": files}
             (tmp / DELIVERY_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            (tmp / PARTIAL_SENTINEL).unlink()  # after the marker: one of the two is always there
             _swap_in(tmp, out)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.lexists(tmp):
+                _remove_ours(tmp)
     except DamagedObject as exc:
         store.discard_object(exc.digest)
         raise
@@ -305,6 +355,8 @@ def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
         rel = f.relative_to(tmp).as_posix()
         if f.is_file() and rel not in files and rel != PARTIAL_SENTINEL:
             files[rel] = {"sha256": hash_file(f), "size": f.stat().st_size}
+    for rel, meta in files.items():  # what each file looks like as delivered: a later change shows
+        meta["stat"] = _signature(os.lstat(tmp / rel))
     return files
 
 

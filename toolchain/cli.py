@@ -392,11 +392,14 @@ def _terminated(signum, frame):  # a CI timeout or `kill`: stop like Ctrl-C, wor
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)  # first: a SIGTERM during start-up stops cleanly too
     args = parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
     console = Console(quiet=getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args, console)
+        code = COMMANDS[args.command](args, console)
+        # the work is done and reported: a SIGTERM while the interpreter shuts down changes nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return code
     except RecipeError as exc:
         for p in exc.problems:
             print(p.render(), file=sys.stderr)

@@ -21,6 +21,7 @@ from .console import Console
 from .errors import MachineError, StageFailed, StageUserError
 from .plan import Plan, Step
 from .store import Store
+from .worker import NO_RESULT_MACHINE
 
 PKG_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -121,16 +122,23 @@ class LocalExecutor:
                 "output": str(out), "result": str(work / "result.json"), "recipe_dir": str(plan.recipe.dir),
                 "cache_dir": str(self.store.root / "cache"),
                 "recipe_model": plan.recipe.model, "traits": step.traits}
-        (work / "spec.json").write_text(json.dumps(spec, indent=1))
         log_path = self.store.logs / f"{step.key}.log"
         started = time.time()
         try:
+            (work / "spec.json").write_text(json.dumps(spec, indent=1))
             with self.console.step(f"{step.name} ({step.kind})") as update:
                 code = self._spawn(work, log_path, update)
             result = self._read_result(work)
             if result is None:
                 why = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
-                raise StageFailed(step.name, why + self._tail(log_path), str(log_path))
+                if code == NO_RESULT_MACHINE:
+                    free = shutil.disk_usage(work).free
+                    why = (f"the worker could not write its result: the store's disk is full or read-only "
+                           f"({free / 2**20:.0f} MiB free in {work.parent})")
+                error = StageFailed(step.name, why + self._tail(log_path), str(log_path))
+                if code == NO_RESULT_MACHINE:
+                    error.exit_code = MachineError.exit_code
+                raise error
             if not result["ok"]:
                 if result.get("user_error"):
                     raise StageUserError(f"stage '{step.name}': {result['error']}")

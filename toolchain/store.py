@@ -51,12 +51,16 @@ _TMP_NAMES = (re.compile(r"(?P<pid>\d+)-[A-Za-z0-9_.-]+-[0-9a-f]{12}"),  # Store
 
 
 def _fsync_dir(path: Path) -> None:
+    """Best effort: once the rename is done the write has happened; a folder whose fsync fails
+    must not turn a finished commit into a reported failure."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -145,6 +149,8 @@ class Store:
     def _marker_problem(self) -> str | None:
         """None when `root` holds a store this toolchain made, else why not."""
         try:
+            if not stat.S_ISREG(os.lstat(self.marker).st_mode):  # never open a FIFO: it would block
+                return "its STORE entry is not a file written by toolchain"
             with open(self.marker, encoding="utf-8", errors="replace") as f:
                 words = f.read(256).split()
         except FileNotFoundError:
@@ -185,6 +191,8 @@ class Store:
             for d in (self.objects, self.actions, self.trees, self.locks, self.tmp, self.logs, self.hashes,
                       self.verified):
                 d.mkdir(exist_ok=True)
+        except (NotADirectoryError, FileExistsError) as exc:  # a file where a folder of the path should be
+            raise NotAStore(f"--store {self.root} cannot be a store: {exc.filename} is not a folder") from None
         except OSError as exc:
             raise machine_error(exc, f"creating the store {self.root}") from None
         return self
@@ -474,7 +482,14 @@ class Store:
             problem = (record.get("_corrupt") if record else "unreadable") or self._outputs_problem(
                 record, rehash=deep, seen=seen, discard=repair)
             if not problem and (self.trees / key).exists():
-                problem = self._tree_problem(key, record)
+                tree_problem = self._tree_problem(key, record)
+                if tree_problem:  # derived data: drop the tree, keep the intact record
+                    issue = Issue(key, f"{tree_problem} (the folder is rebuilt from the store when next used)")
+                    if repair:
+                        with self.lock(f"tree-{key}"):
+                            self._drop_tree(key)
+                        issue.repaired = True
+                    issues.append(issue)
             if problem:
                 issue = Issue(key, problem)
                 if repair:
@@ -560,10 +575,11 @@ class Store:
         referenced, orphaned = set(), set()
         for _, k, r in entries:
             digests = {m["sha256"] for m in r["outputs"].values()}
-            if k in remove and not dry_run:
+            if k in remove and (dry_run or not self.record_path(k).exists()):  # (a record in use was kept)
                 orphaned |= digests
             else:
                 referenced |= digests
+        orphaned -= referenced
         for obj in self.objects.glob("*/*"):
             if not _HEX64.fullmatch(obj.name) or obj.parent.name != obj.name[:2] or obj.name in referenced:
                 continue
@@ -583,7 +599,8 @@ class Store:
             if not _HEX64.fullmatch(key):
                 continue  # not a name the store gives
             stamped = (self.trees / f"{key}.complete").is_file()
-            if tree.is_dir() and (not self.record_path(key).exists() or not stamped):
+            gone = not self.record_path(key).exists() or (dry_run and key in remove)
+            if tree.is_dir() and (gone or not stamped):
                 freed["trees"] += 1
                 if not dry_run:
                     self._drop_tree(key)

@@ -14,6 +14,11 @@ import traceback
 from pathlib import Path
 
 
+# exit status of a worker that could not even write result.json because of this machine (disk
+# full, read-only): EX_IOERR of sysexits.h, which no Python exception exit uses
+NO_RESULT_MACHINE = 74
+
+
 def _die_with_parent() -> None:
     """Ask Linux to kill us when the executor dies (e.g. SIGKILL), so no orphan keeps running."""
     parent = int(os.environ.get("TOOLCHAIN_PARENT_PID", "0"))
@@ -66,7 +71,11 @@ def main(argv: list[str]) -> int:
                   "machine": _machine_problem(exc)}
     # what really ran, for the executor to check against the files hashed into the step's key
     result["modules"] = codehash.loaded_modules()
-    result_path.write_text(json.dumps(result, default=_jsonable))
+    try:
+        result_path.write_text(json.dumps(result, default=_jsonable))
+    except OSError as exc:  # the disk filled up (often with this very stage's output)
+        print(f"cannot write the result: {exc}", file=sys.stderr, flush=True)
+        return NO_RESULT_MACHINE if _machine_problem(exc) else 1
     return 0
 
 

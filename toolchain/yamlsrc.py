@@ -187,7 +187,7 @@ def load_yaml(path: Path, display: str | None = None) -> Located:
             problems.append(Problem(f"unsupported YAML value: {exc.problem}", *_mark(n, file),
                                     hint="recipes allow plain YAML only (no Python tags)"))
             return None
-        except ValueError as exc:  # e.g. a date like 2024-13-01
+        except (ValueError, OverflowError) as exc:  # e.g. a date like 2024-13-01
             problems.append(Problem(f"invalid YAML value {n.value!r}: {exc}", *_mark(n, file),
                                     hint="quote it if it is meant as text"))
             return None
