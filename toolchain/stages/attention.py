@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .. import environment
 from .base import HF_MODEL, CheckContext, RunContext, Stage
+from .compile import refuse_compiled
 
 # implementation -> (distribution that provides it, lowest compute capability, highest or None)
 FLASH = {
@@ -34,11 +35,12 @@ class Attention(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "flash_attn", "flash_attn_4")
-    code = ("runtime/models.py", "runtime/observe.py")
+    code = ("runtime/models.py", "runtime/observe.py", "stages/compile.py")
 
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
+        refuse_compiled(ctx, what="changing its attention")
         dtype = t.get("dtype")
         if p.sdpa_kernel and p.implementation != "sdpa":
             ctx.error(f"`sdpa_kernel` applies to implementation sdpa, not {p.implementation}", "sdpa_kernel")

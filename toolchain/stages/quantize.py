@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import environment
 from .base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
+from .compile import refuse_compiled
 
 
 @dataclass
@@ -30,11 +31,12 @@ class Quantize(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors")
-    code = ("runtime/models.py",)
+    code = ("runtime/models.py", "stages/compile.py")
 
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
+        refuse_compiled(ctx, what="quantizing it")
         if t.get("quantization"):
             ctx.error(f"the model is already quantized ({t['quantization']})")
         if t.get("bettertransformer"):
