@@ -17,6 +17,7 @@ KINDS: dict[str, str] = {
     "import_onnx": "toolchain.stages.import_onnx:ImportOnnx",
     "optimize_onnx": "toolchain.stages.optimize_onnx:OptimizeOnnx",
     "compile": "toolchain.stages.compile:Compile",
+    "select": "toolchain.stages.select:Select",
 }
 
 

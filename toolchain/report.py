@@ -79,6 +79,38 @@ def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
     return "".join(out)
 
 
+SELECT_HEADER = ["candidate", "runtime", "result", "median ms", "p90 ms", "CoV", "throughput", "peak MB",
+                 "compile s (build)", "first call s", "max abs", "smallest atol that passes", "why"]
+
+
+def select_rows(step: dict) -> list[list[str]]:
+    rows = []
+    for r in step["metrics"].get("candidates", []):
+        cov = r.get("cov")
+        rows.append([r["name"], r.get("runtime") or r["artifact"], r["status"], _fmt(r.get("score_ms")),
+                     _fmt(r.get("p90_ms")), "-" if cov is None else f"{100 * cov:.1f}%",
+                     f"{_fmt(r.get('throughput'))} {r.get('throughput_unit', '')}".strip(),
+                     _fmt(r.get("peak_memory_mb")), _fmt(r.get("build_compile_s")), _fmt(r.get("first_call_s")),
+                     _fmt(r.get("max_abs")), _fmt(r.get("min_atol_to_pass")),
+                     r["why"].replace("|", "\\|")])
+    return rows
+
+
+def _select_markdown(s: dict) -> str:
+    m = s["metrics"]
+    b, v = m.get("benchmark_settings", {}), m.get("parity_settings", {})
+    head = (f"\n### Selection: {s['name']} ({'winner: ' + m['winner'] if m.get('winner') else 'FAILED: no winner'})\n\n"
+            f"Each candidate ran in a fresh process on {m.get('device_name', '?')}: timed like `benchmark` (batch "
+            f"{b.get('batch_size')}, sequence {b.get('sequence_length')}, {b.get('warmup')} warm-up + "
+            f"{b.get('iterations')} timed calls; ranked by the {m.get('rank_by', '')}), then compared with the "
+            f"reference like `validate` ({v.get('samples')} passages of {v.get('corpus')}, atol "
+            f"{v.get('atol', 'from the precision')}"
+            + (f"; per-candidate tolerances {m['overrides']}" if m.get("overrides") else "") + "). Compile s "
+            "(build) is what the compile step took; first call s is the first call of each shape in this run "
+            "(torch.compile compiles there, from the store's Inductor cache when it can).\n\n")
+    return head + _table(SELECT_HEADER, select_rows(s)) + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", []))
+
+
 def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) -> str:
     env = manifest["environment"]
     hw = env.get("hardware", {})
@@ -124,6 +156,8 @@ def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) 
                     out.append("\n" + "; ".join(extra) + ".\n")
                 for f in s["gate"]["failures"]:
                     out.append(f"\n- FAILED: {f}\n")
+            if s["kind"] == "select" and s["metrics"]:
+                out.append(_select_markdown(s))
             if s["kind"] == "benchmark" and s["metrics"]:
                 m = s["metrics"]
                 out.append(f"\n### Latency: {s['name']}\n\n")
