@@ -167,6 +167,15 @@ def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) 
                            f", {m.get('warmup')} warm-up iterations; {m.get('timer', '')}. Peak memory: "
                            f"{m.get('memory_kind', '')}.\n\n")
                 out.append(_table(LATENCY_HEADER, latency_rows(s)))
+                firsts = [f"{name} {t['first_call_s']:.1f} s" for name, t in m.get("timings", {}).items()
+                          if t.get("first_call_s") is not None]
+                if firsts:  # compiling is not steady state: reported apart, never in the medians
+                    c = m.get("compile") or {}
+                    out.append(f"\nFirst call of each shape (torch.compile compiles there; not in the table): "
+                               f"{', '.join(firsts)}; FX graph cache {c.get('fx_graph_cache_hits', 0)} hits, "
+                               f"{c.get('fx_graph_cache_misses', 0)} misses.\n")
+                if m.get("load_seconds") is not None:
+                    out.append(f"\nLoading the package took {m['load_seconds']:.1f} s (not in the table).\n")
                 for w in m.get("warnings", []):
                     out.append(f"\n- warning: {w}\n")
     if plots:

@@ -58,9 +58,18 @@ def _aot_inductor(ctx) -> dict:
     ctx.progress("torch.export" + (f" ({', '.join(f'{a} {_range(c[a])}' for a in ('batch', 'sequence'))})"
                                    if c["dynamic"] else f" (static {c['shape']['batch']}x{c['shape']['sequence']})"))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        # strict=False traces the Python as it runs (transformers' mask helpers do not pass strict mode)
-        program = torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    try:
+        with torch.no_grad():
+            # strict=False traces the Python as it runs (transformers' mask helpers do not pass strict mode)
+            program = torch.export.export(wrapper, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except torch._dynamo.exc.UserError as exc:  # e.g. a range the traced code cannot take: the recipe's to fix
+        from ..errors import StageUserError
+
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:6]
+        raise StageUserError("torch.export cannot take these shapes: " + " ".join(lines) + " (change `batch`, "
+                             "`sequence` or `shape` as torch suggests; on CUDA, torch 2.11 traced transformers' "
+                             "SDPA attention only for sequence lengths in multiples of 8: use `dynamic: false` "
+                             "with a `shape` there)") from None
     export_s = time.perf_counter() - t0
     ctx.progress("AOTInductor compile (C++" + (" and CUDA" if p.device.startswith("cuda") else "") + ")")
     configs = {"max_autotune": True} if p.mode == "max-autotune-no-cudagraphs" else {}
