@@ -48,13 +48,16 @@ class CheckContext:
         if self.machine:
             self.notes.append(f"stage '{self.step}': {message}")
 
-    def error(self, message: str, param: str | tuple | None = None, hint: str | None = None) -> None:
+    def error(self, message: str, param: str | tuple | None = None, hint: str | None = None,
+              at: tuple | None = None) -> None:
         """A problem located at `param` (a tuple: a path below params, e.g. ("overrides", "onnx"))
-        when the recipe sets it, else at the stage."""
+        when the recipe sets it, at `at` (a path below the stage, e.g. one input), else at the stage."""
         below = (param,) if isinstance(param, str) else tuple(param or ())
         path = ("stages", self.step) + (("params",) + below if below else ())
         if below and below[0] not in (self.recipe.stages[self.step].get("params") or {}):
             path = ("stages", self.step)
+        if at:
+            path = ("stages", self.step) + at
         self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, key=len(below) > 1,
                                                  hint=hint))
 

@@ -67,19 +67,22 @@ class Select(Stage):
         if corpus and not corpus.startswith("gensim:") and not (ctx.recipe.dir / corpus).is_file():
             ctx.error(f"corpus file not found: {ctx.recipe.dir / corpus}", "parity")
         bench = benchmark_params(p)
+        listed = ctx.recipe.stages[ctx.step]["inputs"]["candidates"]
         for name, t in cands.items():
+            at = ("inputs", "candidates", listed.index(name))  # problems of one candidate point at its entry
             for what in ("task", "model_type"):
                 if t.get(what) and ref.get(what) and t[what] != ref[what]:
                     ctx.error(f"candidate '{name}' is a {t[what]} model but the reference is {ref[what]}: candidates "
-                              "must be artifacts of the reference's model")
+                              "must be artifacts of the reference's model", at=at)
             for problem in compiled_candidate_problems(t, validate_params(p, name)) + \
                     compiled_input_problems(t, bench):
                 ctx.error(f"candidate '{name}': {problem}", hint="pick parity and benchmark shapes that every "
-                          "candidate takes, or widen the package's ranges")
+                          "candidate takes, or widen the package's ranges", at=at)
             if t.get("sdpa_kernel") == "flash" and p.device.startswith("cuda") and \
                     (validate_params(p, name).batch_size > 1 or bench.padding):
                 ctx.error(f"candidate '{name}' pins the SDPA flash kernel, which on CUDA takes no attention mask, so "
-                          "padded batches cannot run", hint="set `parity.batch_size: 1` and `benchmark.padding: 0`")
+                          "padded batches cannot run", hint="set `parity.batch_size: 1` and `benchmark.padding: 0`",
+                          at=at)
             if t.get("artifact") == ONNX_MODEL:
                 why = environment.provider_status(t.get("provider", "cpu"))
                 if why:
