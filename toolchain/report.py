@@ -108,7 +108,9 @@ def _select_markdown(s: dict) -> str:
             + (f"; per-candidate tolerances {m['overrides']}" if m.get("overrides") else "") + "). Compile s "
             "(build) is what the compile step took; first call s is the first call of each shape in this run "
             "(torch.compile compiles there, from the store's Inductor cache when it can).\n\n")
-    return head + _table(SELECT_HEADER, select_rows(s)) + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", []))
+    warnings = [f"\n- warning: {r['name']}: {w}\n" for r in m.get("candidates", []) for w in r.get("warnings", [])]
+    return (head + _table(SELECT_HEADER, select_rows(s)) + "".join(warnings)
+            + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", [])))
 
 
 def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) -> str:
