@@ -87,7 +87,7 @@ def _aot_inductor(ctx) -> dict:
     models.write_meta(ctx.output, out_meta)
     ctx.progress("loading the package and running it once")
     package = runners.AotiRunner(ctx.output, p.device)
-    diff = _max_abs(package.forward(ids, mask)[output], _eager(model, kwargs))
+    diff = _max_abs(package.forward(ids, mask)[output], _eager(model, kwargs, output))
     return {"backend": "aot_inductor", "export_seconds": export_s, "compile_seconds": compile_s,
             "load_seconds": package.load_seconds, "package_bytes": (ctx.output / compiled.PACKAGE_FILE).stat().st_size,
             "inputs": names, "outputs": [output], "shapes": {a: c[a] for a in ("batch", "sequence", "shape")},
@@ -129,11 +129,9 @@ def _inductor(ctx) -> dict:
             "inductor_cache": str(compiled.use_store_cache(ctx.cache_dir)) if ctx.cache_dir else None}
 
 
-def _eager(model, kwargs: dict, output: str | None = None, meta: dict | None = None) -> np.ndarray:
+def _eager(model, kwargs: dict, output: str, meta: dict | None = None) -> np.ndarray:
     with torch.no_grad(), models.sdpa_context(meta or {}):
-        out = model(**kwargs)
-    out = getattr(out, output) if output else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
-    return out.float().cpu().numpy()
+        return getattr(model(**kwargs), output).float().cpu().numpy()
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..stages.compile import describe_shapes, shape_problem
 from . import compiled, models, onnx_io
 
 OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
@@ -173,8 +174,6 @@ class AotiRunner:
     compiles = False  # compiled when it was built; loading it is timed instead
 
     def __init__(self, folder: Path, device: str = "cpu"):
-        from ..stages.compile import shape_problem
-
         self.folder, self.device = Path(folder), device
         self.meta = models.read_meta(self.folder)
         self.compile = self.meta["compile"]
@@ -182,20 +181,17 @@ class AotiRunner:
         self.output = self.meta["outputs"][0]
         self.dtype = self.meta.get("dtype", "float32")
         self.tokenizer = None
-        self._shape_problem = shape_problem
         t0 = time.perf_counter()
         self.model = compiled.load_package(self.folder, device)
         self.load_seconds = time.perf_counter() - t0
 
     def describe(self) -> str:
-        from ..stages.compile import describe_shapes
-
         built = self.meta.get("built_with", {})
         return (f"AOTInductor {self.dtype} package ({describe_shapes(self.compile)}; torch {built.get('torch')}, "
                 f"{built.get('cxx') or 'compiler unknown'}) on {self.device}")
 
     def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pad: bool) -> dict:
-        why = self._shape_problem(self.compile, *input_ids.shape, pad=pad)
+        why = shape_problem(self.compile, *input_ids.shape, pad=pad)
         if why:
             raise ValueError(f"input of shape {tuple(input_ids.shape)}: {why}")
         if pad and not self.compile["dynamic"]:
