@@ -122,7 +122,7 @@ class Compile(Stage):
     produces = AOTI_MODEL  # or an hf-model with compile settings (backend inductor): see traits
     env = ("python", "platform", "torch", "transformers") + COMPILER_ENV
     code = ("runtime/compile_run.py", "runtime/compiled.py", "runtime/runners.py", "runtime/models.py",
-            "runtime/onnx_io.py", "stages/bettertransformer.py")
+            "runtime/onnx_io.py", "stages/bettertransformer.py", "environment.py")
 
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]

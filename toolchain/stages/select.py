@@ -43,7 +43,7 @@ class Select(Stage):
     env = tuple(sorted(set(Validate.env) | set(Benchmark.env)))
     code = ("runtime/select_run.py", "stages/validate.py", "stages/benchmark.py", "stages/compile.py",
             "runtime/validate_run.py", "runtime/runners.py", "runtime/compare.py", "runtime/text.py",
-            "runtime/timing.py", "runtime/onnx_io.py", "runtime/models.py", "runtime/compiled.py")
+            "runtime/timing.py", "runtime/onnx_io.py", "runtime/models.py", "runtime/compiled.py", "environment.py")
 
     def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
         return self.env + compiler_env(inputs)
