@@ -47,3 +47,90 @@ def test_smollm2_onnx_generation_equals_pytorch(tmp_path, real_store):
     assert graph["kv_cache"] and graph["layers"] == 30 and graph["kv_heads"] == 3
     decode = _step(m, "bench_onnx")["metrics"]["timings"]["decode (per token)"]
     assert decode["iterations"] >= 16
+
+
+# what a user runs to serve the package: torch alone (README "Compiled artifacts")
+LOAD_PACKAGE = """
+import json, sys, torch
+folder, inputs, output = sys.argv[1:]
+meta = json.load(open(f"{folder}/toolchain.json"))
+model = torch._inductor.aoti_load_package(f"{folder}/model.pt2")
+outs = [model(**{name: batch[name] for name in meta["inputs"]}) for batch in torch.load(inputs)]
+torch.save(outs, output)
+assert "transformers" not in sys.modules, "loading the package imported transformers"
+"""
+
+
+def test_minilm_compile_selects_the_fastest_that_passes(tmp_path, real_store):
+    m = _build("minilm-compile.yaml", tmp_path / "out", real_store)
+    sel = _step(m, "select")["metrics"]
+    rows = {r["name"]: r for r in sel["candidates"]}
+    assert set(rows) == {"load", "inductor", "aoti", "onnx"}
+    for r in rows.values():  # every candidate matches eager within 1e-4 on the real sentences
+        assert r["parity_passed"] and r["max_abs"] <= 1e-4, r
+    winner = rows[sel["winner"]]
+    assert winner["status"] == "selected" and winner["score_ms"] == min(r["score_ms"] for r in rows.values())
+    assert all(r["why"].startswith("slower: ") for name, r in rows.items() if name != sel["winner"])
+    delivered = json.loads((tmp_path / "out" / "select" / "toolchain.json").read_text())
+    assert delivered["selected"]["candidate"] == sel["winner"]
+    # compile time apart from latency: the package's build, its load, torch.compile's first call
+    assert rows["aoti"]["build_compile_s"] > 0 and rows["aoti"]["load_s"] > 0
+    assert rows["inductor"]["build_compile_s"] > 0 and rows["inductor"]["first_call_s"] > 0
+    # the compile step left Inductor's caches in the store and the candidate's process used them
+    assert rows["inductor"]["compile_stats"]["fx_graph_cache_hits"] >= 1
+    assert any((real_store / "cache" / "inductor").iterdir())
+    assert f"### Selection: select (winner: {sel['winner']})" in (tmp_path / "out" / "report.md").read_text()
+    again = _build("minilm-compile.yaml", tmp_path / "again", real_store)
+    assert {s["status"] for s in again["variants"][0]["steps"]} == {"cached"}
+    assert _step(again, "aoti")["outputs"] == _step(m, "aoti")["outputs"]
+
+
+def test_minilm_package_runs_without_transformers(tmp_path, real_store):
+    """The .pt2 package loads in a fresh process with torch alone and matches eager PyTorch within
+    1e-4 on real sentences (tokenized here, passed as saved tensors)."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from toolchain.runtime import text
+
+    from .conftest import minilm_folder
+
+    _build("minilm-compile.yaml", tmp_path / "out", real_store)
+    package = tmp_path / "out" / "aoti"
+    tokenizer = AutoTokenizer.from_pretrained(package)  # the tokenizer travels with the package
+    sentences = text.passages("gensim:lee_background", ROOT, 40)
+    batches = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+               for i in range(0, len(sentences), 16)]
+    torch.save(batches, tmp_path / "inputs.pt")
+    run = subprocess.run([sys.executable, "-c", LOAD_PACKAGE, str(package), str(tmp_path / "inputs.pt"),
+                          str(tmp_path / "outputs.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
+    eager = AutoModel.from_pretrained(minilm_folder()).eval()
+    worst = 0.0
+    for batch, got in zip(batches, outputs, strict=True):
+        with torch.no_grad():
+            want = eager(**batch).last_hidden_state
+        keep = batch["attention_mask"].bool()
+        worst = max(worst, (got - want)[keep].abs().max().item())
+    assert sum(int((b["attention_mask"] == 0).sum()) for b in batches) > 0  # padded batches
+    assert worst <= 1e-4
+
+
+def test_select_drops_a_candidate_that_fails_parity(tmp_path, real_store):
+    """The same recipe with an impossible tolerance for the ONNX candidate: only select runs again,
+    ONNX is dropped with the tolerance that would have passed, and a passing candidate wins."""
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(f"extends: {ROOT / 'recipes' / 'minilm-compile.yaml'}\nname: minilm-compile-strict\n"
+                      "stages:\n  select:\n    params:\n      overrides: {onnx: {atol: 1.0e-9, rtol: 0}}\n")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", real_store, timeout=1800)
+    assert res.returncode == 0, res.stderr[-4000:]
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {s["name"] for s in m["variants"][0]["steps"] if s["status"] == "built"} <= {"select"}
+    sel = _step(m, "select")["metrics"]
+    rows = {r["name"]: r for r in sel["candidates"]}
+    assert rows["onnx"]["status"] == "failed parity" and "would have passed" in rows["onnx"]["why"]
+    assert sel["winner"] != "onnx" and rows[sel["winner"]]["parity_passed"]

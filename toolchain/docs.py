@@ -4,10 +4,17 @@ from __future__ import annotations
 from .schema import schema
 
 
+def _target(ref: str, defs: dict) -> dict:
+    """What a `#/$defs/...` pointer names (a definition, or a property inside one)."""
+    node = {"$defs": defs}
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    return node
+
+
 def _type(spec: dict, defs: dict) -> str:
     if "$ref" in spec:
-        name = spec["$ref"].rsplit("/", 1)[1]
-        return _type(defs[name], defs)
+        return _type(_target(spec["$ref"], defs), defs)
     if "enum" in spec:
         return " \\| ".join(f"`{v}`" for v in spec["enum"])
     if "const" in spec:
@@ -21,14 +28,14 @@ def _type(spec: dict, defs: dict) -> str:
 
 def _desc(spec: dict, defs: dict) -> str:
     if "$ref" in spec and "description" not in spec:
-        return defs[spec["$ref"].rsplit("/", 1)[1]].get("description", "")
+        return _target(spec["$ref"], defs).get("description", "")
     return spec.get("description", "")
 
 
 def _table(props: dict, defs: dict, required=()) -> list[str]:
     lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
     for name, spec in props.items():
-        default = spec.get("default")
+        default = spec.get("default", _target(spec["$ref"], defs).get("default") if "$ref" in spec else None)
         default = "required" if name in required else ("-" if default is None else f"`{default}`".lower()
                                                        if isinstance(default, bool) else f"`{default}`")
         lines.append(f"| `{name}` | {_type(spec, defs)} | {default} | {_desc(spec, defs)} |")
@@ -47,7 +54,8 @@ def schema_markdown() -> str:
         kind = name[len("stage_"):]
         out += [f"### Stage `{kind}`", "", spec.get("description", ""), ""]
         roles = spec["properties"]["inputs"].get("properties", {})
-        out.append("Inputs: " + (", ".join(f"`{r}`" for r in roles) if roles else "none") + ".")
+        out.append("Inputs: " + (", ".join(f"`{r}`" + (" (a list of stages)" if v.get("type") == "array" else "")
+                                            for r, v in roles.items()) if roles else "none") + ".")
         out.append("")
         out += _table(spec["properties"]["params"]["properties"], defs) + [""]
         for pname, pspec in spec["properties"]["params"]["properties"].items():

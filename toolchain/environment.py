@@ -26,6 +26,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "bitsandbytes": ("bitsandbytes",),
     "flash_attn": ("flash-attn", "flash_attn"),
     "flash_attn_4": ("flash-attn-4",),
+    "triton": ("triton", "pytorch-triton"),  # Inductor's GPU code generator
 }
 # onnxruntime flavours install the same module; which distribution is present matters.
 ORT_FLAVOURS = ("onnxruntime-gpu", "onnxruntime-rocm", "onnxruntime-openvino", "onnxruntime")
@@ -127,6 +128,37 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that decide which vector code Inductor generates (a .pt2 built with AVX-512 does
+# not run on an AVX2-only machine)
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return ",".join(flag for flag in ISA_FLAGS if flag in have)
+    except OSError:
+        pass
+    return platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def cxx_compiler() -> str | None:
+    """First line of `--version` of the C++ compiler Inductor builds CPU code and AOTInductor
+    packages with: $CXX, else g++ (clang++ on macOS), as torch._inductor's config picks it."""
+    cxx = os.environ.get("CXX") or ("clang++" if platform.system() == "Darwin" else "g++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def fact(name: str, device: str = "cpu"):
     """One named fact. `device` selects the hardware facts (`hardware`, `gpu`)."""
     if name == "python":
@@ -135,6 +167,10 @@ def fact(name: str, device: str = "cpu"):
         return f"{platform.system()}-{platform.machine()}"
     if name == "onnxruntime":
         return onnxruntime_flavour()
+    if name == "cxx":
+        return cxx_compiler()
+    if name == "cpu_isa":
+        return cpu_isa()
     if name == "device":
         if device.startswith("cuda"):
             g = gpu(device)
@@ -157,7 +193,7 @@ def facts(names, device: str = "cpu") -> dict:
 def describe() -> dict:
     """Everything `toolchain env` shows; imports the heavy libraries that are installed."""
     info: dict = {"python": platform.python_version(), "platform": fact("platform"), "cpu": cpu_model(),
-                  "cores": os.cpu_count(), "packages": {k: package_version(k) for k in PACKAGES},
+                  "cores": os.cpu_count(), "cpu_isa": cpu_isa(), "cxx": cxx_compiler(), "packages": {k: package_version(k) for k in PACKAGES},
                   "onnxruntime": onnxruntime_flavour(), "gpus": list(gpus())}
     try:
         import torch

@@ -118,16 +118,16 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     graph: dict[str, set[str]] = {}
     for name, spec in stages.items():
         deps = set()
-        for role, src in (spec.get("inputs") or {}).items():
+        for role, src, where in input_refs(spec):
             if src not in stages:
                 guess = difflib.get_close_matches(src, names, n=1)
                 problems.append(recipe.problem(
                     f"stage '{name}': input '{role}' names stage '{src}', which does not exist",
-                    ("stages", name, "inputs", role),
+                    ("stages", name) + where,
                     hint=f"did you mean '{guess[0]}'?" if guess else f"stages: {', '.join(names)}"))
             elif src == name:
                 problems.append(recipe.problem(f"stage '{name}' takes its own output as input",
-                                               ("stages", name, "inputs", role)))
+                                               ("stages", name) + where))
             else:
                 deps.add(src)
         graph[name] = deps
@@ -164,22 +164,23 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     for name in order:
         spec = stages[name]
         stage = registry.get(spec["kind"])
-        inputs = dict(spec.get("inputs") or {})
+        refs = input_refs(spec)
+        inputs = {role: src for role, src, _ in refs}
         try:
             params = stage.resolve(spec.get("params") or {}, recipe.defaults)
         except TypeError as exc:  # cannot happen for schema-valid recipes; kept as a clear error
             problems.append(recipe.problem(f"stage '{name}': {exc}", ("stages", name)))
             continue
         in_traits = {}
-        for role, src in inputs.items():
+        for role, src, where in refs:
             if src not in steps:
                 continue  # its own problem was reported
             t = steps[src].traits
-            accepted = stage.roles.get(role, ())
+            accepted = stage.roles.get(role.partition(".")[0], ())
             if t["artifact"] not in accepted:
                 problems.append(recipe.problem(
                     f"stage '{name}': input '{role}' must be {' or '.join(accepted)}, but stage "
-                    f"'{src}' ({stages[src]['kind']}) makes {t['artifact']}", ("stages", name, "inputs", role)))
+                    f"'{src}' ({stages[src]['kind']}) makes {t['artifact']}", ("stages", name) + where))
             in_traits[role] = t
         if stage.produces != REPORT and name not in consumed and name not in targets:
             problems.append(recipe.problem(
@@ -212,6 +213,19 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     return plan
 
 
+def input_refs(spec: dict) -> list[tuple[str, str, tuple]]:
+    """(role, source step, location below the stage) of each input. A list-valued role (select's
+    `candidates`) gives one input per element, named ROLE.STEP: every input keeps a role of its
+    own, so the executor, the keys and the lock file treat it like any other."""
+    out = []
+    for role, src in (spec.get("inputs") or {}).items():
+        if isinstance(src, list):
+            out += [(f"{role}.{s}", s, ("inputs", role, i)) for i, s in enumerate(src)]
+        else:
+            out.append((role, src, ("inputs", role)))
+    return out
+
+
 def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
     """key = sha256(canonical JSON of kind, code version, params, input keys, environment facts,
     source fingerprint). Changing any of them changes this key and every key downstream.
@@ -221,7 +235,7 @@ def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
     recipe = plan.recipe
     for step in plan.steps.values():
         stage = step.stage
-        env_names = set(stage.env)
+        env_names = set(stage.key_env({role: plan.steps[src].traits for role, src in step.inputs.items()}))
         env = environment.facts(env_names, step.device)
         env["device"] = environment.fact("device", step.device)
         if stage.hardware_in_key:

@@ -13,6 +13,8 @@ def benchmark_rows(manifests: list[dict]) -> list[dict]:
         for v in m["variants"]:
             vlabel = ",".join(f"{k}={x}" for k, x in v["variant"].items())
             for s in v["steps"]:
+                if s["kind"] == "select":  # each candidate's timings, as select measured them
+                    rows += _select_rows(s, [m["recipe"]["name"]] if several else [], vlabel)
                 if s["kind"] != "benchmark" or s["metrics"].get("not_run"):
                     continue
                 for measure, t in s["metrics"].get("timings", {}).items():
@@ -24,6 +26,20 @@ def benchmark_rows(manifests: list[dict]) -> list[dict]:
                                  "median": t["median_ms"], "p90": t["p90_ms"], "cov": t["cov"],
                                  "memory": t.get("peak_memory_mb", s["metrics"].get("peak_memory_mb")),
                                  "runtime": s["metrics"].get("runtime"), "device": s["metrics"].get("device_name")})
+    return rows
+
+
+def _select_rows(step: dict, prefix: list[str], vlabel: str) -> list[dict]:
+    rows = []
+    for c in step["metrics"].get("candidates", []):
+        for measure, t in (c.get("timings") or {}).items():
+            if "error" in t:
+                continue
+            label = " ".join(prefix + ([vlabel] if vlabel else []) + [f"{step['name']}: {c['name']}"])
+            rows.append({"label": label + ("" if measure == "forward" else f" ({measure})"), "measure": measure,
+                         "samples": t.get("samples_ms", []), "median": t["median_ms"], "p90": t["p90_ms"],
+                         "cov": t["cov"], "memory": t.get("peak_memory_mb"), "runtime": c.get("runtime"),
+                         "device": step["metrics"].get("device_name")})
     return rows
 
 

@@ -16,6 +16,8 @@ KINDS: dict[str, str] = {
     "reverse_bettertransformer": "toolchain.stages.bettertransformer:ReverseBetterTransformer",
     "import_onnx": "toolchain.stages.import_onnx:ImportOnnx",
     "optimize_onnx": "toolchain.stages.optimize_onnx:OptimizeOnnx",
+    "compile": "toolchain.stages.compile:Compile",
+    "select": "toolchain.stages.select:Select",
 }
 
 

@@ -79,6 +79,40 @@ def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
     return "".join(out)
 
 
+SELECT_HEADER = ["candidate", "runtime", "result", "median ms", "p90 ms", "CoV", "throughput", "peak MB",
+                 "compile s (build)", "first call s", "max abs", "smallest atol that passes", "why"]
+
+
+def select_rows(step: dict) -> list[list[str]]:
+    rows = []
+    for r in step["metrics"].get("candidates", []):
+        cov = r.get("cov")
+        rows.append([r["name"], r.get("runtime") or r["artifact"], r["status"], _fmt(r.get("score_ms")),
+                     _fmt(r.get("p90_ms")), "-" if cov is None else f"{100 * cov:.1f}%",
+                     f"{_fmt(r.get('throughput'))} {r.get('throughput_unit', '')}".strip(),
+                     _fmt(r.get("peak_memory_mb")), _fmt(r.get("build_compile_s")), _fmt(r.get("first_call_s")),
+                     _fmt(r.get("max_abs")), _fmt(r.get("min_atol_to_pass")),
+                     r["why"].replace("|", "\\|")])
+    return rows
+
+
+def _select_markdown(s: dict) -> str:
+    m = s["metrics"]
+    b, v = m.get("benchmark_settings", {}), m.get("parity_settings", {})
+    head = (f"\n### Selection: {s['name']} ({'winner: ' + m['winner'] if m.get('winner') else 'FAILED: no winner'})\n\n"
+            f"Each candidate ran in a fresh process on {m.get('device_name', '?')}: timed like `benchmark` (batch "
+            f"{b.get('batch_size')}, sequence {b.get('sequence_length')}, {b.get('warmup')} warm-up + "
+            f"{b.get('iterations')} timed calls; ranked by the {m.get('rank_by', '')}), then compared with the "
+            f"reference like `validate` ({v.get('samples')} passages of {v.get('corpus')}, atol "
+            f"{v.get('atol', 'from the precision')}"
+            + (f"; per-candidate tolerances {m['overrides']}" if m.get("overrides") else "") + "). Compile s "
+            "(build) is what the compile step took; first call s is the first call of each shape in this run "
+            "(torch.compile compiles there, from the store's Inductor cache when it can).\n\n")
+    warnings = [f"\n- warning: {r['name']}: {w}\n" for r in m.get("candidates", []) for w in r.get("warnings", [])]
+    return (head + _table(SELECT_HEADER, select_rows(s)) + "".join(warnings)
+            + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", [])))
+
+
 def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) -> str:
     env = manifest["environment"]
     hw = env.get("hardware", {})
@@ -124,6 +158,8 @@ def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) 
                     out.append("\n" + "; ".join(extra) + ".\n")
                 for f in s["gate"]["failures"]:
                     out.append(f"\n- FAILED: {f}\n")
+            if s["kind"] == "select" and s["metrics"]:
+                out.append(_select_markdown(s))
             if s["kind"] == "benchmark" and s["metrics"]:
                 m = s["metrics"]
                 out.append(f"\n### Latency: {s['name']}\n\n")
@@ -133,6 +169,15 @@ def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) 
                            f", {m.get('warmup')} warm-up iterations; {m.get('timer', '')}. Peak memory: "
                            f"{m.get('memory_kind', '')}.\n\n")
                 out.append(_table(LATENCY_HEADER, latency_rows(s)))
+                firsts = [f"{name} {t['first_call_s']:.1f} s" for name, t in m.get("timings", {}).items()
+                          if t.get("first_call_s") is not None]
+                if firsts:  # compiling is not steady state: reported apart, never in the medians
+                    c = m.get("compile") or {}
+                    out.append(f"\nFirst call of each shape (torch.compile compiles there; not in the table): "
+                               f"{', '.join(firsts)}; FX graph cache {c.get('fx_graph_cache_hits', 0)} hits, "
+                               f"{c.get('fx_graph_cache_misses', 0)} misses.\n")
+                if m.get("load_seconds") is not None:
+                    out.append(f"\nLoading the package took {m['load_seconds']:.1f} s (not in the table).\n")
                 for w in m.get("warnings", []):
                     out.append(f"\n- warning: {w}\n")
     if plots:

@@ -16,8 +16,12 @@ ONNX_FILE = "model.onnx"
 
 
 def _uses_token_type_ids(model) -> bool:
-    return getattr(model.config, "type_vocab_size", 0) > 0 and "token_type_ids" in \
-        model.forward.__code__.co_varnames
+    import inspect
+
+    # the signature, not forward.__code__: transformers 5 wraps forward in decorators whose code
+    # object has only *args/**kwargs, which hid token_type_ids from the export
+    return getattr(model.config, "type_vocab_size", 0) > 0 and \
+        "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 def kv_layout(config) -> dict:

@@ -1,12 +1,15 @@
-"""One interface over a PyTorch model folder and an ONNX folder, for validate and benchmark."""
+"""One interface over a PyTorch model folder (run eagerly, or compiled as its `inductor` settings
+say), an ONNX folder and an AOTInductor package, for validate, benchmark and select."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import models, onnx_io
+from ..stages.compile import describe_shapes, shape_problem
+from . import compiled, models, onnx_io
 
 OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
                   "text-generation": "logits"}
@@ -15,12 +18,20 @@ OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classific
 class TorchRunner:
     runtime = "PyTorch"
 
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, device: str = "cpu", cache_dir: Path | None = None):
         self.device = device
         self.model, self.tokenizer, self.meta = models.load_artifact(folder, device)
         self.task = self.meta.get("task", "feature-extraction")
         self.output = OUTPUT_BY_TASK[self.task]
         self.dtype = self.meta.get("dtype", "float32")
+        # an `inductor` artifact runs compiled, here as in the compile stage; compiling happens on
+        # the first call of each shape (benchmark times that call on its own)
+        self.compile = self.meta.get("compile")
+        self.compiles = bool(self.compile)
+        self._fn = self.model
+        if self.compile:
+            compiled.use_store_cache(cache_dir)
+            self._fn = compiled.compile_model(self.model, self.compile)
 
     def describe(self) -> str:
         attn = getattr(self.model.config, "_attn_implementation", None)
@@ -30,7 +41,14 @@ class TorchRunner:
         q = self.meta.get("quantization")
         if q:
             extra += f", bitsandbytes {q['scheme']}"
+        c = self.compile
+        if c:
+            extra += (f", torch.compile mode {c['mode']}" + (", fullgraph" if c["fullgraph"] else "")
+                      + (", dynamic" if c["dynamic"] else ", static"))
         return f"PyTorch {self.dtype} ({attn} attention{extra}) on {self.device}"
+
+    def compile_stats(self) -> dict | None:
+        return compiled.counters() if self.compile else None
 
     def flops(self, batch: int, seq: int) -> float:
         """Forward FLOPs: 2 x non-embedding parameters x tokens, plus attention scores and values
@@ -51,7 +69,7 @@ class TorchRunner:
 
     def _run(self, **kwargs):
         with torch.no_grad(), models.sdpa_context(self.meta):
-            return self.model(**kwargs)
+            return self._fn(**kwargs)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         ids = torch.from_numpy(input_ids).to(self.device)
@@ -92,6 +110,8 @@ class TorchRunner:
 
     @torch.no_grad()
     def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
+        if self.compile:  # generate() would run the uncompiled model
+            return compiled.greedy_by_forward(self.forward, self.output, prompt_ids, new_tokens, eos)
         ids = torch.from_numpy(prompt_ids.reshape(1, -1)).to(self.device)
         with models.sdpa_context(self.meta):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -147,10 +167,67 @@ class OrtRunner(onnx_io.OrtModel):
             self._binding.synchronize_outputs()
 
 
+class AotiRunner:
+    """An AOTInductor package, run the way a user runs it: torch alone, keyword tensors."""
+
+    runtime = "AOTInductor"
+    compiles = False  # compiled when it was built; loading it is timed instead
+
+    def __init__(self, folder: Path, device: str = "cpu"):
+        self.folder, self.device = Path(folder), device
+        self.meta = models.read_meta(self.folder)
+        self.compile = self.meta["compile"]
+        self.task = self.meta.get("task", "feature-extraction")
+        self.output = self.meta["outputs"][0]
+        self.dtype = self.meta.get("dtype", "float32")
+        self.tokenizer = None
+        t0 = time.perf_counter()
+        self.model = compiled.load_package(self.folder, device)
+        self.load_seconds = time.perf_counter() - t0
+
+    def describe(self) -> str:
+        built = self.meta.get("built_with", {})
+        return (f"AOTInductor {self.dtype} package ({describe_shapes(self.compile)}; torch {built.get('torch')}, "
+                f"{built.get('cxx') or 'compiler unknown'}) on {self.device}")
+
+    def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pad: bool) -> dict:
+        why = shape_problem(self.compile, *input_ids.shape, pad=pad)
+        if why:
+            raise ValueError(f"input of shape {tuple(input_ids.shape)}: {why}")
+        if pad and not self.compile["dynamic"]:
+            shape = self.compile["shape"]
+            input_ids, attention_mask = compiled.pad_to(input_ids, attention_mask, shape["batch"], shape["sequence"])
+        return compiled.package_inputs(self.meta, input_ids, attention_mask, self.device)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for the given rows and positions (a static package's padding is cut off again)."""
+        b, s = input_ids.shape
+        out = self.model(**self._feed(input_ids, attention_mask, pad=True))
+        return {self.output: out[:b, :s].float().cpu().numpy()}
+
+    def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Prepared callable for timing: exactly the shape asked for, never padded."""
+        feed = self._feed(input_ids, attention_mask, pad=False)
+        return lambda: self.model(**feed)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int]) -> list[int]:
+        return compiled.greedy_by_forward(self.forward, self.output, prompt_ids, new_tokens, eos)
+
+
 def open_runner(folder: Path, artifact: str, device: str = "cpu", provider: str | None = None, cache_dir=None):
     if artifact == "onnx-model":
         return OrtRunner(folder, device, provider, cache_dir)
-    return TorchRunner(folder, device)
+    if artifact == "aoti-package":
+        return AotiRunner(folder, device)
+    return TorchRunner(folder, device, cache_dir)
 
 
 def eos_ids(folder: Path) -> set[int]:

@@ -13,6 +13,12 @@ def run_validation(ctx) -> dict:
     ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
     cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device,
                                ctx.onnx_provider("candidate"), ctx.cache_dir)
+    return compare_runners(ref, cand, p, ctx.recipe_dir, ctx.inputs["reference"], ctx.progress)
+
+
+def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dict:
+    """Parity of runner `cand` against runner `ref` on real text (and edge shapes, and greedy
+    generation for LMs) with validate's params `p`: metrics with `failures` and `passed`."""
     tokenizer = ref.tokenizer
     quant = getattr(cand, "meta", {}).get("quantization")
     precision = quant["scheme"] if quant else cand.dtype
@@ -24,7 +30,7 @@ def run_validation(ctx) -> dict:
     stats = compare.OutputStats(atol, rtol)
     top1_hits = top1_total = 0
     try:
-        texts = text.passages(p.corpus, ctx.recipe_dir, p.samples)
+        texts = text.passages(p.corpus, recipe_dir, p.samples)
     except (OSError, ValueError) as exc:  # the recipe's corpus is unusable: the user's to fix
         from ..errors import StageUserError
 
@@ -32,7 +38,7 @@ def run_validation(ctx) -> dict:
     batches = [texts[i:i + p.batch_size] for i in range(0, len(texts), p.batch_size)]
     padded = 0
     for i, batch in enumerate(batches):
-        ctx.progress("comparing real text", i, len(batches))
+        progress("comparing real text", i, len(batches))
         ids, mask = text.tokenize(tokenizer, batch, p.max_length)
         padded += int((mask == 0).sum())
         r = ref.forward(ids, mask)[output]
@@ -45,7 +51,7 @@ def run_validation(ctx) -> dict:
             top1_total += int(keep.sum())
     edge = compare.OutputStats(atol, rtol)
     if p.edge_cases:
-        ctx.progress("comparing edge shapes")
+        progress("comparing edge shapes")
         rng = np.random.default_rng(0)
         vocab = min(len(tokenizer), 30000)
         for shape in ((1, p.max_length), (1, 1), (p.batch_size, 2)):
@@ -80,11 +86,11 @@ def run_validation(ctx) -> dict:
         gen = {"prompts": 20, "new_tokens": 32, "min_agreement": None, **(p.generate or {})}
         if gen["prompts"]:
             min_agree = gen["min_agreement"] if gen["min_agreement"] is not None else defaults["min_generation"]
-            eos = runners.eos_ids(ctx.inputs["reference"])
-            prompts = text.passages(p.corpus, ctx.recipe_dir, gen["prompts"] + p.samples)[-gen["prompts"]:]
+            eos = runners.eos_ids(reference_folder)
+            prompts = text.passages(p.corpus, recipe_dir, gen["prompts"] + p.samples)[-gen["prompts"]:]
             equal, first_diff = 0, []
             for i, prompt in enumerate(prompts):
-                ctx.progress("comparing greedy generation", i, len(prompts))
+                progress("comparing greedy generation", i, len(prompts))
                 ids = np.asarray(tokenizer(prompt, truncation=True, max_length=48)["input_ids"], dtype=np.int64)
                 a = ref.greedy(ids, gen["new_tokens"], eos)
                 b = cand.greedy(ids, gen["new_tokens"], eos)

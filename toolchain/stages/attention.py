@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .. import environment
 from .base import HF_MODEL, CheckContext, RunContext, Stage
+from .compile import refuse_compiled
 
 # implementation -> (distribution that provides it, lowest compute capability, highest or None)
 FLASH = {
@@ -38,6 +39,7 @@ class Attention(Stage):
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
+        refuse_compiled(ctx, what="changing its attention")
         dtype = t.get("dtype")
         if p.sdpa_kernel and p.implementation != "sdpa":
             ctx.error(f"`sdpa_kernel` applies to implementation sdpa, not {p.implementation}", "sdpa_kernel")

@@ -17,6 +17,8 @@ from .. import codehash
 HF_MODEL = "hf-model"  # a transformers checkpoint folder (+ toolchain.json with how to load it)
 ONNX_MODEL = "onnx-model"  # a folder with model.onnx (+ external data), config, tokenizer
 REPORT = "report"  # measurements only (validate, benchmark)
+AOTI_MODEL = "aoti-package"  # model.pt2 (AOTInductor) + tokenizer/config side files + toolchain.json
+SELECTED = "selected-model"  # select's winner: delivered, not consumed (its kind is known only once it ran)
 # the files beside the weights that describe a model and its tokenizer; carried along by stages
 # that make a new artifact from an old one
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -44,11 +46,18 @@ class CheckContext:
         if self.machine:
             self.notes.append(f"stage '{self.step}': {message}")
 
-    def error(self, message: str, param: str | None = None, hint: str | None = None) -> None:
-        path = ("stages", self.step) + (("params", param) if param else ())
-        if param and param not in (self.recipe.stages[self.step].get("params") or {}):
+    def error(self, message: str, param: str | tuple | None = None, hint: str | None = None,
+              at: tuple | None = None) -> None:
+        """A problem located at `param` (a tuple: a path below params, e.g. ("overrides", "onnx"))
+        when the recipe sets it, at `at` (a path below the stage, e.g. one input), else at the stage."""
+        below = (param,) if isinstance(param, str) else tuple(param or ())
+        path = ("stages", self.step) + (("params",) + below if below else ())
+        if below and below[0] not in (self.recipe.stages[self.step].get("params") or {}):
             path = ("stages", self.step)
-        self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, hint=hint))
+        if at:
+            path = ("stages", self.step) + at
+        self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, key=len(below) > 1,
+                                                 hint=hint))
 
     def provider_note(self, provider: str | None) -> None:
         from .. import environment
@@ -146,6 +155,10 @@ class Stage:
         """A hash of `code_files`: editing any of them changes this stage's keys, and only theirs."""
         return codehash.version(self.code_files())
 
+    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+        """The environment facts this step's key takes, given its inputs' traits (default: `env`)."""
+        return self.env
+
     # -- execution (worker process) ---------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
@@ -153,6 +166,12 @@ class Stage:
     def gate(self, metrics: dict) -> list[str]:
         """Failed gate messages for a finished step (empty: passed)."""
         return []
+
+
+def members(inputs: dict, role: str) -> dict:
+    """The entries of a list-valued role by the step each came from, in recipe order."""
+    prefix = role + "."
+    return {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
 
 
 def params_dict(params: Any) -> dict:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from .base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from .compile import compiler_env, coverage_problems, device_problem
 
 
 @dataclass
@@ -24,27 +25,32 @@ class BenchmarkParams:
 class Benchmark(Stage):
     kind = "benchmark"
     Params = BenchmarkParams
-    roles = {"model": (HF_MODEL, ONNX_MODEL)}
+    roles = {"model": (HF_MODEL, ONNX_MODEL, AOTI_MODEL)}
     produces = REPORT
     hardware_in_key = True  # numbers belong to the exact processor / GPU they were measured on
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy")
+    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return self.env + compiler_env(inputs)
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
         if ctx.inputs["model"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["model"].get("provider", "cpu"))
         t = ctx.inputs["model"]
-        if ctx.params.decode_tokens and not (t.get("task") == "text-generation"
-                                             and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
+        if ctx.params.decode_tokens and t.get("compile"):
+            ctx.error(f"`decode_tokens` needs a KV cache, which a compiled model ({t['compile']['backend']}) does not "
+                      "take here", "decode_tokens", hint="time decode steps on the uncompiled model")
+        elif ctx.params.decode_tokens and not (t.get("task") == "text-generation"
+                                               and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
             ctx.error("`decode_tokens` needs a text-generation model with a KV cache", "decode_tokens")
         if ctx.params.padding and t.get("sdpa_kernel") == "flash" and ctx.params.device.startswith("cuda"):
             ctx.error("the model pins the SDPA flash kernel, which on CUDA takes no attention mask, so padded "
                       "batches cannot run", "padding", hint="set `padding: 0`, or pin `efficient` or `cudnn`")
+        for problem in compiled_input_problems(t, ctx.params):
+            ctx.error(problem, hint="benchmark shapes the package was compiled for, or widen its ranges")
 
     def run(self, ctx: RunContext) -> dict:
-        import numpy as np
-
-        from ..runtime import runners, timing
+        from ..runtime import runners
 
         p = ctx.params
         meta = ctx.input_meta["model"]
@@ -54,65 +60,99 @@ class Benchmark(Stage):
         ctx.progress("loading model")
         runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
                                      ctx.cache_dir)
-        batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
-        seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
-        grid = len(batches) * len(seqs) > 1
-        gpus = _gpus(runner) if p.device.startswith("cuda") else []
-        timings, warnings, peaks, pads = {}, [], [], []
-        for seq in seqs:
-            for batch in batches:
-                name = f"forward b{batch} s{seq}" if grid else "forward"
-                ids = np.random.default_rng(p.seed).integers(5, 1000, size=(batch, seq)).astype(np.int64)
-                mask = padding_mask(batch, seq, p.padding)
-                pads.append(float(1 - mask.mean()))
-                _reset_peak(gpus)
-                ctx.progress(f"timing {name} ({p.warmup} warm-up + {p.iterations})")
-                try:
-                    fn = runner.call(ids, mask)
-                    samples = timing.measure(fn, p.warmup, p.iterations, runner.sync)
-                except Exception as exc:  # noqa: BLE001 - one shape out of memory must not lose the others
-                    if not _out_of_memory(exc):
-                        raise
-                    timings[name] = {"error": "out of device memory", "batch_size": batch, "sequence_length": seq}
-                    warnings.append(f"{name}: out of device memory")
-                    _release(gpus)
-                    continue
-                t = timing.summarize(samples, batch * seq, "tokens/s")
-                t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(gpus))
-                flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
-                if flops:
-                    t["flops_per_call"] = flops
-                    t["achieved_tflops"] = flops / (t["median_ms"] / 1e3) / 1e12
-                    if p.peak_tflops:
-                        t["fraction_of_peak"] = t["achieved_tflops"] / p.peak_tflops
-                peaks.append(t["peak_memory_mb"] or 0)
-                timings[name] = t
-                runner.release()
-        if p.decode_tokens:
-            ctx.progress(f"timing {p.decode_tokens} decode steps")
-            prompt = np.random.default_rng(p.seed).integers(5, 1000, size=(1, seqs[0])).astype(np.int64)
-            timings["decode (per token)"] = _decode_timing(runner, prompt, p)
-        kind = "PyTorch CUDA allocator peak" if gpus else "process peak RSS while timing"
-        if len(gpus) > 1:
-            kind += f" (sum over GPUs {', '.join(map(str, gpus))}: the model is placed across them)"
-        if gpus and meta["artifact"] == ONNX_MODEL:
-            kind = "not measured for onnxruntime on CUDA (its allocator is outside PyTorch)"
-            peaks = []
-        for name, t in timings.items():
-            if t.get("cov", 0) > p.max_cov:
-                warnings.append(f"{name}: coefficient of variation {t['cov']:.1%} is above {p.max_cov:.0%}; "
-                                "the machine may be busy, or raise `iterations`")
-        from .. import environment
+        return measure(runner, p, meta["artifact"], ctx.progress)
 
-        hw = environment.fact("hardware", p.device)
-        footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
-        return {"runtime": runner.describe(), "device_name": hw.get("gpu") or hw.get("cpu"),
-                "model_footprint_mb": footprint() / 2**20 if footprint else None,
-                "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
-                "padding_fraction": max(pads) if pads else 0.0,
-                "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if gpus else ""),
-                "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,
-                "warnings": warnings}
+
+def grid(p) -> list[tuple[int, int]]:
+    """The (batch, sequence) shapes benchmark-style params time."""
+    batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
+    seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
+    return [(b, s) for s in seqs for b in batches]
+
+
+def compiled_input_problems(t: dict, p) -> list[str]:
+    """Plan-time: why a compiled input cannot be timed with these params (empty: it can)."""
+    why = device_problem(t, p.device)
+    return [why] if why else coverage_problems(t, grid(p), pad=False, what="benchmark")
+
+
+def measure(runner, p: BenchmarkParams, artifact: str, progress=lambda *a, **k: None) -> dict:
+    """benchmark's measurements of an open runner (select times its candidates with this too)."""
+    import time
+
+    import numpy as np
+
+    from ..runtime import timing
+
+    batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
+    seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
+    grid = len(batches) * len(seqs) > 1
+    gpus = _gpus(runner) if p.device.startswith("cuda") else []
+    timings, warnings, peaks, pads = {}, [], [], []
+    for seq in seqs:
+        for batch in batches:
+            name = f"forward b{batch} s{seq}" if grid else "forward"
+            ids = np.random.default_rng(p.seed).integers(5, 1000, size=(batch, seq)).astype(np.int64)
+            mask = padding_mask(batch, seq, p.padding)
+            pads.append(float(1 - mask.mean()))
+            _reset_peak(gpus)
+            progress(f"timing {name} ({p.warmup} warm-up + {p.iterations})")
+            first = None
+            try:
+                fn = runner.call(ids, mask)
+                if getattr(runner, "compiles", False):  # torch.compile compiles on a shape's first call
+                    t0 = time.perf_counter()
+                    fn()
+                    runner.sync()
+                    first = time.perf_counter() - t0
+                    _reset_peak(gpus)  # the steady state's peak, not the compiler's
+                samples = timing.measure(fn, p.warmup, p.iterations, runner.sync)
+            except Exception as exc:  # noqa: BLE001 - one shape out of memory must not lose the others
+                if not _out_of_memory(exc):
+                    raise
+                timings[name] = {"error": "out of device memory", "batch_size": batch, "sequence_length": seq}
+                warnings.append(f"{name}: out of device memory")
+                _release(gpus)
+                continue
+            t = timing.summarize(samples, batch * seq, "tokens/s")
+            t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(gpus))
+            if first is not None:
+                t["first_call_s"] = first
+            flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
+            if flops:
+                t["flops_per_call"] = flops
+                t["achieved_tflops"] = flops / (t["median_ms"] / 1e3) / 1e12
+                if p.peak_tflops:
+                    t["fraction_of_peak"] = t["achieved_tflops"] / p.peak_tflops
+            peaks.append(t["peak_memory_mb"] or 0)
+            timings[name] = t
+            runner.release()
+    if p.decode_tokens:
+        progress(f"timing {p.decode_tokens} decode steps")
+        prompt = np.random.default_rng(p.seed).integers(5, 1000, size=(1, seqs[0])).astype(np.int64)
+        timings["decode (per token)"] = _decode_timing(runner, prompt, p)
+    kind = "PyTorch CUDA allocator peak" if gpus else "process peak RSS while timing"
+    if len(gpus) > 1:
+        kind += f" (sum over GPUs {', '.join(map(str, gpus))}: the model is placed across them)"
+    if gpus and artifact == ONNX_MODEL:
+        kind = "not measured for onnxruntime on CUDA (its allocator is outside PyTorch)"
+        peaks = []
+    for name, t in timings.items():
+        if t.get("cov", 0) > p.max_cov:
+            warnings.append(f"{name}: coefficient of variation {t['cov']:.1%} is above {p.max_cov:.0%}; "
+                            "the machine may be busy, or raise `iterations`")
+    from .. import environment
+
+    hw = environment.fact("hardware", p.device)
+    footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
+    return {"runtime": runner.describe(), "device_name": hw.get("gpu") or hw.get("cpu"),
+            "model_footprint_mb": footprint() / 2**20 if footprint else None,
+            "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
+            "padding_fraction": max(pads) if pads else 0.0,
+            "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if gpus else ""),
+            "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,
+            "warnings": warnings, "load_seconds": getattr(runner, "load_seconds", None),
+            "compile": getattr(runner, "compile_stats", lambda: None)()}
 
 
 def _gpus(runner) -> list[int]:

@@ -20,8 +20,10 @@ DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3
 
 # the encoder fast path's activations: name -> use_gelu flag of PyTorch's fused layer
 ENCODER_ACTIVATIONS = {"gelu": True, "relu": False}
-# config.json keys the encoder rules read; `load` passes them on at plan time where it can read them
-CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cross_attention")
+# config.json keys the plan-time rules read (the encoder rules here, compile's sequence limit); `load`
+# passes them on where it can read them
+CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cross_attention",
+                "max_position_embeddings")
 
 
 def encoder_config_problems(model_type: str, cfg: dict) -> list[str]:
@@ -51,8 +53,11 @@ class BetterTransformer(Stage):
     env = ("python", "platform", "torch", "transformers")
 
     def check(self, ctx: CheckContext) -> None:
+        from .compile import refuse_compiled  # compile imports this module's ENCODER_TYPES
+
         t = ctx.inputs["model"]
         ctx.device_rules(ctx.params.device)
+        refuse_compiled(ctx, what="converting it")
         mt = t.get("model_type")
         if t.get("bettertransformer"):
             ctx.error("the model is already BetterTransformer-converted")
@@ -89,7 +94,10 @@ class ReverseBetterTransformer(Stage):
     env = BetterTransformer.env
 
     def check(self, ctx: CheckContext) -> None:
+        from .compile import refuse_compiled
+
         ctx.device_rules(ctx.params.device)
+        refuse_compiled(ctx, what="reversing it")
         if not ctx.inputs["model"].get("bettertransformer"):
             ctx.error("the input model is not BetterTransformer-converted",
                       hint="take the input from a `bettertransformer` stage")

@@ -6,6 +6,8 @@ import shutil
 from dataclasses import dataclass, field
 
 from .base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
+from .bettertransformer import ENCODER_TYPES
+from .compile import refuse_compiled
 
 
 @dataclass
@@ -33,6 +35,11 @@ class ExportOnnx(Stage):
         ctx.device_rules(ctx.params.device)
         p, t = ctx.params, ctx.inputs["model"]
         task = p.task or t.get("task")
+        refuse_compiled(ctx, what="an ONNX export")
+        if t.get("bettertransformer") and t.get("model_type") in ENCODER_TYPES:
+            ctx.error("the BetterTransformer encoder fast path builds nested tensors from the padding mask, which "
+                      "torch.export cannot trace (the ONNX exporter fails on its data-dependent branch)",
+                      hint="export the model without `bettertransformer`")
         if t.get("quantization"):
             ctx.error(f"cannot export a bitsandbytes-quantized model ({t['quantization']}) to ONNX: its "
                       "int8/nf4 kernels have no ONNX equivalent", hint="export the unquantized model instead")

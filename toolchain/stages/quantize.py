@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import environment
 from .base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
+from .compile import refuse_compiled
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Quantize(Stage):
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
+        refuse_compiled(ctx, what="quantizing it")
         if t.get("quantization"):
             ctx.error(f"the model is already quantized ({t['quantization']})")
         if t.get("bettertransformer"):

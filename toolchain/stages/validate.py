@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import safeio
-from .base import HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from .base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from .compile import compiler_env, coverage_problems, device_problem
 
 
 @dataclass
@@ -30,13 +31,26 @@ class ValidateParams:
     device: str = "cpu"
 
 
+def compiled_candidate_problems(t: dict, p) -> list[str]:
+    """Plan-time: why a compiled candidate cannot be compared with validate's params (empty: it
+    can). Real text comes in batches of 1..batch_size rows (the last one short) of up to
+    max_length tokens; the edge shapes add single tokens. A static package gets them padded."""
+    why = device_problem(t, p.device)
+    if why:
+        return [why]
+    corners = [(1, 1 if p.edge_cases else 2), (p.batch_size, p.max_length)]
+    return coverage_problems(t, corners, pad=True, what="validate")
+
+
 class Validate(Stage):
     kind = "validate"
     Params = ValidateParams
-    roles = {"candidate": (HF_MODEL, ONNX_MODEL), "reference": (HF_MODEL,)}
+    roles = {"candidate": (HF_MODEL, ONNX_MODEL, AOTI_MODEL), "reference": (HF_MODEL,)}
     produces = REPORT
     has_gate = True
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
+    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return self.env + compiler_env(inputs)
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
@@ -56,6 +70,11 @@ class Validate(Stage):
             ctx.error("a model here pins the SDPA flash kernel, which on CUDA takes no attention mask, so batches "
                       "of real text (padded to one length) cannot run", "batch_size",
                       hint="set `batch_size: 1` (each text alone, no padding)")
+        if ref.get("compile"):
+            ctx.error(f"the reference is compiled ({ref['compile']['backend']}); parity is measured against the "
+                      "untouched model", hint="take the reference from the stage before `compile`")
+        for problem in compiled_candidate_problems(cand, p):
+            ctx.error(problem, hint="validate with shapes the package was compiled for, or widen its ranges")
         if p.corpus and not p.corpus.startswith("gensim:"):
             path = ctx.recipe.dir / p.corpus
             if not path.is_file():
