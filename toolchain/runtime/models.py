@@ -32,7 +32,9 @@ def load_source(src: Source, dtype: str, log=print):
     if src.type == "config":
         config = transformers.AutoConfig.for_model(**src.config)
         torch.manual_seed(src.seed)
-        model = cls.from_config(config, dtype=torch_dtype, trust_remote_code=src.trust_remote_code)
+        # drawn in float32 and then cast: one seed is one model at every dtype (drawing in float16
+        # directly gives other numbers, and parity against the float32 model then fails)
+        model = cls.from_config(config, dtype=torch.float32, trust_remote_code=src.trust_remote_code).to(torch_dtype)
         if src.tokenizer:
             tokenizer = transformers.AutoTokenizer.from_pretrained(src.tokenizer)
     elif src.type == "gguf":

