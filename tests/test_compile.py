@@ -265,3 +265,35 @@ def test_compiled_artifacts_validate_and_benchmark(tmp_path, store):
     assert steps["b_aoti"]["metrics"]["load_seconds"] > 0
     assert list((store / "cache" / "inductor").iterdir())  # Inductor's caches live in the store
     assert "First call of each shape" in (out / "report.md").read_text()
+
+
+def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, store):
+    """An `inductor` compile of a decoder decodes through toolchain's static-cache loop with the
+    compiled step: validate's greedy generations equal the eager model's, and benchmark times
+    per-token decode steps of the compiled step (no longer refused)."""
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522,
+             "max_position_embeddings": 256}
+    recipe = tmp_path / "decoder.yaml"
+    recipe.write_text(f"""name: decoder
+model: {{config: {json.dumps(llama)}, seed: 1, tokenizer: {minilm_folder()}}}
+stages:
+  load: {{kind: load}}
+  compiled: {{kind: compile, inputs: {{model: load}}, params: {{backend: inductor}}}}
+  parity:
+    kind: validate
+    inputs: {{candidate: compiled, reference: load}}
+    params: {{samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {{prompts: 4, new_tokens: 8}}}}
+  speed:
+    kind: benchmark
+    inputs: {{model: compiled}}
+    params: {{batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 6}}
+targets: [compiled]
+""")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert res.returncode == 0, res.stderr
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["variants"][0]["steps"]}
+    gen = steps["parity"]["metrics"]["generation"]
+    assert gen["prompts"] == 4 and gen["equal"] == 4, gen
+    decode = json.dumps(steps["speed"]["metrics"])
+    assert "decode (per token)" in decode
