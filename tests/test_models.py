@@ -39,3 +39,37 @@ def test_static_decoder_generates_what_generate_does():
         dec.generate(ids, 30)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         StaticDecoder(model, 32, "reduce-overhead")
+
+
+def test_onnx_decoder_keeps_its_kv_cache_bound_on_the_device(tmp_path, store):
+    """With IO binding the ONNX decode loop feeds each step's `present.*` values back as the next
+    step's past without a host copy; it must produce exactly the tokens of the plain loop (run here
+    on the CPU device, which takes the same binding calls as CUDA)."""
+    import json
+
+    import numpy as np
+
+    from toolchain.runtime.onnx_io import OrtModel
+
+    from .conftest import minilm_folder, run_cli
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522,
+             "max_position_embeddings": 256}
+    recipe = tmp_path / "kv.yaml"
+    recipe.write_text(f"""name: kv
+model: {{config: {json.dumps(llama)}, seed: 2, tokenizer: {minilm_folder()}}}
+stages:
+  load: {{kind: load}}
+  export: {{kind: export_onnx, inputs: {{model: load}}, params: {{task: text-generation, kv_cache: true}}}}
+""")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert res.returncode == 0, res.stderr
+    model = OrtModel(tmp_path / "out" / "export")
+    prompt = np.array([101, 2023, 2003, 1037, 3231, 6251, 102], dtype=np.int64)
+    plain = model.greedy(prompt, 12, eos=set())
+    model.io_binding = True
+    times: list[int] = []
+    bound = model.greedy(prompt, 12, eos=set(), step_times=times)
+    assert bound == plain and len(bound) == 12 and len(times) == 12
+    assert model.greedy(prompt, 12, eos={plain[3]}) == plain[:4]  # stops at end-of-sequence, like generate

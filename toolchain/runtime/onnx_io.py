@@ -258,6 +258,8 @@ class OrtModel:
                     break
                 ids = np.concatenate([ids, [[tok]]], axis=1)
             return out
+        if self.io_binding:
+            return self._greedy_bound(ids, new_tokens, eos, step_times)
         past = self._past(1)
         step_ids, total = ids, ids.shape[1]
         pos = np.arange(total, dtype=np.int64)[None]
@@ -276,6 +278,52 @@ class OrtModel:
             if tok in eos:
                 break
             past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
+            step_ids = np.array([[tok]], dtype=np.int64)
+            pos = np.array([[total]], dtype=np.int64)
+            total += 1
+        return out
+
+    def _device(self) -> tuple[str, int]:
+        """onnxruntime's name and index of the device the session's tensors live on."""
+        if self.provider in ("cuda", "tensorrt", "rocm"):
+            return "cuda", int(self.device.split(":")[1]) if ":" in self.device else 0
+        return "cpu", 0
+
+    def _greedy_bound(self, ids: np.ndarray, new_tokens: int, eos: set[int], step_times=None) -> list[int]:
+        """The KV-cache loop with IO binding: each step's `present.*` outputs stay where onnxruntime
+        put them (on the GPU) and are bound as the next step's `past_key_values.*`, so the cache never
+        crosses to the host; only the token, its position and the mask go in, and only the last
+        logits row comes out (for the argmax)."""
+        import time
+
+        ort = _ort()
+        dev, idx = self._device()
+        names = [o.name for o in self.sess.get_outputs()]
+        logits_at = names.index("logits")
+        past = {n: ort.OrtValue.ortvalue_from_numpy(v, dev, idx) for n, v in self._past(1).items()}
+        binding = self.sess.io_binding()
+        step_ids, total, out = ids, ids.shape[1], []
+        pos = np.arange(total, dtype=np.int64)[None]
+        for _ in range(new_tokens):
+            host = {"input_ids": step_ids, "attention_mask": np.ones((1, total), dtype=np.int64), "position_ids": pos}
+            keep = {n: ort.OrtValue.ortvalue_from_numpy(v, dev, idx) for n, v in host.items() if n in self.inputs}
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in {**keep, **past}.items():
+                binding.bind_ortvalue_input(name, value)
+            for name in names:
+                binding.bind_output(name, dev, idx)
+            t0 = time.perf_counter_ns()
+            self.sess.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            tok = int(values[logits_at].numpy()[0, -1].argmax())  # the copy to the host also waits for the step
+            if step_times is not None:
+                step_times.append(time.perf_counter_ns() - t0)
+            out.append(tok)
+            if tok in eos:
+                break
+            past = {n.replace("present.", "past_key_values."): v for n, v in zip(names, values)
+                    if n.startswith("present.")}
             step_ids = np.array([[tok]], dtype=np.int64)
             pos = np.array([[total]], dtype=np.int64)
             total += 1
