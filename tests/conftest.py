@@ -45,6 +45,11 @@ TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "n
              "architectures": ["BertModel"]}
 
 
+TINY_DECODER = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522,
+              "max_position_embeddings": 256}  # a decoder that takes the MiniLM tokenizer's ids
+
+
 def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0) -> Path:
     stages = stages or """
       load:

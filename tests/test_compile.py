@@ -6,7 +6,7 @@ import json
 from toolchain.plan import build_plan
 from toolchain.recipe import load_recipe
 
-from .conftest import TINY_BERT, minilm_folder, run_cli, tiny_recipe
+from .conftest import TINY_BERT, TINY_DECODER, minilm_folder, run_cli, tiny_recipe
 
 TINY_LLAMA = ('{config: {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
               '"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 256,'
@@ -271,12 +271,9 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     """An `inductor` compile of a decoder decodes through toolchain's static-cache loop with the
     compiled step: validate's greedy generations equal the eager model's, and benchmark times
     per-token decode steps of the compiled step (no longer refused)."""
-    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522,
-             "max_position_embeddings": 256}
     recipe = tmp_path / "decoder.yaml"
     recipe.write_text(f"""name: decoder
-model: {{config: {json.dumps(llama)}, seed: 1, tokenizer: {minilm_folder()}}}
+model: {{config: {json.dumps(TINY_DECODER)}, seed: 1, tokenizer: {minilm_folder()}}}
 stages:
   load: {{kind: load}}
   compiled: {{kind: compile, inputs: {{model: load}}, params: {{backend: inductor}}}}

@@ -51,14 +51,11 @@ def test_onnx_decoder_keeps_its_kv_cache_bound_on_the_device(tmp_path, store):
 
     from toolchain.runtime.onnx_io import OrtModel
 
-    from .conftest import minilm_folder, run_cli
+    from .conftest import TINY_DECODER, minilm_folder, run_cli
 
-    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522,
-             "max_position_embeddings": 256}
     recipe = tmp_path / "kv.yaml"
     recipe.write_text(f"""name: kv
-model: {{config: {json.dumps(llama)}, seed: 2, tokenizer: {minilm_folder()}}}
+model: {{config: {json.dumps(TINY_DECODER)}, seed: 2, tokenizer: {minilm_folder()}}}
 stages:
   load: {{kind: load}}
   export: {{kind: export_onnx, inputs: {{model: load}}, params: {{task: text-generation, kv_cache: true}}}}
