@@ -36,17 +36,16 @@ def _store(args):
     return Store(args.store or default_store())
 
 
-def _plans(recipe_path: str, store=None, keys: bool = True):
+def _plans(recipe_path: str, store):
     """Plans with keys. The store is opened (or created) only once the recipe is known to be
     good: a command that fails with exit 2 leaves no new store behind."""
     from .plan import build_plans, compute_keys
     from .recipe import load_recipe
 
     plans = build_plans(load_recipe(recipe_path), keys=False, machine=True)
-    if keys:
-        hasher = store.init().hash_cached if store is not None else None
-        for plan in plans:
-            compute_keys(plan, hasher)
+    hasher = store.init().hash_cached
+    for plan in plans:
+        compute_keys(plan, hasher)
     return plans
 
 
@@ -103,9 +102,7 @@ def cmd_plan(args, console: Console) -> int:
 
 
 def cmd_build(args, console: Console) -> int:
-    from .build import build
-
-    from .build import check_output
+    from .build import build, check_output
 
     store = _store(args)
     t0 = time.perf_counter()
