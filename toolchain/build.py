@@ -23,7 +23,7 @@ from .executor import LocalExecutor, StepResult
 from .hashing import hash_file
 from .plan import Plan, variant_folder
 from .report import render_markdown
-from .store import DamagedObject, Store, _pid_alive, copy_verified
+from .store import DamagedObject, Store, _pid_alive, copy_verified, stat_signature
 
 MANIFEST_SCHEMA = 1
 # written last into every delivered folder: what was delivered, so that a later build replaces a
@@ -40,8 +40,6 @@ class BuildFailed(ToolchainError):
 
 def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False,
           require_provider: bool = False) -> dict:
-    if out is not None:  # refuse a wrong -o before any step runs, not after an hour of building
-        check_output(out, store)
     store.require_writable()
     executor = LocalExecutor(store, console, force=force, require_provider=require_provider)
     variants = []
@@ -174,10 +172,6 @@ def _delivery_problem(out: Path) -> str | None:
     return None
 
 
-def _signature(st: os.stat_result) -> list[int]:
-    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def _changed(path: Path, meta: dict) -> bool:
     """True when a delivered file now holds other bytes (a deleted one is not a change: nothing of
     the user's is lost by replacing it). Only a file whose stat moved since delivery is rehashed."""
@@ -189,7 +183,7 @@ def _changed(path: Path, meta: dict) -> bool:
         return True
     if not stat.S_ISREG(st.st_mode):
         return True
-    if meta.get("stat") == _signature(st):
+    if meta.get("stat") == stat_signature(st):
         return False
     try:
         return st.st_size != meta.get("size") or hash_file(path) != meta["sha256"]
@@ -356,7 +350,7 @@ def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
         if f.is_file() and rel not in files and rel != PARTIAL_SENTINEL:
             files[rel] = {"sha256": hash_file(f), "size": f.stat().st_size}
     for rel, meta in files.items():  # what each file looks like as delivered: a later change shows
-        meta["stat"] = _signature(os.lstat(tmp / rel))
+        meta["stat"] = stat_signature(os.lstat(tmp / rel))
     return files
 
 

@@ -106,7 +106,7 @@ def cmd_build(args, console: Console) -> int:
 
     store = _store(args)
     t0 = time.perf_counter()
-    if args.output:  # a wrong -o is refused before anything is read or created
+    if args.output:  # a wrong -o is refused before anything is read, created or built (deliver checks again)
         check_output(Path(args.output), store)
     plans = _plans(args.recipe, store)
     console.print(f"[bold]{escape(plans[0].recipe.name)}[/]: {sum(len(p.steps) for p in plans)} steps in "

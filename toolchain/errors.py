@@ -5,6 +5,7 @@ The CLI prints them without a traceback.
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -94,10 +95,12 @@ class MachineError(ToolchainError):
     exit_code = 4
 
 
+# errno values that say "this machine", not "this input": disk full, over quota, file too large, read-only
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def machine_error(exc: OSError, doing: str) -> MachineError:
     """A MachineError that says what failed, on which path, and what to do about it."""
-    import errno
-
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     why = exc.strerror or str(exc)
     hint = {errno.ENOSPC: "free some disk space (e.g. `toolchain cache gc --max-size 20G`) and run it again",

@@ -131,12 +131,13 @@ class LocalExecutor:
             result = self._read_result(work)
             if result is None:
                 why = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
-                if code == NO_RESULT_MACHINE:
+                machine = code == NO_RESULT_MACHINE
+                if machine:
                     free = shutil.disk_usage(work).free
                     why = (f"the worker could not write its result: the store's disk is full or read-only "
                            f"({free / 2**20:.0f} MiB free in {work.parent})")
                 error = StageFailed(step.name, why + self._tail(log_path), str(log_path))
-                if code == NO_RESULT_MACHINE:
+                if machine:
                     error.exit_code = MachineError.exit_code
                 raise error
             if not result["ok"]:

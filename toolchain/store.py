@@ -36,6 +36,7 @@ from filelock import FileLock
 
 from .errors import NotAStore, StoreError, machine_error
 from .hashing import ALGORITHM, hash_file, hash_value
+from .safeio import read_chunks
 
 RECORD_SCHEMA = 1
 MARKER = "toolchain-store"
@@ -108,8 +109,8 @@ def copy_verified(src: Path, dest: Path, digest: str, what: str) -> None:
     exactly what was hashed, so a damaged source can never be delivered as if it were good."""
     h = hashlib.sha256()
     try:
-        with open(src, "rb") as fi, open(dest, "xb") as fo:
-            while chunk := fi.read(1 << 20):
+        with open(dest, "xb") as fo:
+            for chunk in read_chunks(src):  # a regular file, exactly its size, unchanged while read
                 h.update(chunk)
                 fo.write(chunk)
     except BaseException:
@@ -118,6 +119,12 @@ def copy_verified(src: Path, dest: Path, digest: str, what: str) -> None:
     if h.hexdigest() != digest:
         dest.unlink(missing_ok=True)
         raise DamagedObject(digest, h.hexdigest(), what)
+
+
+def stat_signature(st: os.stat_result) -> str:
+    """Every stat field that moves when a file's bytes could have (ctime cannot be set back by a
+    user): equal signatures prove a file unchanged since it was hashed, without rehashing it."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n"
 
 
 def _safe_rel(rel: object) -> bool:
@@ -163,9 +170,6 @@ class Store:
             return (f"it is a store of format {' '.join(words[1:])}, and this toolchain reads format "
                     f"{RECORD_SCHEMA} {ALGORITHM}")
         return None
-
-    def exists(self) -> bool:
-        return self._marker_problem() is None
 
     def init(self) -> "Store":
         """Use `root` as the store, creating it if needed. A folder that exists and holds anything
@@ -232,11 +236,6 @@ class Store:
         return path
 
     # -- object integrity -----------------------------------------------------------------------
-    @staticmethod
-    def _signature(st: os.stat_result) -> str:
-        # every stat field that moves when the bytes could have; ctime cannot be set back by a user
-        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n"
-
     def _stamp(self, digest: str, signature: str) -> None:
         """Remember that the object with this stat signature hashed to its name."""
         path = self.verified / digest[:2] / digest
@@ -259,7 +258,7 @@ class Store:
             return f"cannot be read ({exc.strerror})", False
         if not stat.S_ISREG(st.st_mode):
             return "is not a regular file in the store", True
-        signature = self._signature(st)
+        signature = stat_signature(st)
         if not rehash:
             try:
                 if (self.verified / digest[:2] / digest).read_text() == signature:
@@ -380,7 +379,7 @@ class Store:
                     os.fsync(fh.fileno())
                 os.chmod(f, 0o444)
                 os.replace(f, dest)
-                self._stamp(digest, self._signature(os.stat(dest)))
+                self._stamp(digest, stat_signature(os.stat(dest)))
             record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
             record["outputs_hash"] = hash_value(outputs)

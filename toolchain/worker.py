@@ -82,9 +82,8 @@ def main(argv: list[str]) -> int:
 def _machine_problem(exc: BaseException) -> bool:
     """True when the failure is this machine's (disk full, read-only folder), however deeply a
     library wrapped the OSError: the build then exits 4, not 3, and names the machine."""
-    import errno
+    from .errors import MACHINE_ERRNOS as codes
 
-    codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
     texts = [os.strerror(c) for c in codes]  # libraries in Rust or C++ (safetensors) pass only the text
     seen = set()
     while exc is not None and id(exc) not in seen:
