@@ -294,3 +294,51 @@ targets: [compiled]
     assert gen["prompts"] == 4 and gen["equal"] == 4, gen
     decode = json.dumps(steps["speed"]["metrics"])
     assert "decode (per token)" in decode
+
+
+def test_graphs_rank_and_peak_rules(tmp_path):
+    """`graphs: manual` only where a mode captures CUDA graphs; `rank_by: decode` needs decode
+    timings of a decoder; `peak_tflops: measure` needs CUDA: each exit 2 at its line."""
+    recipe, err = check_errors(tmp_path, """
+      load: {kind: load}
+      manual: {kind: compile, inputs: {model: load}, params: {backend: inductor, mode: default, graphs: manual}}
+      aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, graphs: manual}}
+      pick:
+        kind: select
+        inputs: {reference: load, candidates: [load, load2]}
+        params: {rank_by: decode, benchmark: {peak_tflops: measure}}
+      load2: {kind: load, params: {dtype: float16}}
+      speed: {kind: benchmark, inputs: {model: load}, params: {peak_tflops: measure}}
+    """, extra="targets: [manual, aoti, pick, speed]")
+    assert_at(recipe, err, "manual:", "`graphs: manual` chooses who captures the CUDA graphs")
+    assert_at(recipe, err, "aoti:", "this compile (backend aot_inductor, mode default) captures none")
+    assert_at(recipe, err, "params: {rank_by: decode", "`rank_by: decode` ranks by per-token decode latency")
+    assert_at(recipe, err, "params: {rank_by: decode", "`benchmark.peak_tflops: measure` times a dense matmul")
+    assert_at(recipe, err, "speed:", "`peak_tflops: measure` times a dense matmul on a CUDA device")
+
+
+def test_static_compile_pads_smaller_inputs_and_rebuild_reruns_one_step(tmp_path, store):
+    """A one-shape `inductor` compile serves validate's batches of other sizes padded up to its
+    shape (one graph, no recompile per shape), matching eager; `--rebuild STEP` reruns that step
+    alone (its next build reuses the store's Inductor cache) and an unknown name is exit 2."""
+    recipe = tiny_recipe(tmp_path, "static", """
+      load: {kind: load}
+      static: {kind: compile, inputs: {model: load}, params: {backend: inductor, dynamic: false, shape: {batch: 4, sequence: 64}}}
+      # 12 batches of real sentences, each padded to its longest, and 3 edge shapes: without the
+      # padding up to the compiled shape this is more shapes than torch.compile's recompile limit
+      parity: {kind: validate, inputs: {candidate: static, reference: load}, params: {samples: 48, batch_size: 4, max_length: 64, atol: 1.0e-5}}
+    """, extra="targets: [static]")
+    res = run_cli("build", recipe, "--store", store)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("build", recipe, "--store", store, "--rebuild", "static", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout)
+    steps = {s["name"]: s for s in m["variants"][0]["steps"]}
+    assert steps["static"]["status"] == "built" and steps["static"]["reason"] == "--rebuild"
+    assert steps["load"]["status"] == "cached" and steps["parity"]["status"] == "cached"
+    assert steps["static"]["metrics"]["fx_graph_cache_hits"] >= 1, steps["static"]["metrics"]
+    parity = steps["parity"]["metrics"]
+    assert steps["parity"]["gate"]["passed"] and parity["padding_tokens"] > 0
+    assert "static shape 4x64 (smaller inputs padded up" in parity["candidate_desc"]
+    res = run_cli("build", recipe, "--store", store, "--rebuild", "statik")
+    assert res.returncode == 2 and "--rebuild names no step of" in res.stderr and "statik" in res.stderr

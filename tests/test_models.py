@@ -39,6 +39,14 @@ def test_static_decoder_generates_what_generate_does():
         dec.generate(ids, 30)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         StaticDecoder(model, 32, "reduce-overhead")
+    # the cache is kept and reset between generations; the end-of-sequence check runs every few
+    # tokens on the host, but the result is cut where every row had ended, as generate() does
+    again = dec.generate(ids, 12)
+    assert again.tokens == want and again.decode_s > 0
+    eos = want[0][3]
+    ended = max(row.index(eos) if eos in row else 11 for row in want)
+    cut = dec.generate(ids, 12, eos_token_id=eos)
+    assert cut.tokens == [row[: ended + 1] for row in want] and len(cut.step_s) == ended
 
 
 def test_onnx_decoder_keeps_its_kv_cache_bound_on_the_device(tmp_path, store):

@@ -38,7 +38,7 @@ class BuildFailed(ToolchainError):
     """One or more steps failed; the message lists them (each was reported when it failed)."""
 
 
-def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool = False,
+def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool | frozenset = False,
           require_provider: bool = False) -> dict:
     store.require_writable()
     executor = LocalExecutor(store, console, force=force, require_provider=require_provider)

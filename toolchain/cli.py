@@ -109,11 +109,16 @@ def cmd_build(args, console: Console) -> int:
     if args.output:  # a wrong -o is refused before anything is read, created or built (deliver checks again)
         check_output(Path(args.output), store)
     plans = _plans(args.recipe, store)
+    force = True if args.force else frozenset(args.rebuild or ())
+    unknown = sorted(force - {n for p in plans for n in p.steps}) if force is not True else []
+    if unknown:
+        raise UsageError(f"--rebuild names no step of {args.recipe}: {', '.join(unknown)} (its steps: "
+                        f"{', '.join(sorted({n for p in plans for n in p.steps}))})")
     console.print(f"[bold]{escape(plans[0].recipe.name)}[/]: {sum(len(p.steps) for p in plans)} steps in "
                   f"{len(plans)} variant{'s' if len(plans) != 1 else ''}, store {store.root}")
     for note in sorted({n for p in plans for n in p.notes}):
         console.warn(note)
-    manifest = build(plans, store, Path(args.output) if args.output else None, console, force=args.force,
+    manifest = build(plans, store, Path(args.output) if args.output else None, console, force=force,
                      require_provider=args.require_provider)
     summary(manifest, console, time.perf_counter() - t0, args.output)
     if args.json:
@@ -321,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="output folder for targets, manifest.json, report.md, report.json, "
                     "toolchain.lock")
     sp.add_argument("--force", action="store_true", help="rebuild every step even if it is in the store")
+    sp.add_argument("--rebuild", action="append", metavar="STEP", help="rebuild this step even if it is in the "
+                    "store (repeatable); steps after it that it does not change stay cached")
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     sp.add_argument("--require-provider", action="store_true", help="fail (exit 1) when a check cannot run because "
                     "its onnxruntime provider is not available here, instead of reporting it as not run")

@@ -41,7 +41,7 @@ class StepResult:
 class LocalExecutor:
     """Sequential executor: each step in a fresh worker process of `python`."""
 
-    def __init__(self, store: Store, console: Console, force: bool = False, python: str = sys.executable,
+    def __init__(self, store: Store, console: Console, force: bool | frozenset = False, python: str = sys.executable,
                  require_provider: bool = False):
         self.store, self.console, self.force, self.python = store, console, force, python
         self.require_provider = require_provider
@@ -76,7 +76,9 @@ class LocalExecutor:
 
     def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult]) -> StepResult:
         t0 = time.perf_counter()
-        if not self.force:
+        # force: True rebuilds every step; a set of step names (--rebuild) only those
+        forced = self.force is True or (bool(self.force) and step.name in self.force)
+        if not forced:
             record = self.store.lookup(step.key)
             if record:
                 return self._result(step, "cached", "found in the store", record, t0)
@@ -87,11 +89,11 @@ class LocalExecutor:
             self.console.print(f"  {step.name}: waiting for another build of the same step ({step.key[:12]})")
             lock.acquire()
         try:
-            if not self.force:
+            if not forced:
                 record = self.store.lookup(step.key)
                 if record:
                     return self._result(step, "cached", "built meanwhile by a concurrent build", record, t0)
-            reason = "--force" if self.force else "not in the store"
+            reason = ("--force" if self.force is True else "--rebuild") if forced else "not in the store"
             if step.key in self.store.dropped:
                 reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
                 self.console.warn(f"{step.name}: {reason}; building it again")

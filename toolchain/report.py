@@ -79,8 +79,18 @@ def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
     return "".join(out)
 
 
-SELECT_HEADER = ["candidate", "runtime", "result", "median ms", "p90 ms", "CoV", "throughput", "peak MB",
-                 "compile s (build)", "first call s", "max abs", "smallest atol that passes", "why"]
+SELECT_HEADER = ["candidate", "runtime", "result", "median ms", "p90 ms", "CoV", "throughput", "TFLOP/s (% of peak)",
+                 "peak MB", "compile s (build)", "first call s", "max abs", "smallest atol that passes", "why"]
+
+
+def _tflops(r: dict) -> str:
+    """Achieved TFLOP/s of each timed shape, with its share of the peak where one was given or measured."""
+    out = []
+    for t in (r.get("timings") or {}).values():
+        if t.get("achieved_tflops"):
+            frac = t.get("fraction_of_peak")
+            out.append(f"{t['achieved_tflops']:.0f}" + (f" ({100 * frac:.0f}%)" if frac else ""))
+    return ", ".join(out) or "-"
 
 
 def select_rows(step: dict) -> list[list[str]]:
@@ -89,7 +99,7 @@ def select_rows(step: dict) -> list[list[str]]:
         cov = r.get("cov")
         rows.append([r["name"], r.get("runtime") or r["artifact"], r["status"], _fmt(r.get("score_ms")),
                      _fmt(r.get("p90_ms")), "-" if cov is None else f"{100 * cov:.1f}%",
-                     f"{_fmt(r.get('throughput'))} {r.get('throughput_unit', '')}".strip(),
+                     f"{_fmt(r.get('throughput'))} {r.get('throughput_unit', '')}".strip(), _tflops(r),
                      _fmt(r.get("peak_memory_mb")), _fmt(r.get("build_compile_s")), _fmt(r.get("first_call_s")),
                      _fmt(r.get("max_abs")), _fmt(r.get("min_atol_to_pass")),
                      r["why"].replace("|", "\\|")])
@@ -108,6 +118,11 @@ def _select_markdown(s: dict) -> str:
             + (f"; per-candidate tolerances {m['overrides']}" if m.get("overrides") else "") + "). Compile s "
             "(build) is what the compile step took; first call s is the first call of each shape in this run "
             "(torch.compile compiles there, from the store's Inductor cache when it can).\n\n")
+    peaks = [f"{r['name']} {r['measured_peak_tflops']:.0f}" for r in m.get("candidates", [])
+             if r.get("measured_peak_tflops")]
+    if peaks:
+        head += ("% of peak is of the dense matmul rate (TFLOP/s, the model's dtype) measured in each candidate's "
+                 f"process before its timings: {', '.join(peaks)}.\n\n")
     warnings = [f"\n- warning: {r['name']}: {w}\n" for r in m.get("candidates", []) for w in r.get("warnings", [])]
     return (head + _table(SELECT_HEADER, select_rows(s)) + "".join(warnings)
             + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", [])))

@@ -26,6 +26,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--device", default="cuda", help="cpu only to try the script (no CUDA graphs there)")
+    ap.add_argument("--variants", default="trees,manual", help="toolchain decoders to time: eager, trees, manual, "
+                    "manual-autotune (comma-separated)")
+    ap.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time generate with transformers' own static-cache compile")
+    ap.add_argument("--onnx", help="an exported KV-cache ONNX folder (toolchain export_onnx) to time beside")
     args = ap.parse_args()
 
     import torch
@@ -82,31 +87,72 @@ def main() -> int:
         results[name] = {"per_token_ms": 1e3 * statistics.median(per), "ttft_ms": 1e3 * statistics.median(ttft),
                          "identical": same}
 
-    t0 = time.perf_counter()
-    static_hf = lambda p: (*hf(p, cache_implementation="static"), 0.0)  # noqa: E731
-    if args.device == "cuda":
-        run("generate, static cache (transformers compiles)", static_hf)
+    facts = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
+             "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": n,
+             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+    def save():
+        Path(args.out).write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+
+    save()
+    if args.device == "cuda" and args.hf_static:
+        t0 = time.perf_counter()
+        run("generate, static cache (transformers compiles)", lambda p: (*hf(p, cache_implementation="static"), 0.0))
         results["generate, static cache (transformers compiles)"]["warmup_s"] = time.perf_counter() - t0
-    for mode in (None, "reduce-overhead") if args.device == "cuda" else (None,):
-        dec = StaticDecoder(model, max_len, mode)
+        save()
+    variants = {"eager": (None, "trees"), "trees": ("reduce-overhead", "trees"),
+                "manual": ("reduce-overhead", "manual"), "manual-autotune": ("max-autotune", "manual")}
+    for v in args.variants.split(","):
+        mode, graphs = variants[v]
+        dec = StaticDecoder(model, max_len, mode, graphs=graphs)
+        name = f"toolchain StaticDecoder, {mode or 'eager'}" + (f", graphs {graphs}" if mode else "")
         t0 = time.perf_counter()
 
         def ours(p, dec=dec):
             g = dec.generate(p, n)
             return g.tokens[0], statistics.median(g.step_s), g.prefill_s
-        run(f"toolchain StaticDecoder, {mode or 'eager'}", ours)
-        results[f"toolchain StaticDecoder, {mode or 'eager'}"]["warmup_s"] = time.perf_counter() - t0
-    facts = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version(), "dtype": args.dtype, "prompts": len(prompts),
-             "prompt_tokens": args.prompt_tokens, "new_tokens": n,
-             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    Path(args.out).write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+        run(name, ours)
+        results[name]["warmup_s"] = time.perf_counter() - t0
+        results[name]["wall_per_token_ms"] = 1e3 * statistics.median(
+            [dec.generate(p, n).decode_s / (n - 1) for p in prompts])
+        if args.device == "cuda" and mode:
+            results[name].update(_kernels(dec, prompts[0], n))
+        save()
+    if args.onnx:
+        from toolchain.runtime.runners import OrtRunner
+
+        ort_model = OrtRunner(Path(args.onnx), args.device, "cuda" if args.device == "cuda" else "cpu")
+
+        def onnx(p):
+            times = []
+            toks = ort_model.greedy(p[0].numpy(), n, eos=set(), step_times=times)
+            return toks, statistics.median(times[1:]) / 1e9, times[0] / 1e9
+        run("onnxruntime CUDA, KV cache on the device (IO binding)", onnx)
+        save()
+    save()
     print(f"{facts['gpu']}, {args.dtype}, {len(prompts)} real prompts x {args.prompt_tokens} tokens, {n} new")
     for name, r in results.items():
         bw = facts["weights_bytes"] / (r["per_token_ms"] / 1e3) / 1e12
-        print(f"  {name:50s} {r['per_token_ms']:7.2f} ms/token ({bw:.2f} TB/s of weights)  "
+        wall = f", loop wall {r['wall_per_token_ms']:.2f}" if "wall_per_token_ms" in r else ""
+        if "kernels_per_token" in r:
+            wall += f", {r['kernels_per_token']:.0f} kernels {r['gpu_busy_per_token_ms']:.2f} ms busy"
+        print(f"  {name:62s} {r['per_token_ms']:7.2f} ms/token{wall} ({bw:.2f} TB/s of weights)  "
               f"identical {r['identical']}/{len(prompts)}")
     return 0
+
+
+def _kernels(dec, prompt, n: int) -> dict:
+    """GPU kernels per token and the time they keep the GPU busy (torch.profiler), to tell a
+    launch-bound step (busy << per-token time) from a kernel-bound one."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.generate(prompt, n)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in events)
+    return {"kernels_per_token": len(events) / n, "gpu_busy_per_token_ms": busy_us / 1e3 / n}
 
 
 if __name__ == "__main__":

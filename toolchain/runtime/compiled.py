@@ -37,10 +37,42 @@ def _no_silent_eager() -> None:
     setattr(cfg, name, True)
 
 
+def manual_graphs(c: dict | None) -> bool:
+    """Whether toolchain, not torch.compile, captures this artifact's CUDA graphs."""
+    from .decode import GRAPH_MODES
+
+    return bool(c) and c.get("graphs") == "manual" and c["mode"] in GRAPH_MODES
+
+
 def compile_model(model, c: dict):
-    """`model` compiled with an `inductor` artifact's settings."""
+    """`model` compiled with an `inductor` artifact's settings (with `graphs: manual`, in the mode
+    that makes the same code without CUDA graphs: `CapturedCall` adds them)."""
+    from .decode import GRAPH_MODES
+
     _no_silent_eager()
-    return torch.compile(model, mode=c["mode"], fullgraph=c["fullgraph"], dynamic=c["dynamic"])
+    mode = GRAPH_MODES[c["mode"]] if manual_graphs(c) else c["mode"]
+    return torch.compile(model, mode=mode, fullgraph=c["fullgraph"], dynamic=c["dynamic"])
+
+
+class CapturedCall:
+    """One input shape of a compiled forward captured in a `torch.cuda.CUDAGraph`: the inputs are
+    copied into fixed buffers once, and each call is one replay (no guards, no per-kernel launch)."""
+
+    def __init__(self, fn, kwargs: dict, device: str, warmup: int = 3):
+        self.inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile and settle the allocator outside the capture
+            for _ in range(warmup):
+                fn(**self.inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(**self.inputs)
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
 
 
 def counters() -> dict:

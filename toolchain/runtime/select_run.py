@@ -40,7 +40,7 @@ def run(ctx) -> dict:
                 "reference": str(ctx.inputs["reference"]), "validate": asdict(validate_params(p, name)),
                 "benchmark": asdict(bench), "recipe_dir": str(ctx.recipe_dir),
                 "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None}
-        rows.append({**row, **_evaluate(ctx, name, spec)})
+        rows.append({**row, **_evaluate(ctx, name, spec, p.rank_by)})
     winner = _rank(rows)
     failures = [] if winner else ["no candidate passed parity and ran every shape: " +
                                   "; ".join(f"{r['name']}: {r['why']}" for r in rows)]
@@ -53,7 +53,7 @@ def run(ctx) -> dict:
         models.write_meta(ctx.output, meta)
     hw = environment.fact("hardware", p.device)
     return {"winner": winner["name"] if winner else None, "winner_artifact": winner["artifact"] if winner else None,
-            "rank_by": "geometric mean of the median latencies over the benchmark shapes",
+            "rank_by": RANK_BY[p.rank_by],
             "device_name": hw.get("gpu") or hw.get("cpu"), "candidates": rows,
             "parity_settings": {k: v for k, v in asdict(validate_params(p, "")).items() if v is not None},
             "benchmark_settings": asdict(bench), "overrides": p.overrides, "failures": failures,
@@ -68,7 +68,11 @@ def _build_facts(folder: Path) -> dict:
             "build_compile_s": (meta.get("compile_seconds") or 0) + (meta.get("export_seconds") or 0) or None}
 
 
-def _evaluate(ctx, name: str, spec: dict) -> dict:
+RANK_BY = {"forward": "geometric mean of the median forward latencies over the benchmark shapes",
+           "decode": "median per-token latency of greedy decoding"}
+
+
+def _evaluate(ctx, name: str, spec: dict, rank_by: str = "forward") -> dict:
     """Run one candidate's child process, relaying its progress; a crash becomes the row's reason."""
     work = Path(ctx.output).parent / f"select-{name}"
     work.mkdir(exist_ok=True)
@@ -91,30 +95,37 @@ def _evaluate(ctx, name: str, spec: dict) -> dict:
         return {"status": "failed to run", "why": f"failed to run: its process {how} (see the step's log)"}
     if not result["ok"]:
         return {"status": "failed to run", "why": f"failed to run: {result['error']}"}
-    return _row(result["benchmark"], result["parity"])
+    return _row(result["benchmark"], result["parity"], rank_by)
 
 
-def _row(bench: dict, parity: dict) -> dict:
+DECODE = "decode (per token)"
+
+
+def _row(bench: dict, parity: dict, rank_by: str = "forward") -> dict:
     timings = {k: t for k, t in bench["timings"].items() if "error" not in t}
     errors = [f"{k}: {t['error']}" for k, t in bench["timings"].items() if "error" in t]
-    medians = [t["median_ms"] for t in timings.values()]
+    ranked = [t for k, t in timings.items() if (k == DECODE) == (rank_by == "decode")]
+    medians = [t["median_ms"] for t in ranked]
     first = [t["first_call_s"] for t in timings.values() if "first_call_s" in t]
     geomean = (lambda xs: math.exp(sum(map(math.log, xs)) / len(xs)) if xs and not errors else None)
     worst = max(parity["outputs"].values(), key=lambda o: o["min_atol_to_pass"])
     row = {"runtime": bench["runtime"], "parity_passed": parity["passed"], "parity_failures": parity["failures"],
            "max_abs": worst["max_abs"], "min_atol_to_pass": worst["min_atol_to_pass"], "atol": worst["atol"],
            "min_cosine": min(o["min_cosine"] for o in parity["outputs"].values()),
-           "score_ms": geomean(medians), "p90_ms": geomean([t["p90_ms"] for t in timings.values()]),
-           "cov": max((t["cov"] for t in timings.values()), default=None),
-           "throughput": sum(t["throughput"] for t in timings.values()) / len(timings) if timings else None,
+           "score_ms": geomean(medians), "p90_ms": geomean([t["p90_ms"] for t in ranked]),
+           "cov": max((t["cov"] for t in ranked), default=None),
+           "throughput": sum(t["throughput"] for t in ranked) / len(ranked) if ranked else None,
            "throughput_unit": "tokens/s", "peak_memory_mb": bench["peak_memory_mb"],
            "memory_kind": bench["memory_kind"], "load_s": bench.get("load_seconds"),
            "first_call_s": sum(first) if first else None, "compile_stats": bench.get("compile"),
-           "timings": bench["timings"], "parity": parity["outputs"], "warnings": bench["warnings"]}
+           "timings": bench["timings"], "parity": parity["outputs"], "warnings": bench["warnings"],
+           "measured_peak_tflops": bench.get("measured_peak_tflops")}
     if not parity["passed"]:
         row.update(status="failed parity", why="failed parity: " + "; ".join(parity["failures"]))
     elif errors:
         row.update(status="failed to run", why="failed to run: " + "; ".join(errors))
+    elif not medians:
+        row.update(status="failed to run", why=f"failed to run: no {rank_by} timing to rank it by")
     return row
 
 

@@ -45,6 +45,30 @@ def measure(fn, warmup: int, iterations: int, sync=None) -> list[int]:
     return samples
 
 
+def matmul_peak_tflops(dtype: str, device: str, n: int = 8192, calls: int = 50) -> float:
+    """The dense-matmul rate this GPU reaches here and now at `dtype` (TFLOP/s): the median of
+    `calls` timed n x n x n products (CUDA events), after a warm-up that lets the clocks settle.
+    The denominator for "% of peak" of compute-bound work, measured rather than taken from a sheet."""
+    import torch
+
+    dt = getattr(torch, dtype if dtype in ("float16", "bfloat16") else "float32")
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(10):
+        torch.mm(a, b)
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
     try:

@@ -17,7 +17,7 @@ class BenchmarkParams:
     max_cov: float = 0.05
     seed: int = 0
     padding: float = 0.0
-    peak_tflops: float | None = None
+    peak_tflops: float | str | None = None  # a number, or "measure" (a dense matmul timed on the device)
     provider: str | None = None
     device: str = "cpu"
 
@@ -43,6 +43,9 @@ class Benchmark(Stage):
         elif ctx.params.decode_tokens and not (t.get("task") == "text-generation"
                                                and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
             ctx.error("`decode_tokens` needs a text-generation model with a KV cache", "decode_tokens")
+        if ctx.params.peak_tflops == "measure" and not ctx.params.device.startswith("cuda"):
+            ctx.error("`peak_tflops: measure` times a dense matmul on a CUDA device, but device is "
+                      f"{ctx.params.device}", "peak_tflops", hint="give the CPU's peak as a number, or drop it")
         if ctx.params.padding and t.get("sdpa_kernel") == "flash" and ctx.params.device.startswith("cuda"):
             ctx.error("the model pins the SDPA flash kernel, which on CUDA takes no attention mask, so padded "
                       "batches cannot run", "padding", hint="set `padding: 0`, or pin `efficient` or `cudnn`")
@@ -89,6 +92,10 @@ def measure(runner, p: BenchmarkParams, artifact: str, progress=lambda *a, **k: 
     grid = len(batches) * len(seqs) > 1
     gpus = _gpus(runner) if p.device.startswith("cuda") else []
     timings, warnings, peaks, pads = {}, [], [], []
+    peak, measured_peak = p.peak_tflops, None
+    if peak == "measure":
+        progress("measuring the device's dense matmul peak")
+        measured_peak = peak = timing.matmul_peak_tflops(getattr(runner, "dtype", "float32"), p.device)
     for seq in seqs:
         for batch in batches:
             name = f"forward b{batch} s{seq}" if grid else "forward"
@@ -122,8 +129,8 @@ def measure(runner, p: BenchmarkParams, artifact: str, progress=lambda *a, **k: 
             if flops:
                 t["flops_per_call"] = flops
                 t["achieved_tflops"] = flops / (t["median_ms"] / 1e3) / 1e12
-                if p.peak_tflops:
-                    t["fraction_of_peak"] = t["achieved_tflops"] / p.peak_tflops
+                if peak:
+                    t["fraction_of_peak"] = t["achieved_tflops"] / peak
             peaks.append(t["peak_memory_mb"] or 0)
             timings[name] = t
             runner.release()
@@ -152,7 +159,8 @@ def measure(runner, p: BenchmarkParams, artifact: str, progress=lambda *a, **k: 
             "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if gpus else ""),
             "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,
             "warnings": warnings, "load_seconds": getattr(runner, "load_seconds", None),
-            "compile": getattr(runner, "compile_stats", lambda: None)()}
+            "compile": getattr(runner, "compile_stats", lambda: None)(),
+            **({"measured_peak_tflops": measured_peak} if measured_peak else {})}
 
 
 def _gpus(runner) -> list[int]:

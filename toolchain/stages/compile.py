@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from .base import AOTI_MODEL, HF_MODEL, CheckContext, RunContext, Stage
 from .bettertransformer import ENCODER_TYPES
 
+from ..runtime.decode import GRAPH_MODES
+
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EXAMPLE = {"batch": 2, "sequence": 16}  # traced example where dynamic: sizes >= 2 keep an axis dynamic
 # facts a key needs wherever Inductor generates code at run time (validate, benchmark, select of an
@@ -27,6 +29,7 @@ class CompileParams:
     backend: str = "aot_inductor"
     mode: str = "default"
     fullgraph: bool = True
+    graphs: str = "trees"  # trees (torch.compile's CUDA graphs) | manual (toolchain captures them)
     dynamic: bool = True
     batch: dict = field(default_factory=dict)  # {min, max}: aot_inductor's dynamic range
     sequence: dict = field(default_factory=dict)
@@ -39,6 +42,8 @@ def settings(p: CompileParams, max_positions: int | None) -> dict:
     ranges of an AOTInductor package (an axis with min == max is static) and the example shape."""
     out = {"backend": p.backend, "mode": p.mode, "fullgraph": p.fullgraph or p.backend == "aot_inductor",
            "dynamic": p.dynamic, "device": "cuda" if p.device.startswith("cuda") else "cpu"}
+    if p.mode in GRAPH_MODES:
+        out["graphs"] = p.graphs
     shape = {**EXAMPLE, **p.shape}
     if p.dynamic and p.backend == "aot_inductor":
         limits = {"batch": None, "sequence": max_positions}
@@ -61,7 +66,11 @@ def _span(r: dict) -> str:
 
 def describe_shapes(c: dict) -> str:
     if c.get("backend") != "aot_inductor":
-        return "dynamic shapes" if c.get("dynamic") else "static shapes (one graph per shape)"
+        if c.get("dynamic"):
+            return "dynamic shapes"
+        shape = c.get("shape") or {}
+        return (f"static shape {shape.get('batch')}x{shape.get('sequence')} (smaller inputs padded up; others compile "
+                "a graph of their own)")
     return f"batch {_span(c['batch'])}, sequence {_span(c['sequence'])}"
 
 
@@ -137,6 +146,10 @@ class Compile(Stage):
         elif p.mode == "max-autotune" and aot:
             ctx.error("mode max-autotune also captures CUDA graphs, which AOTInductor packages do not take", "mode",
                       hint="use mode max-autotune-no-cudagraphs")
+        if p.graphs == "manual" and (aot or p.mode not in GRAPH_MODES):
+            ctx.error(f"`graphs: manual` chooses who captures the CUDA graphs of modes {' and '.join(GRAPH_MODES)}, "
+                      f"but this compile (backend {p.backend}, mode {p.mode}) captures none", "graphs",
+                      hint="use backend inductor with mode reduce-overhead, or drop `graphs`")
         if aot and not p.fullgraph:
             ctx.error("torch.export always captures the whole model; `fullgraph: false` applies to backend inductor",
                       "fullgraph")

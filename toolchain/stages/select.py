@@ -22,11 +22,15 @@ class SelectParams:
     parity: dict = field(default_factory=dict)  # validate's params for every candidate
     benchmark: dict = field(default_factory=dict)  # benchmark's params for every candidate
     overrides: dict = field(default_factory=dict)  # candidate step -> its own tolerances
+    rank_by: str = "forward"  # forward (geometric mean over the shapes) | decode (per-token latency)
     device: str = "cpu"
 
 
 def validate_params(p: SelectParams, candidate: str) -> ValidateParams:
-    return ValidateParams(**{**p.parity, **p.overrides.get(candidate, {}), "device": p.device})
+    own = dict(p.overrides.get(candidate, {}))
+    if "generate" in own:  # a candidate's generation gate refines the shared one
+        own["generate"] = {**p.parity.get("generate", {}), **own["generate"]}
+    return ValidateParams(**{**p.parity, **own, "device": p.device})
 
 
 def benchmark_params(p: SelectParams) -> BenchmarkParams:
@@ -64,6 +68,13 @@ class Select(Stage):
         if corpus and not corpus.startswith("gensim:") and not (ctx.recipe.dir / corpus).is_file():
             ctx.error(f"corpus file not found: {ctx.recipe.dir / corpus}", "parity")
         bench = benchmark_params(p)
+        if p.rank_by == "decode" and not (bench.decode_tokens and ref.get("task") == "text-generation"):
+            ctx.error("`rank_by: decode` ranks by per-token decode latency, which needs `benchmark.decode_tokens` "
+                      f"and a text-generation model (the reference is {ref.get('task')}, decode_tokens "
+                      f"{bench.decode_tokens})", "rank_by", hint="add `benchmark: {decode_tokens: 32}`, or rank by forward")
+        if bench.peak_tflops == "measure" and not p.device.startswith("cuda"):
+            ctx.error(f"`benchmark.peak_tflops: measure` times a dense matmul on a CUDA device, but device is {p.device}",
+                      "benchmark", hint="give the CPU's peak as a number, or drop it")
         listed = ctx.recipe.stages[ctx.step]["inputs"]["candidates"]
         for name, t in cands.items():
             at = ("inputs", "candidates", listed.index(name))  # problems of one candidate point at its entry
@@ -75,6 +86,10 @@ class Select(Stage):
                     compiled_input_problems(t, bench):
                 ctx.error(f"candidate '{name}': {problem}", hint="pick parity and benchmark shapes that every "
                           "candidate takes, or widen the package's ranges", at=at)
+            if bench.decode_tokens and ((t.get("compile") or {}).get("backend") == "aot_inductor"
+                                        or not (t.get("artifact") == HF_MODEL or t.get("kv_cache"))):
+                ctx.error(f"candidate '{name}' cannot time `benchmark.decode_tokens`: it takes no KV cache", at=at,
+                          hint="drop it from the candidates, or export it with `kv_cache: true`")
             if t.get("sdpa_kernel") == "flash" and p.device.startswith("cuda") and \
                     (validate_params(p, name).batch_size > 1 or bench.padding):
                 ctx.error(f"candidate '{name}' pins the SDPA flash kernel, which on CUDA takes no attention mask, so "

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 10 on the GPU host, one part per call (each fits the 10-minute limit):
+#   decode  benchmarks/gpu/decode.py: generate vs toolchain's StaticDecoder (CUDA graphs by
+#           torch.compile and by toolchain), fp32 and fp16
+#   smol    recipes/gpu/smollm2-decode.yaml (select by per-token decode: eager, compiled, onnxruntime)
+#   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
+#           (what the store's Inductor cache saves a second cold compile)
+#   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
+# Needs the staged wheels (.gpu) and model packages (.gpub). Logs and results go to $OUT.
+set -uo pipefail
+source "$HOME/gpu-env.sh"; source "$HOME/models-env.sh"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/issue10}; mkdir -p "$OUT"
+STORE=${STORE:-/tmp/store-issue10}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, transformers, onnxruntime as o; print('torch', torch.__version__, 'transformers', transformers.__version__, 'onnxruntime', o.__version__)" | tee -a "$OUT/gpu.txt"
+build() {  # build NAME RECIPE [extra args]: log, manifest and report under $OUT
+  local name=$1 recipe=$2; shift 2
+  local t0=$SECONDS
+  timeout "${BUILD_S:-540}" python -m toolchain build "$recipe" -o "/tmp/out-$name" --store "$STORE" \
+    --require-provider "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  cp "/tmp/out-$name/report.md" "$OUT/$name-report.md" 2>/dev/null
+  cp "/tmp/out-$name/manifest.json" "$OUT/$name-manifest.json" 2>/dev/null
+  rm -rf "/tmp/out-$name"
+  tail -n 25 "$OUT/$name.log"
+}
+for part in "$@"; do
+  case $part in
+    decode)
+      timeout "${DECODE32_S:-400}" python benchmarks/gpu/decode.py "$OUT/decode-float32.json" --dtype float32 \
+        --variants "${VARIANTS32:-trees,manual,manual-autotune}" 2>&1 | grep -v "GGUF tensors\|Loading weights" \
+        | tee -a "$OUT/decode.log"
+      timeout "${DECODE16_S:-170}" python benchmarks/gpu/decode.py "$OUT/decode-float16.json" --dtype float16 \
+        --no-hf-static --variants "${VARIANTS16:-manual}" 2>&1 | grep -v "GGUF tensors\|Loading weights" \
+        | tee -a "$OUT/decode.log" ;;
+    smol) build smol recipes/gpu/smollm2-decode.yaml ;;
+    bert)
+      build bert recipes/gpu/bert-base-compile.yaml
+      build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild captured --rebuild autotuned ;;
+    llama) build llama recipes/gpu/llama7b-compile.yaml ;;
+  esac
+done
+python - "$OUT" <<'PY'
+# the compile steps of each build: seconds, and Inductor's FX graph cache hits/misses
+import json, pathlib, sys
+for m in sorted(pathlib.Path(sys.argv[1]).glob("*-manifest.json")):
+    d = json.loads(m.read_text())
+    for v in d["variants"]:
+        for s in v["steps"]:
+            x = s.get("metrics") or {}
+            if s["kind"] == "compile" or s["kind"] == "select":
+                extra = {k: x.get(k) for k in ("fx_graph_cache_hits", "fx_graph_cache_misses", "winner") if k in x}
+                print(f"{m.stem:22s} {s['name']:10s} {s['status']:7s} this build {s.get('seconds') or 0:7.1f} s, "
+                      f"built in {s.get('build_seconds') or 0:7.1f} s {extra}")
+PY
+cat "$OUT/summary.txt" 2>/dev/null
