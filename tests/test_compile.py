@@ -290,6 +290,7 @@ targets: [compiled]
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
     steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["variants"][0]["steps"]}
+    assert "decode step" in steps["compiled"]["metrics"]["first_call_seconds"]  # compiled where it is made
     gen = steps["parity"]["metrics"]["generation"]
     assert gen["prompts"] == 4 and gen["equal"] == 4, gen
     decode = json.dumps(steps["speed"]["metrics"])

@@ -19,6 +19,8 @@ def _type(spec: dict, defs: dict) -> str:
         return " \\| ".join(f"`{v}`" for v in spec["enum"])
     if "const" in spec:
         return f"`{spec['const']}`"
+    if "oneOf" in spec or "anyOf" in spec:
+        return " or ".join(_type(s, defs) for s in spec.get("oneOf", spec.get("anyOf")))
     t = spec.get("type", "")
     t = " or ".join(t) if isinstance(t, list) else t
     if spec.get("pattern") == "^(cpu|cuda(:[0-9]+)?)$":

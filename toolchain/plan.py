@@ -182,10 +182,7 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
                     f"stage '{name}': input '{role}' must be {' or '.join(accepted)}, but stage "
                     f"'{src}' ({stages[src]['kind']}) makes {t['artifact']}", ("stages", name) + where))
             in_traits[role] = t
-        if stage.produces != REPORT and name not in consumed and name not in targets:
-            problems.append(recipe.problem(
-                f"stage '{name}' makes a {stage.produces} that no stage uses and that is not a target",
-                ("stages", name), key=True, hint=f"add '{name}' to `targets` or remove the stage"))
+        unused = stage.produces != REPORT and name not in consumed and name not in targets
         if spec["kind"] == "load" and not recipe.model:
             problems.append(recipe.problem(f"stage '{name}' (load) needs the recipe's `model` source",
                                            ("stages", name), key=True,
@@ -203,6 +200,10 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
             traits = {"artifact": stage.produces, "unknown": True}
         else:
             traits = stage.traits(params, in_traits, recipe)
+        if unused:  # named by what this step makes (a compile makes a package or a model)
+            problems.append(recipe.problem(
+                f"stage '{name}' makes a {traits['artifact']} that no stage uses and that is not a target",
+                ("stages", name), key=True, hint=f"add '{name}' to `targets` or remove the stage"))
         steps[name] = Step(name, spec["kind"], params_dict(params), inputs, traits)
     if problems:
         raise RecipeError(problems)
