@@ -37,6 +37,8 @@ class CheckContext:
     # False for `check`: rules about this machine (GPU present, packages installed) are skipped so
     # that GPU recipes can be linted anywhere; `plan` and `build` set it.
     machine: bool = True
+    # False for `check`: nothing that probes the network (is the Hub reachable?); `plan` and `build` set it
+    network: bool = True
     problems: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # said before a build starts; not errors
     opaque: bool = False  # the step's traits cannot be known here (e.g. its model package is missing)

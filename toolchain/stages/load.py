@@ -27,7 +27,7 @@ class Load(Stage):
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
         try:
-            self._source(ctx.recipe)
+            src = self._source(ctx.recipe)
         except sources.SourceError as exc:
             path = ("model", exc.field) if exc.field and exc.field in ctx.recipe.model else ("model",)
             if exc.machine:  # e.g. the model's package is not installed here: plan/build refuse it
@@ -37,6 +37,10 @@ class Load(Stage):
                 return
             ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
             return
+        if ctx.machine and ctx.network:  # a probe of the network: plan and build only, never `check`
+            problem = sources.hub_problem(src)
+            if problem:
+                ctx.machine_problems.append(ctx.recipe.problem(str(problem), ("model", "hub"), hint=problem.hint))
         if not ctx.params.materialize and "config" not in ctx.recipe.model:
             ctx.error("`materialize: false` applies to `config` (random-weight) sources only", "materialize")
 
