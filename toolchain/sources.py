@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import safeio
+from .architectures import CONFIG_FACTS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
@@ -51,8 +52,6 @@ class Source:
 
 
 def _facts(cfg: dict) -> dict:
-    from .stages.bettertransformer import CONFIG_FACTS
-
     return {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
 
 
