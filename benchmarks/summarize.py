@@ -1,8 +1,11 @@
-"""Short tables from build output folders: parity gates and latency per step.
-usage: python benchmarks/summarize.py BUILD_DIR..."""
-import json
+"""Short tables from build output folders: parity gates and latency per step, read through
+toolchain.results like every report. usage: python benchmarks/summarize.py BUILD_DIR..."""
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from toolchain import results  # noqa: E402
+from toolchain.results import FAILED, NOT_GATED  # noqa: E402
 
 
 def fmt(x, d=3):
@@ -15,41 +18,44 @@ def fmt(x, d=3):
 
 def main(folders):
     for folder in folders:
-        path = Path(folder) / "manifest.json"
-        if not path.is_file():
+        if not (Path(folder) / "manifest.json").is_file():
             continue
-        m = json.loads(path.read_text())
-        gpu = ", ".join(g["name"] for g in m["environment"].get("gpus", [])) or "no GPU"
-        print(f"\n## {m['recipe']['name']}: {m['status']} ({gpu}; torch {m['environment'].get('torch')}, "
-              f"onnxruntime {m['environment'].get('onnxruntime')})\n")
+        b = results.load(folder)
+        env = b.environment
+        gpu = ", ".join(g["name"] for g in env.get("gpus", [])) or "no GPU"
+        print(f"\n## {b.name}: {b.status} ({gpu}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')})\n")
         print("| variant | step | result | numbers |\n| --- | --- | --- | --- |")
-        for v in m["variants"]:
-            label = ",".join(f"{k}={x}" for k, x in v["variant"].items()) or "-"
-            for s in v["steps"]:
-                mt = s["metrics"]
-                if mt.get("not_run"):
-                    print(f"| {label} | {s['name']} | not run | {mt['not_run']} |")
-                elif s["kind"] == "validate":
-                    o = next(iter(mt.get("outputs", {}).values()), {})
-                    extra = f", top-1 {mt['top1_agreement']:.4f}" if "top1_agreement" in mt else ""
-                    g = mt.get("generation")
-                    if g:
-                        extra += f", generation {g['equal']}/{g['prompts']}"
-                    res = "pass" if s["gate"]["passed"] else "FAIL"
-                    print(f"| {label} | {s['name']} | {res} | max abs {fmt(o.get('max_abs'))}, mean cos "
-                          f"{fmt(o.get('mean_cosine'), 6)}{extra} |")
-                elif s["kind"] == "benchmark":
-                    for name, t in mt.get("timings", {}).items():
-                        if "error" in t:
-                            print(f"| {label} | {s['name']} {name} | {t['error']} | |")
+        for v in b.variants:
+            label = v.label or "-"
+            for s in v.steps:
+                if s.not_run:
+                    print(f"| {label} | {s.name} | not run | {s.not_run} |")
+                elif s.parity is not None and s.parity.not_gated:
+                    print(f"| {label} | {s.name} | not gated | {s.parity.not_gated} |")
+                elif s.parity is not None:
+                    p = s.parity
+                    o = p.outputs[0] if p.outputs else None
+                    extra = f", top-1 {p.top1:.4f}" if p.top1 is not None else ""
+                    if p.generation:
+                        g = p.generation
+                        extra += f", generation {g.equal}/{g.prompts}" + (" (not gated)" if g.status == NOT_GATED else "")
+                    checks = s.checks(b.suite(v, s))
+                    res = "FAIL" if any(c.status == FAILED for c in checks) else "pass"
+                    print(f"| {label} | {s.name} | {res} | max abs {fmt(o and o.max_abs)}, mean cos "
+                          f"{fmt(o and o.mean_cosine, 6)}{extra} |")
+                elif s.latency is not None:
+                    for t in s.latency.timings:
+                        if t.error:
+                            print(f"| {label} | {s.name} {t.measure} | {t.error} | |")
                             continue
-                        tf = f", {fmt(t['achieved_tflops'])} TFLOP/s" if t.get("achieved_tflops") else ""
-                        pk = f" ({100 * t['fraction_of_peak']:.0f}% of peak)" if t.get("fraction_of_peak") else ""
-                        mem = f", peak {fmt(t.get('peak_memory_mb'))} MB" if t.get("peak_memory_mb") else ""
-                        print(f"| {label} | {s['name']} {name} | {fmt(t['median_ms'])} ms | p90 {fmt(t['p90_ms'])}, "
-                              f"CoV {100 * t['cov']:.1f}%{tf}{pk}{mem}; {mt.get('runtime')} |")
-                elif s["kind"] == "quantize":
-                    print(f"| {label} | {s['name']} | {mt.get('scheme')} | footprint {fmt(mt['footprint_bytes'] / 2**20)} MB |")
+                        tf = f", {fmt(t.achieved_tflops)} TFLOP/s" if t.achieved_tflops else ""
+                        pk = f" ({100 * t.fraction_of_peak:.0f}% of peak)" if t.fraction_of_peak else ""
+                        mem = f", peak {fmt(t.peak_memory_mb)} MB" if t.peak_memory_mb else ""
+                        print(f"| {label} | {s.name} {t.measure} | {fmt(t.median_ms)} ms | p90 {fmt(t.p90_ms)}, "
+                              f"CoV {100 * t.cov:.1f}%{tf}{pk}{mem}; {s.latency.runtime} |")
+                elif s.kind == "quantize":
+                    mt = s.metrics
+                    print(f"| {label} | {s.name} | {mt.get('scheme')} | footprint {fmt(mt['footprint_bytes'] / 2**20)} MB |")
 
 
 if __name__ == "__main__":

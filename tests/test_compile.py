@@ -225,6 +225,9 @@ def test_select_delivers_the_passing_candidate_and_fails_without_one(tmp_path, s
                                      "from": ["load", "export"]}
     assert (out / "pick" / "model.safetensors").is_file()
     assert steps["none"]["metrics"]["winner"] is None and not (out / "none").exists()
+    selected = [c for c in json.loads((out / "report.json").read_text())["variants"][0]["checks"]
+                if c["step"] == "pick"]
+    assert selected and selected[0]["metrics"]["winner"] == "load"  # the table goes into report.json too
     report = (out / "report.md").read_text()
     assert "### Selection: pick (winner: load)" in report and "### Selection: none (FAILED: no winner)" in report
 

@@ -100,7 +100,11 @@ def test_validate_foreign_export_with_junit_markdown_json(tmp_path, tiny_build):
     cases = root.findall("./testsuite/testcase")
     assert len(cases) == int(root.get("tests")) and all(c.get("classname") and c.get("name") for c in cases)
     assert any("parity last_hidden_state" == c.get("name") for c in cases)
+    # a latency without a baseline has nothing to fail against: skipped as not gated, never passed
+    (latency,) = [c for c in cases if c.get("name") == "latency forward"]
+    assert latency.find("skipped") is not None and "not gated" in latency.find("skipped").get("message")
     assert "passed" in (tmp_path / "s.md").read_text().splitlines()[0]
+    assert "1 not gated" in (tmp_path / "s.md").read_text()
     assert json.loads((tmp_path / "r.json").read_text())["checks"]
 
 

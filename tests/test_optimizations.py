@@ -2,6 +2,10 @@
 rules (which must fire before any weights load)."""
 import json
 
+from toolchain import results
+from toolchain.artifacts import ArtifactFacts, read_facts
+from toolchain.gate import junit_xml
+
 from .conftest import run_cli, tiny_recipe
 
 TINY_LLAMA = ('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
@@ -41,7 +45,16 @@ def test_bettertransformer_roundtrip_and_padded_parity(tmp_path, store):
     assert abs(s["bench"]["metrics"]["padding_fraction"] - 0.5) < 0.1
     # the restored model is the original checkpoint again
     restored = json.loads((tmp_path / "out" / "restored" / "toolchain.json").read_text())
-    assert "bettertransformer" not in restored and restored["attn_implementation"] == "eager"
+    assert not restored["bettertransformer"] and restored["attention"] == "eager"
+    # one description of the artifact: what the planner predicted is what the stage wrote (the
+    # planner knew the reversed model's attention too), in the same keys and shapes
+    for name in ("eager", "fast", "restored"):
+        planned = ArtifactFacts.from_dict(s[name]["traits"])
+        written = read_facts(tmp_path / "out" / name) if name == "restored" else None
+        assert planned.attention == "eager", name
+        if written:
+            assert written == planned
+    assert s["fast"]["traits"]["bettertransformer"] and s["fast"]["traits"]["attention_before_bettertransformer"] == "eager"
     assert s["restored"]["outputs"]["model.safetensors"] == s["load"]["outputs"]["model.safetensors"]
 
 
@@ -84,6 +97,15 @@ stages:
     # the placement travels with the artifact: every later load uses it
     meta = json.loads((tmp_path / "out" / "q8" / "toolchain.json").read_text())
     assert meta["placement"] == {"device_map": {"": "cpu"}, "max_memory": {"cpu": "4GiB"}}
+    # quantization has one shape, at plan time and in the artifact
+    assert read_facts(tmp_path / "out" / "q8").quantization == ArtifactFacts.from_dict(s["q8"]["traits"]).quantization
+    assert meta["quantization"]["scheme"] == "int8" and s["q8"]["traits"]["quantization"]["bits"] == 8
+    # a generation gate of 0 can fail nothing: reported as not gated, never as passed
+    checks = {c.name: c for c in results.load(tmp_path / "out").checks()}
+    assert checks["greedy generation"].status == "not gated" and checks["top-1 agreement"].status == "passed"
+    junit = junit_xml(list(checks.values()))
+    case = junit.split('name="greedy generation"', 1)[1].split("</testcase>", 1)[0]
+    assert "<skipped" in case and "not gated" in case
 
 
 def test_max_memory_names_gpus_this_machine_lacks(tmp_path):

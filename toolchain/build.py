@@ -23,6 +23,7 @@ from .executor import LocalExecutor, StepResult
 from .hashing import hash_file
 from .plan import Plan, variant_folder
 from .report import render_markdown
+from .results import BuildResult
 from .store import DamagedObject, Store, _pid_alive, copy_verified, stat_signature
 
 MANIFEST_SCHEMA = 1
@@ -107,9 +108,13 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Sto
     }
 
 
+LOCK_SCHEMA = 1
+
+
 def lock_document(manifest: dict, variants) -> dict:
-    """Resolved intent and results, sorted and free of timings: like dvc.lock."""
-    doc = {"schema": 1, "recipe": manifest["recipe"]["name"], "variants": []}
+    """Resolved intent and results, sorted and free of timings: like dvc.lock. A later build into
+    the same folder reads it back (`read_lock`) and says which steps changed since (`lock_changes`)."""
+    doc = {"schema": LOCK_SCHEMA, "recipe": manifest["recipe"]["name"], "variants": []}
     for (plan, _), v in zip(variants, manifest["variants"]):
         doc["variants"].append({
             "variant": v["variant"], "recipe_hash": v["recipe_hash"], "targets": v["targets"],
@@ -118,6 +123,47 @@ def lock_document(manifest: dict, variants) -> dict:
                                   "outputs": {rel: m["sha256"] for rel, m in s["outputs"].items()}}
                       for s in v["steps"]}})
     return doc
+
+
+def read_lock(out: Path) -> dict | None:
+    """The toolchain.lock of an earlier delivery into `out` (None: none, or not one we can read)."""
+    path = Path(out) / "toolchain.lock"
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > 16 << 20:
+            return None
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict) or doc.get("schema") != LOCK_SCHEMA or not isinstance(doc.get("variants"), list):
+        return None
+    return doc
+
+
+def lock_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two lock documents, per variant and step, in words: a step added,
+    removed, or with another key (its params, code, inputs or environment changed), and a target
+    whose output files changed."""
+    def index(doc):
+        return {json.dumps(v.get("variant") or {}, sort_keys=True): v for v in doc.get("variants", [])
+                if isinstance(v, dict) and isinstance(v.get("steps"), dict)}
+    before, after, out = index(old), index(new), []
+    for vid in sorted(set(before) | set(after)):
+        label = ",".join(f"{k}={x}" for k, x in json.loads(vid).items())
+        where = f" [{label}]" if label else ""
+        if vid not in before or vid not in after:
+            out.append(f"variant{where or ' (none)'} {'added' if vid not in before else 'removed'}")
+            continue
+        a, b = before[vid]["steps"], after[vid]["steps"]
+        for name in sorted(set(a) | set(b)):
+            if name not in a or name not in b:
+                out.append(f"step {name}{where} {'added' if name not in a else 'removed'}")
+            elif a[name].get("key") != b[name].get("key"):
+                what = [k for k in ("kind", "params", "inputs") if a[name].get(k) != b[name].get(k)]
+                why = f" ({', '.join(what)} changed)" if what else " (code, environment or source files changed)"
+                out.append(f"step {name}{where} has a new key{why}")
+            elif a[name].get("outputs") != b[name].get("outputs"):
+                out.append(f"step {name}{where}: same key, other output bytes (not reproducible)")
+    return out
 
 
 def _output_path(out: Path) -> Path:
@@ -339,11 +385,12 @@ def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
                 copy_verified(store.object_path(meta["sha256"]), tmp / dest, meta["sha256"], f"{target}/{rel}")
                 files[dest.as_posix()] = {"sha256": meta["sha256"], "size": meta["size"]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (tmp / "report.json").write_text(json.dumps(report_json(manifest), indent=2, sort_keys=True) + "\n")
+    result = BuildResult.from_manifest(manifest)  # every report reads the build through this
+    (tmp / "report.json").write_text(json.dumps(result.report_json(), indent=2, sort_keys=True) + "\n")
     from .plots import benchmark_rows, render
 
-    plots = render(benchmark_rows([manifest]), tmp / "plots")
-    (tmp / "report.md").write_text(render_markdown(manifest, plots))
+    plots = render(benchmark_rows([result]), tmp / "plots")
+    (tmp / "report.md").write_text(render_markdown(result, plots))
     (tmp / "toolchain.lock").write_text(yaml.safe_dump(lock_document(manifest, variants), sort_keys=True))
     for f in sorted(tmp.rglob("*")):
         rel = f.relative_to(tmp).as_posix()
@@ -353,13 +400,3 @@ def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
         meta["stat"] = stat_signature(os.lstat(tmp / rel))
     return files
 
-
-def report_json(manifest: dict) -> dict:
-    """Parity and latency results only (the manifest has everything)."""
-    out = {"recipe": manifest["recipe"]["name"], "status": manifest["status"],
-           "environment": manifest["environment"], "variants": []}
-    for v in manifest["variants"]:
-        checks = [{"step": s["name"], "kind": s["kind"], "status": s["status"], "metrics": s["metrics"],
-                   "gate": s["gate"]} for s in v["steps"] if s["kind"] in ("validate", "benchmark")]
-        out["variants"].append({"variant": v["variant"], "checks": checks})
-    return out

@@ -62,7 +62,7 @@ def cmd_check(args, console: Console) -> int:
     for f in files:
         try:
             variants = load_recipe(f)
-            build_plans(variants, keys=False, machine=args.this_machine)
+            build_plans(variants, keys=False, machine=args.this_machine, network=False)  # lints anywhere
         except RecipeError as exc:
             bad += 1
             for p in exc.problems:
@@ -102,12 +102,15 @@ def cmd_plan(args, console: Console) -> int:
 
 
 def cmd_build(args, console: Console) -> int:
-    from .build import build, check_output
+    from .build import build, check_output, lock_changes, lock_document, read_lock
+    from .results import BuildResult
 
     store = _store(args)
     t0 = time.perf_counter()
+    previous = None
     if args.output:  # a wrong -o is refused before anything is read, created or built (deliver checks again)
         check_output(Path(args.output), store)
+        previous = read_lock(Path(args.output))  # what the folder held, to say what this build changes
     plans = _plans(args.recipe, store)
     force = True if args.force else frozenset(args.rebuild or ())
     unknown = sorted(force - {n for p in plans for n in p.steps}) if force is not True else []
@@ -120,50 +123,61 @@ def cmd_build(args, console: Console) -> int:
         console.warn(note)
     manifest = build(plans, store, Path(args.output) if args.output else None, console, force=force,
                      require_provider=args.require_provider)
-    summary(manifest, console, time.perf_counter() - t0, args.output)
+    result = BuildResult.from_manifest(manifest)
+    summary(result, console, time.perf_counter() - t0, args.output)
+    if previous is not None:
+        changes = lock_changes(previous, lock_document(manifest, [(p, None) for p in plans]))
+        console.print(f"since the last delivery into {args.output} (its toolchain.lock): "
+                      + ("; ".join(changes) if changes else "nothing changed"))
     if args.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
-    if manifest["status"] == "failed":
-        for v in manifest["variants"]:
-            for s in v["steps"]:
-                for f in (s.get("gate") or {}).get("failures", []):
-                    print(f"gate failed: {s['name']}: {f}", file=sys.stderr)
+    if result.status == "failed":
+        for v in result.variants:
+            for s in v.steps:
+                for f in s.failures:
+                    print(f"gate failed: {s.name}: {f}", file=sys.stderr)
         return 1
     return 0
 
 
-def summary(manifest: dict, console: Console, seconds: float, output) -> None:
+def _gate_word(step) -> str:
+    if not step.has_gate:
+        return ""
+    if step.parity is not None and step.parity.not_gated:
+        return "not gated"
+    return "pass" if step.gate_passed else "FAIL"
+
+
+def summary(build, console: Console, seconds: float, output) -> None:
+    """The console's account of a build (a results.BuildResult)."""
     from .report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
 
-    for v in manifest["variants"]:
-        label = ",".join(f"{k}={x}" for k, x in v["variant"].items())
-        rows = [[s["name"], s["kind"], s["status"], s["key"][:12],
-                 f"{s['build_seconds']:.1f}" if s.get("build_seconds") is not None else "-",
-                 ("pass" if s["gate"]["passed"] else "FAIL") if s.get("gate") else ""] for s in v["steps"]]
-        console.table(f"steps {label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)
-        for s in v["steps"]:
-            if s["metrics"].get("not_run"):
-                console.warn(f"{s['name']}: not run: {s['metrics']['not_run']}")
+    for v in build.variants:
+        rows = [[s.name, s.kind, s.status, s.key[:12],
+                 f"{s.build_seconds:.1f}" if s.build_seconds is not None else "-",
+                 _gate_word(s)] for s in v.steps]
+        console.table(f"steps {v.label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)
+        for s in v.steps:
+            if s.not_run:
+                console.warn(f"{s.name}: not run: {s.not_run}")
                 continue
-            if s["kind"] == "validate":
-                console.table(f"parity: {s['name']}", PARITY_HEADER, parity_rows(s))
-                m = s["metrics"]
-                if "top1_agreement" in m:
-                    console.print(f"  top-1 agreement {m['top1_agreement']:.4f}")
-                if "generation" in m:
-                    g = m["generation"]
-                    console.print(f"  greedy generation identical for {g['equal']}/{g['prompts']} prompts "
-                                  f"({g['new_tokens']} new tokens)")
-            if s["kind"] == "benchmark":
-                console.table(f"latency: {s['name']} ({s['metrics'].get('runtime')})", LATENCY_HEADER,
-                              latency_rows(s))
-                for w in s["metrics"].get("warnings", []):
+            p = s.parity
+            if p is not None and p.not_gated:
+                console.warn(f"{s.name}: not gated: {p.not_gated}")
+            elif p is not None:
+                console.table(f"parity: {s.name}", PARITY_HEADER, parity_rows(p))
+                if p.top1 is not None:
+                    console.print(f"  top-1 agreement {p.top1:.4f}" + (" (not gated)" if p.min_top1 is None else ""))
+                if p.generation:
+                    console.print(f"  greedy generation: {p.generation.describe()}")
+            if s.latency is not None:
+                console.table(f"latency: {s.name} ({s.latency.runtime})", LATENCY_HEADER, latency_rows(s.latency))
+                for w in s.latency.warnings:
                     console.warn(w)
-    counts = {k: sum(1 for v in manifest["variants"] for s in v["steps"] if s["status"] == k)
-              for k in ("built", "cached", "not run")}
+    counts = {k: sum(1 for v in build.variants for s in v.steps if s.status == k) for k in ("built", "cached", "not run")}
     where = f" -> {output}" if output else ""
     not_run = f", {counts['not run']} not run" if counts["not run"] else ""
-    console.print(f"[bold]{manifest['status']}[/]: {counts['built']} built, {counts['cached']} cached{not_run} "
+    console.print(f"[bold]{build.status}[/]: {counts['built']} built, {counts['cached']} cached{not_run} "
                   f"in {seconds:.1f} s{where}")
 
 
@@ -224,23 +238,21 @@ def cmd_validate(args, console: Console) -> int:
 
 
 def cmd_report(args, console: Console) -> int:
+    from . import results
     from .plots import benchmark_rows, render
     from .report import comparison_markdown, plots_markdown
 
-    manifests = []
-    for folder in args.builds:
-        path = Path(folder) / "manifest.json" if Path(folder).is_dir() else Path(folder)
-        try:
-            manifests.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{folder}: not a build output folder (no readable manifest.json: {exc})") from None
-    rows = benchmark_rows(manifests)
+    try:
+        builds = [results.load(folder) for folder in args.builds]
+    except results.NotABuild as exc:
+        raise UsageError(str(exc)) from None
+    rows = benchmark_rows(builds)
     if not rows:
         raise UsageError("no benchmark results in these builds")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     plots = render(rows, out / "plots", args.baseline)
-    names = ", ".join(sorted({m["recipe"]["name"] for m in manifests}))
+    names = ", ".join(sorted({b.name for b in builds}))
     text = f"# Comparison: {names}\n" + comparison_markdown(rows, args.baseline) + plots_markdown(plots)
     (out / "report.md").write_text(text)
     console.print(f"{len(rows)} measurements, {len(plots)} plots -> {out / 'report.md'}")

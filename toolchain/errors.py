@@ -54,12 +54,6 @@ class RecipeError(UsageError):
         super().__init__("\n".join(p.render() for p in self.problems))
 
 
-class GateFailed(ToolchainError):
-    """A validation gate failed (exit 1)."""
-
-    exit_code = 1
-
-
 class StageFailed(ToolchainError):
     """A stage raised or its worker process died (exit 3)."""
 

@@ -81,7 +81,7 @@ def _folder_clashes(plans: list["Plan"]) -> list:
 
 
 def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = None, keys: bool = True,
-                machine: bool | None = None) -> list[Plan]:
+                machine: bool | None = None, network: bool | None = None) -> list[Plan]:
     """`build_plan` for every variant of a recipe, reporting the problems of all variants at once
     (the same problem in several variants once): a user who fixes what the first variant reports
     must not meet the next variant's problem only on the next run. A problem that only some
@@ -89,7 +89,8 @@ def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = N
     plans, found = [], {}  # rendered problem -> (problem, variant ids)
     for variant in variants:
         try:
-            plans.append(build_plan(variant, hasher=hasher, keys=keys, machine=machine))
+            plans.append(build_plan(variant, hasher=hasher, keys=keys, machine=machine,
+                                    network=network))
         except RecipeError as exc:
             for pr in exc.problems:
                 found.setdefault(pr.render(), (pr, []))[1].append(variant.variant_id)
@@ -105,11 +106,14 @@ def build_plans(variants: list[Recipe], hasher: Callable[[Path], str] | None = N
 
 
 def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys: bool = True,
-               machine: bool | None = None) -> Plan:
+               machine: bool | None = None, network: bool | None = None) -> Plan:
     """Check the recipe's graph and rules; with `keys`, also compute every step's cache key
     (which reads environment facts and hashes source files with `hasher`). `machine` (default: the
-    same as `keys`) also applies the rules about this machine: GPU present, packages installed."""
+    same as `keys`) also applies the rules about this machine: GPU present, packages installed;
+    `network` (default: the same as `machine`) also probes the network where a source needs it (is
+    the Hub reachable?). `check` never does."""
     machine = keys if machine is None else machine
+    network = machine if network is None else network
     problems = []
     stages = recipe.stages
     names = list(stages)
@@ -188,7 +192,8 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
                                            ("stages", name), key=True,
                                            hint="add a top-level `model:` (path, package, hub or config)"))
             continue
-        ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe, machine=machine)
+        ctx = CheckContext(step=name, params=params, inputs=in_traits, recipe=recipe, machine=machine,
+                           network=network)
         # an input whose own checks failed (or could not run here) has no reliable traits: checking
         # this step against them would only report follow-on errors
         blind = len(in_traits) != len(inputs) or any(t.get("unknown") for t in in_traits.values())

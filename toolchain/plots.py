@@ -4,42 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .results import BuildResult, StepResult, Timing
 
-def benchmark_rows(manifests: list[dict]) -> list[dict]:
-    """One row per benchmark measure across builds and variants, labelled for a legend."""
+
+def benchmark_rows(builds: list[BuildResult]) -> list[dict]:
+    """One row per benchmark measure across builds and variants (read through toolchain.results),
+    labelled for a legend."""
     rows = []
-    several = len({m["recipe"]["name"] for m in manifests}) > 1
-    for m in manifests:
-        for v in m["variants"]:
-            vlabel = ",".join(f"{k}={x}" for k, x in v["variant"].items())
-            for s in v["steps"]:
-                if s["kind"] == "select":  # each candidate's timings, as select measured them
-                    rows += _select_rows(s, [m["recipe"]["name"]] if several else [], vlabel)
-                if s["kind"] != "benchmark" or s["metrics"].get("not_run"):
+    several = len({b.name for b in builds}) > 1
+    for b in builds:
+        for v in b.variants:
+            prefix = ([b.name] if several else []) + ([v.label] if v.label else [])
+            for s in v.steps:
+                if s.kind == "select":  # each candidate's timings, as select measured them
+                    rows += _select_rows(s, prefix)
+                if s.latency is None:
                     continue
-                for measure, t in s["metrics"].get("timings", {}).items():
-                    if "error" in t:
+                for t in s.latency.timings:
+                    if t.error:
                         continue
-                    parts = ([m["recipe"]["name"]] if several else []) + ([vlabel] if vlabel else []) + [s["name"]]
-                    label = " ".join(parts) + ("" if measure == "forward" else f" ({measure})")
-                    rows.append({"label": label, "measure": measure, "samples": t.get("samples_ms", []),
-                                 "median": t["median_ms"], "p90": t["p90_ms"], "cov": t["cov"],
-                                 "memory": t.get("peak_memory_mb", s["metrics"].get("peak_memory_mb")),
-                                 "runtime": s["metrics"].get("runtime"), "device": s["metrics"].get("device_name")})
+                    label = " ".join(prefix + [s.name]) + ("" if t.measure == "forward" else f" ({t.measure})")
+                    rows.append({"label": label, "measure": t.measure, "samples": t.samples_ms, "median": t.median_ms,
+                                 "p90": t.p90_ms, "cov": t.cov,
+                                 "memory": t.peak_memory_mb if t.peak_memory_mb is not None else s.latency.peak_memory_mb,
+                                 "runtime": s.latency.runtime, "device": s.latency.device_name})
     return rows
 
 
-def _select_rows(step: dict, prefix: list[str], vlabel: str) -> list[dict]:
+def _select_rows(step: StepResult, prefix: list[str]) -> list[dict]:
     rows = []
-    for c in step["metrics"].get("candidates", []):
-        for measure, t in (c.get("timings") or {}).items():
-            if "error" in t:
+    for c in step.metrics.get("candidates", []):
+        for measure, raw in (c.get("timings") or {}).items():
+            t = Timing.read(measure, raw)
+            if t.error:
                 continue
-            label = " ".join(prefix + ([vlabel] if vlabel else []) + [f"{step['name']}: {c['name']}"])
+            label = " ".join(prefix + [f"{step.name}: {c['name']}"])
             rows.append({"label": label + ("" if measure == "forward" else f" ({measure})"), "measure": measure,
-                         "samples": t.get("samples_ms", []), "median": t["median_ms"], "p90": t["p90_ms"],
-                         "cov": t["cov"], "memory": t.get("peak_memory_mb"), "runtime": c.get("runtime"),
-                         "device": step["metrics"].get("device_name")})
+                         "samples": t.samples_ms, "median": t.median_ms, "p90": t.p90_ms, "cov": t.cov,
+                         "memory": t.peak_memory_mb, "runtime": c.get("runtime"),
+                         "device": step.metrics.get("device_name")})
     return rows
 
 

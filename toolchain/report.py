@@ -1,42 +1,28 @@
-"""report.md: what was built, from what, where, and how parity and latency came out."""
+"""report.md: what was built, from what, where, and how parity and latency came out. Reads the
+build through toolchain.results, like every other consumer of a manifest."""
 from __future__ import annotations
 
-
-def _fmt(x, digits=3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        if abs(x) < 1e-3 or abs(x) >= 1e7:
-            return f"{x:.2e}"
-        if abs(x) >= 100:
-            return f"{x:,.0f}"
-        return f"{x:.{digits}f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{x:.{digits}g}"
-    return str(x)
+from .results import NOT_GATED, PASSED, BuildResult, LatencyResult, ParityResult, StepResult
+from .results import fmt as _fmt
 
 
-def parity_rows(step: dict) -> list[list[str]]:
+def parity_rows(parity: ParityResult) -> list[list[str]]:
+    return [[o.name, _fmt(o.max_abs), _fmt(o.max_rel), _fmt(o.mean_abs), _fmt(o.min_cosine, 6), _fmt(o.mean_cosine, 6),
+             _fmt(o.atol) if o.atol is not None else "not gated", _fmt(o.rtol),
+             _fmt(o.min_atol_to_pass), "pass" if o.status == PASSED else "FAIL"] for o in parity.outputs]
+
+
+def latency_rows(latency: LatencyResult) -> list[list[str]]:
     rows = []
-    m = step["metrics"]
-    for name, o in m.get("outputs", {}).items():
-        rows.append([name, _fmt(o.get("max_abs")), _fmt(o.get("max_rel")), _fmt(o.get("mean_abs")),
-                     _fmt(o.get("min_cosine"), 6), _fmt(o.get("mean_cosine"), 6), _fmt(o.get("atol")), _fmt(o.get("rtol")),
-                     _fmt(o.get("min_atol_to_pass")), "pass" if o.get("passed") else "FAIL"])
-    return rows
-
-
-def latency_rows(step: dict) -> list[list[str]]:
-    rows = []
-    for name, t in step["metrics"].get("timings", {}).items():
-        if "error" in t:
-            rows.append([name] + ["-"] * 8 + [t["error"]])
+    for t in latency.timings:
+        if t.error:
+            rows.append([t.measure] + ["-"] * 8 + [t.error])
             continue
-        frac = t.get("fraction_of_peak")
-        rows.append([name, _fmt(t["median_ms"]), _fmt(t["p90_ms"]), _fmt(t["p99_ms"]), f"{100 * t['cov']:.1f}%",
-                     f"{_fmt(t.get('throughput'))} {t.get('throughput_unit', '')}".strip(),
-                     _fmt(t.get("achieved_tflops")), f"{100 * frac:.0f}%" if frac else "-",
-                     _fmt(t.get("peak_memory_mb")), str(t["iterations"])])
+        frac = t.fraction_of_peak
+        rows.append([t.measure, _fmt(t.median_ms), _fmt(t.p90_ms), _fmt(t.p99_ms), f"{100 * t.cov:.1f}%",
+                     f"{_fmt(t.throughput)} {t.throughput_unit}".strip(),
+                     _fmt(t.achieved_tflops), f"{100 * frac:.0f}%" if frac else "-",
+                     _fmt(t.peak_memory_mb), str(t.iterations)])
     return rows
 
 
@@ -93,9 +79,9 @@ def _tflops(r: dict) -> str:
     return ", ".join(out) or "-"
 
 
-def select_rows(step: dict) -> list[list[str]]:
+def select_rows(step: StepResult) -> list[list[str]]:
     rows = []
-    for r in step["metrics"].get("candidates", []):
+    for r in step.metrics.get("candidates", []):
         cov = r.get("cov")
         rows.append([r["name"], r.get("runtime") or r["artifact"], r["status"], _fmt(r.get("score_ms")),
                      _fmt(r.get("p90_ms")), "-" if cov is None else f"{100 * cov:.1f}%",
@@ -106,10 +92,10 @@ def select_rows(step: dict) -> list[list[str]]:
     return rows
 
 
-def _select_markdown(s: dict) -> str:
-    m = s["metrics"]
+def _select_markdown(s: StepResult) -> str:
+    m = s.metrics
     b, v = m.get("benchmark_settings", {}), m.get("parity_settings", {})
-    head = (f"\n### Selection: {s['name']} ({'winner: ' + m['winner'] if m.get('winner') else 'FAILED: no winner'})\n\n"
+    head = (f"\n### Selection: {s.name} ({'winner: ' + m['winner'] if m.get('winner') else 'FAILED: no winner'})\n\n"
             f"Each candidate ran in a fresh process on {m.get('device_name', '?')}: timed like `benchmark` (batch "
             f"{b.get('batch_size')}, sequence {b.get('sequence_length')}, {b.get('warmup')} warm-up + "
             f"{b.get('iterations')} timed calls; ranked by the {m.get('rank_by', '')}), then compared with the "
@@ -128,76 +114,82 @@ def _select_markdown(s: dict) -> str:
             + "".join(f"\n- FAILED: {f}\n" for f in m.get("failures", [])))
 
 
-def render_markdown(manifest: dict, plots: list[tuple[str, str]] | None = None) -> str:
-    env = manifest["environment"]
+def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = None) -> str:
+    env = build.environment
     hw = env.get("hardware", {})
     gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "none"
-    out = [f"# {manifest['recipe']['name']}: {manifest['status'].upper()}\n"]
-    if manifest["recipe"].get("description"):
-        out.append(manifest["recipe"]["description"].strip() + "\n")
-    for note in manifest.get("notes", []):
+    out = [f"# {build.name}: {build.status.upper()}\n"]
+    if build.description:
+        out.append(build.description.strip() + "\n")
+    for note in build.notes:
         out.append(f"Note: {note}.\n\n")
-    out.append(f"Built {manifest['created']} by toolchain {manifest['toolchain']} from `{manifest['recipe']['file']}`.\n")
+    out.append(f"Built {build.created} by toolchain {build.toolchain} from `{build.file}`.\n")
     out.append(f"Machine: {hw.get('cpu', '?')} ({hw.get('cores', '?')} cores); GPUs: {gpus}. "
                f"Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
                f"onnx {env.get('onnx') or '-'}, onnxruntime {env.get('onnxruntime') or '-'}.\n")
-    for v in manifest["variants"]:
-        if v["variant"]:
-            out.append(f"\n## Variant {', '.join(f'{k}={x}' for k, x in v['variant'].items())}\n")
+    for v in build.variants:
+        if v.variant:
+            out.append(f"\n## Variant {', '.join(f'{k}={x}' for k, x in v.variant.items())}\n")
         out.append("\n### Steps\n\n")
-        rows = [[s["name"], s["kind"], s["status"], s["key"][:12], _fmt(s["build_seconds"])] for s in v["steps"]]
+        rows = [[s.name, s.kind, s.status, s.key[:12], _fmt(s.build_seconds)] for s in v.steps]
         out.append(_table(["step", "kind", "status", "key", "build s"], rows))
-        for s in v["steps"]:
-            if s["metrics"].get("not_run"):
-                out.append(f"\n### {s['name']}: NOT RUN\n\n{s['kind']} did not run on this machine: "
-                           f"{s['metrics']['not_run']}. This is neither a pass nor a failure; build with "
+        for s in v.steps:
+            if s.not_run:
+                out.append(f"\n### {s.name}: NOT RUN\n\n{s.kind} did not run on this machine: "
+                           f"{s.not_run}. This is neither a pass nor a failure; build with "
                            "`--require-provider` on the right hardware to make it one.\n")
                 continue
-            if s["kind"] == "validate" and s["metrics"]:
-                m = s["metrics"]
-                verdict = "passed" if s["gate"]["passed"] else "FAILED"
-                out.append(f"\n### Parity: {s['name']} ({verdict})\n\n")
-                out.append(f"{m.get('candidate_desc', 'candidate')} against {m.get('reference_desc', 'reference')}, "
-                           f"on {m.get('samples', '?')} passages of real text ({m.get('corpus', '?')}) in padded "
-                           f"batches; padding positions excluded. Tolerances for {m.get('precision', '?')}: "
-                           "an element passes when |candidate - reference| <= atol + rtol * |reference|.\n\n")
-                out.append(_table(PARITY_HEADER, parity_rows(s)))
-                extra = []
-                if "top1_agreement" in m:
-                    extra.append(f"top-1 token agreement {m['top1_agreement']:.4f} (gate {m.get('min_top1')})")
-                if "generation" in m:
-                    g = m["generation"]
-                    extra.append(f"greedy generation: {g['equal']} of {g['prompts']} prompts identical over "
-                                 f"{g['new_tokens']} new tokens (gate {g['min_agreement']})")
-                if extra:
-                    out.append("\n" + "; ".join(extra) + ".\n")
-                for f in s["gate"]["failures"]:
-                    out.append(f"\n- FAILED: {f}\n")
-            if s["kind"] == "select" and s["metrics"]:
+            if s.parity is not None:
+                out.append(_parity_markdown(s))
+            if s.kind == "select" and s.metrics:
                 out.append(_select_markdown(s))
-            if s["kind"] == "benchmark" and s["metrics"]:
-                m = s["metrics"]
-                out.append(f"\n### Latency: {s['name']}\n\n")
-                pad = m.get("padding_fraction") or 0
-                out.append(f"{m.get('runtime', '?')} on {m.get('device_name', '?')}, batch {m.get('batch_size')}, "
-                           f"sequence {m.get('sequence_length')}" + (f" ({pad:.0%} padding)" if pad else "") +
-                           f", {m.get('warmup')} warm-up iterations; {m.get('timer', '')}. Peak memory: "
-                           f"{m.get('memory_kind', '')}.\n\n")
-                out.append(_table(LATENCY_HEADER, latency_rows(s)))
-                firsts = [f"{name} {t['first_call_s']:.1f} s" for name, t in m.get("timings", {}).items()
-                          if t.get("first_call_s") is not None]
-                if firsts:  # compiling is not steady state: reported apart, never in the medians
-                    c = m.get("compile") or {}
-                    out.append(f"\nFirst call of each shape (torch.compile compiles there; not in the table): "
-                               f"{', '.join(firsts)}; FX graph cache {c.get('fx_graph_cache_hits', 0)} hits, "
-                               f"{c.get('fx_graph_cache_misses', 0)} misses.\n")
-                if m.get("load_seconds") is not None:
-                    out.append(f"\nLoading the package took {m['load_seconds']:.1f} s (not in the table).\n")
-                for w in m.get("warnings", []):
-                    out.append(f"\n- warning: {w}\n")
+            if s.latency is not None:
+                out.append(_latency_markdown(s.name, s.latency))
     if plots:
         from .plots import benchmark_rows
 
-        out.append(comparison_markdown(benchmark_rows([manifest])))
+        out.append(comparison_markdown(benchmark_rows([build])))
         out.append(plots_markdown(plots))
+    return "".join(out)
+
+
+def _parity_markdown(s: StepResult) -> str:
+    p = s.parity
+    if p.not_gated:
+        return f"\n### Parity: {s.name} (NOT GATED)\n\nNot compared: {p.not_gated}.\n"
+    verdict = "passed" if s.gate_passed else "FAILED"
+    out = [f"\n### Parity: {s.name} ({verdict})\n\n",
+           f"{p.candidate} against {p.reference}, on {p.samples or '?'} passages of real text ({p.corpus or '?'}) in "
+           f"padded batches; padding positions excluded. Tolerances for {p.precision or '?'}: an element passes "
+           "when |candidate - reference| <= atol + rtol * |reference|.\n\n",
+           _table(PARITY_HEADER, parity_rows(p))]
+    extra = []
+    if p.top1 is not None:
+        gate = "not gated" if p.top1_status == NOT_GATED else f"gate {p.min_top1}"
+        extra.append(f"top-1 token agreement {p.top1:.4f} ({gate})")
+    if p.generation:
+        extra.append(f"greedy generation: {p.generation.describe()}")
+    if extra:
+        out.append("\n" + "; ".join(extra) + ".\n")
+    out += [f"\n- FAILED: {f}\n" for f in s.failures]
+    return "".join(out)
+
+
+def _latency_markdown(name: str, m: LatencyResult) -> str:
+    out = [f"\n### Latency: {name}\n\n"]
+    pad = m.padding_fraction
+    out.append(f"{m.runtime or '?'} on {m.device_name or '?'}, batch {m.batch_size}, sequence {m.sequence_length}"
+               + (f" ({pad:.0%} padding)" if pad else "") + f", {m.warmup} warm-up iterations; {m.timer}. Peak "
+               f"memory: {m.memory_kind}. Latency is measured, not gated: `toolchain validate --baseline` gates "
+               "it against an earlier run.\n\n")
+    out.append(_table(LATENCY_HEADER, latency_rows(m)))
+    firsts = [f"{t.measure} {t.first_call_s:.1f} s" for t in m.timings if t.first_call_s is not None]
+    if firsts:  # compiling is not steady state: reported apart, never in the medians
+        c = m.compile or {}
+        out.append(f"\nFirst call of each shape (torch.compile compiles there; not in the table): "
+                   f"{', '.join(firsts)}; FX graph cache {c.get('fx_graph_cache_hits', 0)} hits, "
+                   f"{c.get('fx_graph_cache_misses', 0)} misses.\n")
+    if m.load_seconds is not None:
+        out.append(f"\nLoading the package took {m.load_seconds:.1f} s (not in the table).\n")
+    out += [f"\n- warning: {w}\n" for w in m.warnings]
     return "".join(out)

@@ -1,4 +1,8 @@
-"""The recipe schema (schemas/recipe.schema.json) and validation that reports every error at once.
+"""The recipe schema and validation that reports every error at once.
+
+The schema ships inside the package (toolchain/recipe.schema.json, package data, so an installed
+wheel has it); schemas/recipe.schema.json at the top of a checkout is a copy for editors that
+`python scripts/sync-readme.py` refreshes and a test keeps identical.
 
 We use the `jsonschema` library (Draft 2020-12) rather than hand-written checks; this module only
 turns its errors into located, readable problems with "did you mean" suggestions.
@@ -14,9 +18,7 @@ from typing import Any
 from .errors import Problem
 from .yamlsrc import Located
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "recipe.schema.json"
-if not SCHEMA_PATH.exists():  # installed as a wheel: the schema ships inside the package
-    SCHEMA_PATH = Path(__file__).resolve().parent / "recipe.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "recipe.schema.json"
 
 
 @lru_cache(maxsize=1)

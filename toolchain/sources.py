@@ -1,7 +1,8 @@
 """Model sources: resolve a recipe's `model:` mapping to something loadable, statically.
 
 Used at plan time (existence, pickle and remote-code rules, content fingerprint, task inference)
-and by the load stage at run time. No heavy imports.
+and by the load stage at run time. No heavy imports, and no network: whether the Hub can be reached
+is a separate probe (`hub_problem`) that only `plan` and `build` make.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import safeio
+from .architectures import CONFIG_FACTS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
@@ -50,8 +52,6 @@ class Source:
 
 
 def _facts(cfg: dict) -> dict:
-    from .stages.bettertransformer import CONFIG_FACTS
-
     return {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
 
 
@@ -66,6 +66,17 @@ def package_folder(name: str) -> Path:
     if not tops:
         raise SourceError(f"package '{name}' has no importable folder", "package")
     return Path(dist.locate_file(tops[0]))
+
+
+def hub_problem(src: Source) -> SourceError | None:
+    """Why this machine cannot download a Hub source now (None: it looks like it can). A probe of
+    the network, so `plan` and `build` ask it and `check` never does: a recipe lints offline."""
+    why = hub_reachable() if src.type == "hub" else None
+    if why:
+        return SourceError(f"the Hugging Face Hub is not reachable ({why}), so '{src.hub}' cannot be downloaded",
+                           "hub", machine=True,
+                           hint="use a local `path:` or an installed `package:` model, or build where the Hub is reachable")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,11 +121,6 @@ def resolve(model: dict, base: Path) -> Source:
         if "revision" not in model:
             raise SourceError(f"hub model '{model['hub']}' needs a pinned `revision` (a 40-hex commit id)", "hub",
                               hint="find it on the model page under 'Files and versions' -> history")
-        why = hub_reachable()
-        if why:
-            raise SourceError(f"the Hugging Face Hub is not reachable ({why}), so '{model['hub']}' cannot be "
-                              "downloaded", "hub",
-                              hint="use a local `path:` or an installed `package:` model, or build where the Hub is reachable")
         src.type, src.hub, src.revision = "hub", model["hub"], model["revision"]
         return src
     if kind == "config":

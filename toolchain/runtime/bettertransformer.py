@@ -14,10 +14,10 @@ import warnings
 import torch
 from torch import nn
 
-from ..stages.bettertransformer import (  # one set of rules, readable at plan time
-    CONFIG_FACTS, DECODER_TYPES, ENCODER_ACTIVATIONS, ENCODER_TYPES, encoder_config_problems)
+from ..architectures import (  # one set of rules, readable at plan time
+    BETTERTRANSFORMER_ENCODERS, CONFIG_FACTS, DECODER_TYPES, ENCODER_ACTIVATIONS, encoder_config_problems)
 
-SUPPORTED = ENCODER_TYPES + DECODER_TYPES
+SUPPORTED = BETTERTRANSFORMER_ENCODERS + DECODER_TYPES
 
 
 class UnsupportedModel(ValueError):
@@ -177,7 +177,7 @@ def check_supported(model) -> str:
     mt = model.config.model_type
     if mt in DECODER_TYPES:
         return "decoder"
-    if mt not in ENCODER_TYPES:
+    if mt not in BETTERTRANSFORMER_ENCODERS:
         raise UnsupportedModel(f"BetterTransformer does not support model type '{mt}'; supported: "
                                f"{', '.join(SUPPORTED)}")
     facts = {k: v for k in CONFIG_FACTS if (v := getattr(model.config, k, None)) is not None}

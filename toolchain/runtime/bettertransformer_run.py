@@ -5,10 +5,11 @@ import torch
 
 from . import bettertransformer, models, text
 from ..errors import StageUserError
-from ..stages.base import relink
+from ..artifacts import relink, write_meta
 
 
-def convert_stage(ctx) -> dict:
+def convert_stage(ctx, facts) -> dict:
+    """`facts`: the converted artifact's ArtifactFacts (the stage derives them from the input's)."""
     p = ctx.params
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
@@ -45,17 +46,15 @@ def convert_stage(ctx) -> dict:
     if not identical:
         raise RuntimeError("reverse(convert(model)) did not give back a bit-identical state_dict")
     relink(src, ctx.output)
-    meta.update(bettertransformer=True, attention_before_bettertransformer=meta.get("attn_implementation"))
-    if kind == "decoder":
-        meta["attn_implementation"] = "sdpa"
-    models.write_meta(ctx.output, meta)
+    write_meta(ctx.output, facts, meta)
     path = "SDPA attention" if kind == "decoder" else bettertransformer.encoder_path(model.config, p.device)
     metrics.update(path=path,
                    round_trip_state_dict_identical=True, model_type=model.config.model_type)
     return metrics
 
 
-def reverse_stage(ctx) -> dict:
+def reverse_stage(ctx, facts) -> dict:
+    """`facts`: the reversed artifact's ArtifactFacts (the stage derives them from the input's)."""
     p = ctx.params
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
@@ -78,12 +77,6 @@ def reverse_stage(ctx) -> dict:
     if not identical:
         raise RuntimeError("the reversed model's weights differ from the checkpoint it was converted from")
     relink(src, ctx.output)
-    meta.pop("bettertransformer", None)
-    previous = meta.pop("attention_before_bettertransformer", None)
-    if previous is None:
-        meta.pop("attn_implementation", None)
-    else:
-        meta["attn_implementation"] = previous
-    models.write_meta(ctx.output, meta)
+    write_meta(ctx.output, facts, meta)
     return {"state_dict_identical_to_original": True, "converted_parameters": len(converted_sd),
             "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}

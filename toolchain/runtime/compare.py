@@ -2,24 +2,11 @@
 
 Accumulates over batches; an element passes when |c - r| <= atol + rtol * |r| (as numpy.isclose),
 and the report gives the smallest atol that would have passed with the same rtol (as Polygraphy does).
+The default gates per precision are in toolchain/tolerances.py.
 """
 from __future__ import annotations
 
 import numpy as np
-
-# default gates per precision of the candidate; see README "Tolerances"
-TOLERANCES = {
-    "float32": {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999, "min_top1": 0.99, "min_generation": 1.0},
-    "float16": {"atol": 2e-2, "rtol": 2e-2, "min_cosine": 0.999, "min_top1": 0.95, "min_generation": 0.5},
-    "bfloat16": {"atol": 1e-1, "rtol": 5e-2, "min_cosine": 0.995, "min_top1": 0.9, "min_generation": 0.3},
-    # bitsandbytes: elementwise errors are large by design (SmolLM2 on real text: max abs 14-24, and
-    # the logit vectors of some positions point apart: minimum cosine -0.41 for nf4 on an H200), so
-    # the element and cosine gates are off (reported only); top-1 agreement is the gate, set below
-    # the measured SmolLM2 values with margin: int8 0.887 (CPU) / 0.891 (H200), nf4 0.680 / 0.675.
-    "int8": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.80, "min_generation": 0.0},
-    "nf4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.60, "min_generation": 0.0},
-    "fp4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.50, "min_generation": 0.0},
-}
 
 
 class OutputStats:

@@ -8,16 +8,18 @@ import numpy as np
 import torch
 
 from .. import environment
-from ..stages.base import AOTI_MODEL, SIDE_FILES, relink
-from ..stages.compile import settings
+from ..artifacts import SIDE_FILES, relink, write_meta
+from ..shapes import settings
 from . import compiled, models, onnx_io, runners
 
 
-def run(ctx) -> dict:
+def run(ctx, facts) -> dict:
+    """`facts`: the compiled artifact's ArtifactFacts (the stage derives them from the input's);
+    its `compile` settings are made again here from the loaded config."""
     compiled.use_store_cache(ctx.cache_dir)  # before anything compiles in this process
     if ctx.params.backend == "inductor":
-        return _inductor(ctx)
-    return _aot_inductor(ctx)
+        return _inductor(ctx, facts)
+    return _aot_inductor(ctx, facts)
 
 
 def _example(model, c: dict, device: str, batch: int | None = None, seq: int | None = None):
@@ -34,7 +36,7 @@ def _built_with(device: str) -> dict:
             "gpu": gpu and {"name": gpu["name"], "capability": gpu["capability"]}}
 
 
-def _aot_inductor(ctx) -> dict:
+def _aot_inductor(ctx, facts) -> dict:
     p, src = ctx.params, ctx.inputs["model"]
     ctx.progress("loading model")
     model, _, meta = models.load_artifact(src, p.device)
@@ -80,11 +82,10 @@ def _aot_inductor(ctx) -> dict:
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, ctx.output / name)
-    out_meta = {"artifact": AOTI_MODEL, "task": task, "dtype": meta.get("dtype", "float32"),
-                "model_type": meta.get("model_type"), "file": compiled.PACKAGE_FILE, "inputs": names,
-                "outputs": [output], "input_dtype": "int64", "compile": c, "export_seconds": round(export_s, 3),
-                "compile_seconds": round(compile_s, 3), "built_with": _built_with(p.device)}
-    models.write_meta(ctx.output, out_meta)
+    out_meta = {"file": compiled.PACKAGE_FILE, "inputs": names, "outputs": [output], "input_dtype": "int64",
+                "export_seconds": round(export_s, 3), "compile_seconds": round(compile_s, 3),
+                "built_with": _built_with(p.device)}
+    write_meta(ctx.output, facts.replace(compile=c), out_meta)
     ctx.progress("loading the package and running it once")
     package = runners.AotiRunner(ctx.output, p.device)
     diff = _max_abs(package.forward(ids, mask)[output], _eager(model, kwargs, output))
@@ -94,15 +95,16 @@ def _aot_inductor(ctx) -> dict:
             "example_max_abs_vs_eager": diff, "inductor_configs": configs, "cxx": out_meta["built_with"]["cxx"]}
 
 
-def _inductor(ctx) -> dict:
+def _inductor(ctx, facts) -> dict:
     """Record the settings with the model, then compile it once here the way every later step will:
     proves the settings work and fills the store's Inductor cache for those steps."""
     p, src = ctx.params, ctx.inputs["model"]
     meta = models.read_meta(src)
     c = settings(p, None)
-    meta["compile"] = c
+    facts = facts.replace(compile=c)
+    meta.update(facts.to_dict())
     relink(src, ctx.output)
-    models.write_meta(ctx.output, meta)
+    write_meta(ctx.output, facts, meta)
     ctx.progress("loading model")
     runner = runners.TorchRunner(ctx.output, p.device, ctx.cache_dir)
     shape = c["shape"]
@@ -129,7 +131,7 @@ def _inductor(ctx) -> dict:
     if stats["graphs"] < 1:  # nothing was compiled: the settings would be a lie
         raise RuntimeError("torch.compile produced no graph for this model")
     meta["compile_seconds"] = round(sum(first_calls.values()), 3)  # cold or from the store's cache: see metrics
-    models.write_meta(ctx.output, meta)
+    write_meta(ctx.output, facts, meta)
     return {"backend": "inductor", "settings": c, "compile_seconds": sum(first_calls.values()),
             "first_call_seconds": first_calls, "example_max_abs_vs_eager": diff, **stats,
             "inductor_cache": str(compiled.use_store_cache(ctx.cache_dir)) if ctx.cache_dir else None}

@@ -39,7 +39,7 @@ def _no_silent_eager() -> None:
 
 def manual_graphs(c: dict | None) -> bool:
     """Whether toolchain, not torch.compile, captures this artifact's CUDA graphs."""
-    from .decode import GRAPH_MODES
+    from ..shapes import GRAPH_MODES
 
     return bool(c) and c.get("graphs") == "manual" and c["mode"] in GRAPH_MODES
 
@@ -47,7 +47,7 @@ def manual_graphs(c: dict | None) -> bool:
 def compile_model(model, c: dict):
     """`model` compiled with an `inductor` artifact's settings (with `graphs: manual`, in the mode
     that makes the same code without CUDA graphs: `CapturedCall` adds them)."""
-    from .decode import GRAPH_MODES
+    from ..shapes import GRAPH_MODES
 
     _no_silent_eager()
     mode = GRAPH_MODES[c["mode"]] if manual_graphs(c) else c["mode"]

@@ -23,9 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-# torch.compile modes that capture CUDA graphs, and the mode that compiles the same code without
-# them (for `graphs: manual`, where toolchain captures the graphs itself)
-GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+from ..shapes import GRAPH_MODES
+
 EOS_CHECK_EVERY = 8  # host syncs to test for end-of-sequence, in tokens
 
 

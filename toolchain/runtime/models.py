@@ -1,15 +1,14 @@
 """Loading sources and hf-model artifacts with transformers; saving checkpoints."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from ..artifacts import read_meta
 from ..sources import Source
 
-META_FILE = "toolchain.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTO_CLASS = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
               "text-generation": "AutoModelForCausalLM"}
@@ -68,30 +67,21 @@ def load_source(src: Source, dtype: str, log=print):
     return model, tokenizer
 
 
-def save_hf(model, tokenizer, out: Path, meta: dict) -> None:
+def save_hf(model, tokenizer, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    write_meta(out, meta)
-
-
-def read_meta(folder: Path) -> dict:
-    p = Path(folder) / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def write_meta(folder: Path, meta: dict) -> None:
-    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def load_with(folder: Path, meta: dict, device: str = "cpu"):
-    """(model, tokenizer or None) from a checkpoint folder, set up as `meta` says: attention
-    implementation, bitsandbytes quantization (from config.json), BetterTransformer conversion."""
+    """(model, tokenizer or None) from a checkpoint folder, set up as `meta` (its toolchain.json:
+    ArtifactFacts and details) says: attention implementation, bitsandbytes quantization (from
+    config.json, placed as recorded), BetterTransformer conversion."""
     import transformers
 
     kwargs = {"dtype": DTYPES[meta.get("dtype", "float32")]}
-    if meta.get("attn_implementation"):
-        kwargs["attn_implementation"] = meta["attn_implementation"]
+    if meta.get("attention"):
+        kwargs["attn_implementation"] = meta["attention"]
     quantized = bool(meta.get("quantization"))
     if quantized:  # bitsandbytes weights cannot be moved with .to(): place them while loading
         kwargs.update(placement(meta.get("placement") or {}, device))

@@ -154,16 +154,14 @@ class ProviderUnavailable(RuntimeError):
 
 
 def session(path: Path, provider: str = "cpu", device: str = "cpu", options: dict | None = None,
-            cache_dir: Path | None = None):
+            cache_dir: Path | None = None, precheck: bool = True):
     """An InferenceSession on exactly the provider asked for. onnxruntime falls back to the CPU
-    silently when a provider cannot load, so we compare what it took with what we asked."""
-    import os
-
+    silently when a provider cannot load, so we compare what it took with what we asked.
+    `precheck=False` skips our static checks of the machine and lets onnxruntime itself try the
+    provider (benchmarks/gpu/run.sh proves so that its silent fallback is caught)."""
     from .. import environment
 
-    # TOOLCHAIN_ASK_ONNXRUNTIME=1 skips our static pre-checks and lets onnxruntime itself try the
-    # provider: used to prove that its silent fallback is caught (see verify_provider)
-    ask_directly = os.environ.get("TOOLCHAIN_ASK_ONNXRUNTIME") == "1"
+    ask_directly = not precheck
     why = None if ask_directly else environment.provider_status(provider)
     if why:
         raise ProviderUnavailable(why)
@@ -208,9 +206,10 @@ class OrtModel:
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "toolchain.json").read_text())
         self.graph = self.meta["graph"]
-        target = self.meta.get("target", {})
-        self.provider = provider or target.get("provider", "cpu")
-        options = target.get("provider_options", {}) if self.provider == target.get("provider", "cpu") else {}
+        target = self.meta.get("target", {})  # how to run on the provider the export targets (a fact)
+        targeted = self.meta.get("provider") or "cpu"
+        self.provider = provider or targeted
+        options = target.get("provider_options", {}) if self.provider == targeted else {}
         self.io_binding = self.provider in ("cuda", "tensorrt", "rocm") and target.get("io_binding", True)
         self.device = device
         self.sess = session(self.folder / self.graph["file"], self.provider, device, options, cache_dir)

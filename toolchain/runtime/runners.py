@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..stages.compile import describe_shapes, shape_problem
+from ..shapes import describe_shapes, shape_problem
 from . import compiled, models, onnx_io
 
 OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",

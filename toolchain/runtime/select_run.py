@@ -1,7 +1,7 @@
 """The work of the `select` stage.
 
 The step (in its worker) starts one child process per candidate, `python -m
-toolchain.runtime.select_run SPEC.json`, which times the candidate with benchmark's `measure` (first,
+toolchain.runtime.select_run SPEC.json`, which times the candidate with benchmark's `bench.measure` (first,
 while it is the only model in the process, so its peak memory is its own) and then compares it with
 the reference with validate's `compare`. The step ranks what passed and delivers the fastest.
 """
@@ -15,29 +15,28 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..stages.base import members, relink
+from ..artifacts import ArtifactFacts, members, read_meta, relink, write_meta
 
 
-def run(ctx) -> dict:
+def run(ctx, validate_params, bench) -> dict:
+    """`validate_params(candidate)`: validate's params for that candidate; `bench`: benchmark's params
+    (both dataclasses the stage resolved)."""
     from .. import environment
-    from ..stages.select import benchmark_params, validate_params
-    from . import models
 
     p = ctx.params
     folders, metas = members(ctx.inputs, "candidates"), members(ctx.input_meta, "candidates")
-    bench = benchmark_params(p)
     rows = []
     for i, (name, folder) in enumerate(folders.items()):
-        meta = metas[name]
-        row = {"name": name, "artifact": meta["artifact"], **_build_facts(folder)}
-        provider = meta.get("provider", "cpu") if meta["artifact"] == "onnx-model" else None
+        meta = ArtifactFacts.from_dict(metas[name])
+        row = {"name": name, "artifact": meta.artifact, **_build_facts(folder)}
+        provider = (meta.provider or "cpu") if meta.artifact == "onnx-model" else None
         why = environment.provider_status(provider) if provider else None
         if why:
             rows.append({**row, "status": "not run", "why": f"not run: provider {provider}: {why}"})
             continue
         ctx.progress(f"candidate {name} ({i + 1} of {len(folders)}): timing, then parity")
-        spec = {"candidate": str(folder), "artifact": meta["artifact"], "provider": provider,
-                "reference": str(ctx.inputs["reference"]), "validate": asdict(validate_params(p, name)),
+        spec = {"candidate": str(folder), "artifact": meta.artifact, "provider": provider,
+                "reference": str(ctx.inputs["reference"]), "validate": asdict(validate_params(name)),
                 "benchmark": asdict(bench), "recipe_dir": str(ctx.recipe_dir),
                 "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None}
         rows.append({**row, **_evaluate(ctx, name, spec, p.rank_by)})
@@ -47,22 +46,22 @@ def run(ctx) -> dict:
     if winner:
         folder = folders[winner["name"]]
         relink(folder, ctx.output)
-        meta = models.read_meta(folder)
+        meta = read_meta(folder)  # the winner's facts are the delivered artifact's
         meta["selected"] = {"candidate": winner["name"], "score_ms": winner["score_ms"],
                             "from": [r["name"] for r in rows]}
-        models.write_meta(ctx.output, meta)
+        write_meta(ctx.output, ArtifactFacts.from_dict(meta), meta)
     hw = environment.fact("hardware", p.device)
     return {"winner": winner["name"] if winner else None, "winner_artifact": winner["artifact"] if winner else None,
             "rank_by": RANK_BY[p.rank_by],
             "device_name": hw.get("gpu") or hw.get("cpu"), "candidates": rows,
-            "parity_settings": {k: v for k, v in asdict(validate_params(p, "")).items() if v is not None},
+            "parity_settings": {k: v for k, v in asdict(validate_params("")).items() if v is not None},
             "benchmark_settings": asdict(bench), "overrides": p.overrides, "failures": failures,
             "passed": not failures}
 
 
 def _build_facts(folder: Path) -> dict:
     """What the artifact recorded about its own compilation (AOTInductor, torch.compile)."""
-    meta = json.loads((folder / "toolchain.json").read_text()) if (folder / "toolchain.json").is_file() else {}
+    meta = read_meta(folder)
     c = meta.get("compile") or {}
     return {"compile_backend": c.get("backend"), "compile_mode": c.get("mode"),
             "build_compile_s": (meta.get("compile_seconds") or 0) + (meta.get("export_seconds") or 0) or None}
@@ -166,9 +165,10 @@ def child(spec_path: str) -> int:
     import gc
     import traceback
 
-    from ..stages.benchmark import BenchmarkParams, measure
-    from ..stages.validate import ValidateParams
+    from types import SimpleNamespace
+
     from ..worker import _jsonable
+    from .bench import measure
     from . import compiled
 
     _die_with_parent()
@@ -181,7 +181,8 @@ def child(spec_path: str) -> int:
     try:
         from . import runners, validate_run
 
-        vp, bp = ValidateParams(**spec["validate"]), BenchmarkParams(**spec["benchmark"])
+        # every field of the stage's resolved params is in the spec
+        vp, bp = SimpleNamespace(**spec["validate"]), SimpleNamespace(**spec["benchmark"])
         progress("loading")
         cand = runners.open_runner(Path(spec["candidate"]), spec["artifact"], bp.device, spec["provider"],
                                    spec["cache_dir"] and Path(spec["cache_dir"]))

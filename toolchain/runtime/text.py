@@ -46,11 +46,17 @@ def passages(spec: str, base: Path, count: int, min_words: int = 3) -> list[str]
 
 def tokenize(tokenizer, texts: list[str], max_length: int):
     """(input_ids, attention_mask) as int64 numpy arrays, right-padded to the longest text
-    (models without a pad token pad with end-of-sequence)."""
+    (models without a pad token pad with end-of-sequence). The tokenizer is left as it was: it is
+    shared (a runner's, the reference's), and its padding side and pad token are its own."""
     import numpy as np
 
-    if tokenizer.pad_token is None:
+    borrowed = tokenizer.pad_token is None
+    if borrowed:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    try:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, padding_side="right",
+                        return_tensors="np")
+    finally:
+        if borrowed:
+            tokenizer.pad_token = None
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import environment
+from ..artifacts import ArtifactFacts, read_meta, relink, write_meta
 from .base import HF_MODEL, CheckContext, RunContext, Stage
 from .compile import refuse_compiled
 
@@ -70,20 +71,17 @@ class Attention(Stage):
                 ctx.unavailable(f"{p.implementation} needs the {package.replace('_', '-')} package, which is not "
                                 "installed", "implementation", hint="install it, or use `implementation: sdpa`")
 
-    def traits(self, params, inputs, recipe) -> dict:
-        t = dict(inputs["model"])
-        t.update(attention=params.implementation, sdpa_kernel=params.sdpa_kernel)
-        return t
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        return facts.replace(attention=params.implementation, sdpa_kernel=params.sdpa_kernel)
 
     def run(self, ctx: RunContext) -> dict:
         from ..errors import StageUserError
         from ..runtime import models, observe
-        from .base import relink
-
         p = ctx.params
         src = ctx.inputs["model"]
-        meta = models.read_meta(src)
-        meta.update(attn_implementation=p.implementation, sdpa_kernel=p.sdpa_kernel)
+        before = read_meta(src)
+        facts = self.derive(p, ArtifactFacts.from_dict(before))
+        meta = {**before, **facts.to_dict()}
         ctx.progress(f"loading with {p.implementation}")
         try:
             model, tokenizer = models.load_with(src, meta, p.device)
@@ -95,5 +93,5 @@ class Attention(Stage):
         ctx.progress("running once to see which kernels execute")
         seen = observe.attention_ops(model, meta, p.device)
         relink(src, ctx.output)
-        models.write_meta(ctx.output, meta)
+        write_meta(ctx.output, facts, before)
         return {"implementation": actual, "sdpa_kernel": p.sdpa_kernel, "observed_attention_ops": seen}

@@ -13,18 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import codehash
-
-HF_MODEL = "hf-model"  # a transformers checkpoint folder (+ toolchain.json with how to load it)
-ONNX_MODEL = "onnx-model"  # a folder with model.onnx (+ external data), config, tokenizer
-REPORT = "report"  # measurements only (validate, benchmark)
-AOTI_MODEL = "aoti-package"  # model.pt2 (AOTInductor) + tokenizer/config side files + toolchain.json
-SELECTED = "selected-model"  # select's winner: delivered, not consumed (its kind is known only once it ran)
-# the files beside the weights that describe a model and its tokenizer; carried along by stages
-# that make a new artifact from an old one
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
-              "chat_template.jinja")
-
+# the artifact vocabulary every stage uses, defined where runtime/ and the reports read it too
+from ..artifacts import (AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, SELECTED, SIDE_FILES,  # noqa: F401
+                         ArtifactFacts, members, relink)
 
 @dataclass
 class CheckContext:
@@ -37,10 +28,16 @@ class CheckContext:
     # False for `check`: rules about this machine (GPU present, packages installed) are skipped so
     # that GPU recipes can be linted anywhere; `plan` and `build` set it.
     machine: bool = True
+    # False for `check`: nothing that probes the network (is the Hub reachable?); `plan` and `build` set it
+    network: bool = True
     problems: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # said before a build starts; not errors
     opaque: bool = False  # the step's traits cannot be known here (e.g. its model package is missing)
     machine_problems: list = field(default_factory=list)  # about this machine; traits stay valid
+
+    def facts(self, role: str) -> ArtifactFacts:
+        """The facts of input `role`, typed."""
+        return ArtifactFacts.from_dict(self.inputs[role])
 
     def note(self, message: str) -> None:
         if self.machine:
@@ -102,12 +99,16 @@ class RunContext:
     log: Callable[[str], None] = print
     cache_dir: Path | None = None  # the store's folder for provider caches (TensorRT engines)
 
+    def facts(self, role: str) -> ArtifactFacts:
+        """The facts the planner predicted for input `role`."""
+        return ArtifactFacts.from_dict(self.input_meta[role])
+
     def onnx_provider(self, role: str) -> str | None:
         """The provider an ONNX input runs on (the step's `provider`, else the export's target)."""
-        meta = self.input_meta[role]
-        if meta.get("artifact") != ONNX_MODEL:
+        facts = self.facts(role)
+        if facts.artifact != ONNX_MODEL:
             return None
-        return getattr(self.params, "provider", None) or meta.get("provider", "cpu")
+        return getattr(self.params, "provider", None) or facts.provider or "cpu"
 
     def provider_not_run(self, role: str) -> dict | None:
         """Metrics saying the check was not run, when the ONNX input's provider cannot run here."""
@@ -136,8 +137,11 @@ class Stage:
         return self.Params(**merged)
 
     def traits(self, params: Any, inputs: dict[str, dict], recipe: Any) -> dict:
-        """Static facts about the artifact this step makes (artifact kind, task, dtype, ...)."""
-        return {"artifact": self.produces}
+        """The facts this step's artifact will have (ArtifactFacts as a dict: it crosses into the
+        worker and the records as JSON). Stages that transform one model define `derive` instead."""
+        if "model" in inputs and hasattr(self, "derive"):
+            return self.derive(params, ArtifactFacts.from_dict(inputs["model"])).to_dict()
+        return ArtifactFacts(self.produces).to_dict()
 
     def check(self, ctx: CheckContext) -> None:
         """Plan-time compatibility rules: call ctx.error(...) for each problem."""
@@ -168,26 +172,5 @@ class Stage:
         return []
 
 
-def members(inputs: dict, role: str) -> dict:
-    """The entries of a list-valued role by the step each came from, in recipe order."""
-    prefix = role + "."
-    return {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
-
-
 def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
-
-
-def relink(src: Path, out: Path, skip: tuple[str, ...] = ("toolchain.json",)) -> None:
-    """Give `out` the files of `src` without copying bytes (hard links; the store deduplicates by
-    content anyway). For stages that change how a model runs, not its weights."""
-    import os
-    import shutil
-
-    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip):
-        dest = out / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(f, dest)
-        except OSError:
-            shutil.copyfile(f, dest)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..architectures import BETTERTRANSFORMER_ENCODERS
+from ..shapes import GRAPH_MODES, settings, span
+from ..artifacts import ArtifactFacts, read_facts
 from .base import AOTI_MODEL, HF_MODEL, CheckContext, RunContext, Stage
-from .bettertransformer import ENCODER_TYPES
-
-from ..runtime.decode import GRAPH_MODES
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-EXAMPLE = {"batch": 2, "sequence": 16}  # traced example where dynamic: sizes >= 2 keep an axis dynamic
 # facts a key needs wherever Inductor generates code at run time (validate, benchmark, select of an
 # `inductor` artifact); the `compile` step itself always takes them
 COMPILER_ENV = ("cxx", "cpu_isa", "triton")
@@ -35,78 +34,6 @@ class CompileParams:
     sequence: dict = field(default_factory=dict)
     shape: dict = field(default_factory=dict)  # {batch, sequence}: the static shape, or the traced example
     device: str = "cpu"
-
-
-def settings(p: CompileParams, max_positions: int | None) -> dict:
-    """What the artifact records about how it was compiled (the `compile` trait): the resolved
-    ranges of an AOTInductor package (an axis with min == max is static) and the example shape."""
-    out = {"backend": p.backend, "mode": p.mode, "fullgraph": p.fullgraph or p.backend == "aot_inductor",
-           "dynamic": p.dynamic, "device": "cuda" if p.device.startswith("cuda") else "cpu"}
-    if p.mode in GRAPH_MODES:
-        out["graphs"] = p.graphs
-    shape = {**EXAMPLE, **p.shape}
-    if p.dynamic and p.backend == "aot_inductor":
-        limits = {"batch": None, "sequence": max_positions}
-        for axis in ("batch", "sequence"):
-            r = {"min": 1, "max": limits[axis], **getattr(p, axis)}
-            out[axis] = r
-            if axis not in p.shape:  # the example sits inside the range, at 2 or more where it can
-                hi = r["max"] if r["max"] is not None else max(r["min"], shape[axis])
-                shape[axis] = min(max(shape[axis], r["min"]), hi)
-    elif p.backend == "aot_inductor":
-        out.update(batch={"min": shape["batch"], "max": shape["batch"]},
-                   sequence={"min": shape["sequence"], "max": shape["sequence"]})
-    out["shape"] = shape
-    return out
-
-
-def _span(r: dict) -> str:
-    return str(r["min"]) if r["min"] == r["max"] else f"{r['min']}..{r['max'] if r['max'] is not None else 'any'}"
-
-
-def describe_shapes(c: dict) -> str:
-    if c.get("backend") != "aot_inductor":
-        if c.get("dynamic"):
-            return "dynamic shapes"
-        shape = c.get("shape") or {}
-        return (f"static shape {shape.get('batch')}x{shape.get('sequence')} (smaller inputs padded up; others compile "
-                "a graph of their own)")
-    return f"batch {_span(c['batch'])}, sequence {_span(c['sequence'])}"
-
-
-def shape_problem(c: dict, batch: int, seq: int, pad: bool = False) -> str | None:
-    """Why an AOTInductor package compiled with `c` cannot take a (batch, seq) input (None: it can).
-    With `pad`, a static package takes smaller inputs padded up to its shape."""
-    if c.get("backend") != "aot_inductor":
-        return None
-    static = not c["dynamic"]
-    for axis, n in (("batch", batch), ("sequence", seq)):
-        r = c[axis]
-        low = 1 if static and pad else r["min"]
-        if n < low or (r["max"] is not None and n > r["max"]):
-            kind = "static shape" if static else "range"
-            return (f"{axis} {n} is outside the {kind} the package was compiled for ({axis} {_span(r)}"
-                    + (", smaller inputs padded up" if static and pad else "") + ")")
-    return None
-
-
-def coverage_problems(t: dict, corners: list[tuple[int, int]], pad: bool, what: str) -> list[str]:
-    """Plan-time: the shapes a step will feed an input (`t`: its traits) that its package cannot take."""
-    c = t.get("compile") or {}
-    out = []
-    for b, s in corners:
-        why = shape_problem(c, b, s, pad)
-        if why:
-            out.append(f"{what} runs batch {b} x sequence {s}, but {why}")
-    return out
-
-
-def device_problem(t: dict, device: str) -> str | None:
-    c = t.get("compile")
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    if c and c["device"] != kind:
-        return f"the model was compiled for {c['device']} ({c['backend']}), but this step runs on {device}"
-    return None
 
 
 def compiler_env(inputs: dict[str, dict]) -> tuple[str, ...]:
@@ -154,15 +81,15 @@ class Compile(Stage):
             ctx.error("torch.export always captures the whole model; `fullgraph: false` applies to backend inductor",
                       "fullgraph")
         self._shape_rules(ctx, aot)
-        q = t.get("quantization")
+        q = ctx.facts("model").quantization
         if q and aot:
             ctx.error(f"torch.export cannot trace bitsandbytes weights ({q}), so no .pt2 can hold them (bitsandbytes "
                       "0.50.2, torch 2.13: 8-bit fails on Int8Params under fake tensors, 4-bit on Params4bit)",
                       hint="compile the unquantized model, or use backend inductor for 8-bit")
-        elif q in ("nf4", "fp4") and not cuda:
+        elif q and q.bits == 4 and not cuda:
             ctx.error(f"torch.compile of a 4-bit bitsandbytes model ({q}) fails on the CPU while tracing its packed "
                       "weights (bitsandbytes 0.50.2, torch 2.13)", hint="compile the unquantized model")
-        if t.get("bettertransformer") and t.get("model_type") in ENCODER_TYPES:
+        if t.get("bettertransformer") and t.get("model_type") in BETTERTRANSFORMER_ENCODERS:
             ctx.error("the BetterTransformer encoder fast path builds nested tensors from the padding mask, which "
                       "torch.export cannot trace (a data-dependent branch) and torch.compile only runs eagerly "
                       "between graph breaks", hint="compile the model without `bettertransformer`")
@@ -203,20 +130,17 @@ class Compile(Stage):
             for axis in ("batch", "sequence"):
                 r, n = s[axis], s["shape"][axis]
                 if n < r["min"] or (r["max"] is not None and n > r["max"]):
-                    ctx.error(f"the example shape's {axis} {n} is outside the {axis} range {_span(r)}", "shape")
+                    ctx.error(f"the example shape's {axis} {n} is outside the {axis} range {span(r)}", "shape")
                 elif n == 1 and r["max"] != 1:
                     ctx.error(f"an example {axis} of 1 makes torch.export fix that axis at 1 (it specializes sizes "
                               "0 and 1)", "shape", hint=f"trace with {axis} 2 or more; the range still admits 1")
 
-    def traits(self, params, inputs, recipe) -> dict:
-        t = dict(inputs["model"])
-        max_pos = (t.get("config") or {}).get("max_position_embeddings")
-        t.update(compile=settings(params, max_pos), device=params.device)
-        if params.backend == "aot_inductor":
-            t.update(artifact=AOTI_MODEL, kv_cache=False)
-        return t
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        max_pos = (facts.config or {}).get("max_position_embeddings")
+        out = facts.replace(compile=settings(params, max_pos), device=params.device)
+        return out.replace(artifact=AOTI_MODEL, kv_cache=False) if params.backend == "aot_inductor" else out
 
     def run(self, ctx: RunContext) -> dict:
         from ..runtime import compile_run
 
-        return compile_run.run(ctx)
+        return compile_run.run(ctx, self.derive(ctx.params, read_facts(ctx.inputs["model"])))

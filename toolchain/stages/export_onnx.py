@@ -1,12 +1,12 @@
 """`export_onnx`: an hf-model -> a folder with model.onnx (+ external data), config, tokenizer."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 
+from ..artifacts import ArtifactFacts, write_meta
 from .base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
-from .bettertransformer import ENCODER_TYPES
+from ..architectures import BETTERTRANSFORMER_ENCODERS
 from .compile import refuse_compiled
 
 
@@ -36,12 +36,12 @@ class ExportOnnx(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         task = p.task or t.get("task")
         refuse_compiled(ctx, what="an ONNX export")
-        if t.get("bettertransformer") and t.get("model_type") in ENCODER_TYPES:
+        if t.get("bettertransformer") and t.get("model_type") in BETTERTRANSFORMER_ENCODERS:
             ctx.error("the BetterTransformer encoder fast path builds nested tensors from the padding mask, which "
                       "torch.export cannot trace (the ONNX exporter fails on its data-dependent branch)",
                       hint="export the model without `bettertransformer`")
         if t.get("quantization"):
-            ctx.error(f"cannot export a bitsandbytes-quantized model ({t['quantization']}) to ONNX: its "
+            ctx.error(f"cannot export a bitsandbytes-quantized model ({ctx.facts('model').quantization}) to ONNX: its "
                       "int8/nf4 kernels have no ONNX equivalent", hint="export the unquantized model instead")
         if p.kv_cache and task != "text-generation":
             ctx.error(f"`kv_cache: true` needs task text-generation, but the task is {task}", "kv_cache")
@@ -61,11 +61,9 @@ class ExportOnnx(Stage):
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
 
-    def traits(self, params, inputs, recipe) -> dict:
-        t = dict(inputs["model"])
-        t.update(artifact=ONNX_MODEL, task=params.task or t.get("task"), kv_cache=params.kv_cache,
-                 provider=params.provider)
-        return t
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        return facts.replace(artifact=ONNX_MODEL, task=params.task or facts.task, kv_cache=params.kv_cache,
+                             provider=params.provider, device=params.device)
 
     def run(self, ctx: RunContext) -> dict:
         from ..runtime import models, onnx_io
@@ -74,18 +72,16 @@ class ExportOnnx(Stage):
         src = ctx.inputs["model"]
         ctx.progress("loading model")
         model, _, meta = models.load_artifact(src, p.device)
-        task = p.task or meta.get("task")
+        facts = self.derive(p, ArtifactFacts.from_dict(meta))
+        task = facts.task
         ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
         graph = onnx_io.export(model, task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes, p.external_data,
                                ctx.output, log=ctx.log)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
-        out_meta = {"artifact": ONNX_MODEL, "task": task, "dtype": meta.get("dtype", "float32"),
-                    "model_type": meta.get("model_type"), "graph": graph,
-                    "target": {"provider": p.provider, "provider_options": p.provider_options,
-                               "io_binding": p.io_binding}}
-        (ctx.output / "toolchain.json").write_text(json.dumps(out_meta, indent=2, sort_keys=True) + "\n")
+        write_meta(ctx.output, facts, {"graph": graph, "target": {"provider_options": p.provider_options,
+                                                                  "io_binding": p.io_binding}})
         ctx.progress("checking the graph")
         import onnx
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safeio
+from ..artifacts import ArtifactFacts, write_meta
 from .base import ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 
 
@@ -93,8 +94,8 @@ class ImportOnnx(Stage):
 
         meta, config = _meta(self._folder(params, recipe))
         task = params.task or meta.get("task") or _task_from_architectures(config.get("architectures"))
-        return {"artifact": ONNX_MODEL, "task": task, "model_type": config.get("model_type"),
-                "provider": params.provider, "imported": True}
+        return ArtifactFacts(ONNX_MODEL, task=task, model_type=config.get("model_type"), dtype=meta.get("dtype"),
+                             provider=params.provider, imported=True).to_dict()
 
     def fingerprint(self, params, recipe, hasher) -> dict:
         try:
@@ -116,9 +117,9 @@ class ImportOnnx(Stage):
         meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)
         if meta.get("graph", {}).get("file") != model.name:
             meta = onnx_inspect.describe(ctx.output / model.name, p.task)
-        meta["target"] = {"provider": p.provider, "provider_options": {}, "io_binding": p.io_binding}
-        from ..runtime import models
-
-        models.write_meta(ctx.output, meta)
+        meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
+        facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
+                                                           model_type=meta.get("model_type"))
+        write_meta(ctx.output, facts, meta)
         return {"file": model.name, "task": meta["task"], "inputs": meta["graph"]["inputs"][:6],
                 "outputs": meta["graph"]["outputs"][:4], "dtype": meta["dtype"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import safeio, sources
+from ..artifacts import ArtifactFacts, write_meta
 from .base import HF_MODEL, CheckContext, RunContext, Stage
 
 
@@ -27,7 +28,7 @@ class Load(Stage):
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
         try:
-            self._source(ctx.recipe)
+            src = self._source(ctx.recipe)
         except sources.SourceError as exc:
             path = ("model", exc.field) if exc.field and exc.field in ctx.recipe.model else ("model",)
             if exc.machine:  # e.g. the model's package is not installed here: plan/build refuse it
@@ -37,14 +38,18 @@ class Load(Stage):
                 return
             ctx.problems.append(ctx.recipe.problem(str(exc), path, hint=exc.hint))
             return
+        if ctx.machine and ctx.network:  # a probe of the network: plan and build only, never `check`
+            problem = sources.hub_problem(src)
+            if problem:
+                ctx.machine_problems.append(ctx.recipe.problem(str(problem), ("model", "hub"), hint=problem.hint))
         if not ctx.params.materialize and "config" not in ctx.recipe.model:
             ctx.error("`materialize: false` applies to `config` (random-weight) sources only", "materialize")
 
     def traits(self, params, inputs, recipe) -> dict:
         src = self._source(recipe)
-        return {"artifact": HF_MODEL, "task": src.task, "model_type": src.model_type, "dtype": params.dtype,
-                "device": params.device, "quantization": None, "attention": None, "source": src.type,
-                "has_tokenizer": src.type != "config" or src.tokenizer is not None, "config": src.config_facts}
+        return ArtifactFacts(HF_MODEL, task=src.task, model_type=src.model_type, dtype=params.dtype,
+                             device=params.device, source=src.type, config=src.config_facts,
+                             has_tokenizer=src.type != "config" or src.tokenizer is not None).to_dict()
 
     def fingerprint(self, params, recipe, hasher) -> dict:
         try:
@@ -77,9 +82,9 @@ class Load(Stage):
         ctx.progress(f"loading {src.type} model")
         model, tokenizer = models.load_source(src, ctx.params.dtype, log=ctx.log)
         ctx.progress("saving checkpoint")
-        meta = {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
-                "model_type": model.config.model_type, "architecture": type(model).__name__}
-        models.save_hf(model, tokenizer, ctx.output, meta)
+        facts = ArtifactFacts.from_dict(ctx.traits).replace(model_type=model.config.model_type)
+        models.save_hf(model, tokenizer, ctx.output)
+        write_meta(ctx.output, facts, {"architecture": type(model).__name__})
         params = sum(p.numel() for p in model.parameters())
         return {"parameters": params, "architecture": type(model).__name__, "model_type": model.config.model_type,
                 "footprint_bytes": model.get_memory_footprint()}
@@ -88,13 +93,10 @@ class Load(Stage):
         """Config + seed only: each stage re-creates the same random weights on its own device."""
         import transformers
 
-        from ..runtime import models
-
         config = transformers.AutoConfig.for_model(**src.config)
         config.save_pretrained(ctx.output)
         if src.tokenizer:
             transformers.AutoTokenizer.from_pretrained(src.tokenizer).save_pretrained(ctx.output)
-        models.write_meta(ctx.output, {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
-                                       "model_type": config.model_type,
-                                       "random_init": {"seed": src.seed, "device": ctx.params.device}})
+        write_meta(ctx.output, ArtifactFacts.from_dict(ctx.traits).replace(model_type=config.model_type),
+                   {"random_init": {"seed": src.seed, "device": ctx.params.device}})
         return {"model_type": config.model_type, "materialized": False}

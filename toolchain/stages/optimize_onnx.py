@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..architectures import ENCODER_TYPES
+from ..artifacts import ArtifactFacts, read_meta, write_meta
 from .base import ONNX_MODEL, CheckContext, RunContext, Stage
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "data2vec-text")
 
 
 @dataclass
@@ -31,11 +32,8 @@ class OptimizeOnnx(Stage):
         if ctx.params.level == 99 and not ctx.params.use_gpu and t.get("provider") in ("cuda", "tensorrt"):
             ctx.note("level 99 without use_gpu may fuse nodes into CPU-only kernels")
 
-    def traits(self, params, inputs, recipe) -> dict:
-        t = dict(inputs["model"])
-        if params.float16:
-            t["dtype"] = "float16"
-        return t
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        return facts.replace(dtype="float16") if params.float16 else facts
 
     def run(self, ctx: RunContext) -> dict:
         import json
@@ -45,10 +43,10 @@ class OptimizeOnnx(Stage):
 
         p = ctx.params
         src = ctx.inputs["model"]
-        meta = json.loads((src / "toolchain.json").read_text())
+        meta = read_meta(src)
         graph = meta["graph"]
         config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
-        model_type = p.model_type or ("bert" if meta.get("model_type") in ENCODERS else "gpt2")
+        model_type = p.model_type or ("bert" if meta.get("model_type") in ENCODER_TYPES else "gpt2")
         heads = config.get("num_attention_heads", 0)
         hidden = config.get("hidden_size", 0)
         ctx.progress(f"optimizing ({model_type}, level {p.level})")
@@ -64,8 +62,6 @@ class OptimizeOnnx(Stage):
             if f.is_file() and not f.name.startswith(graph["file"]) and f.name != "toolchain.json":
                 shutil.copyfile(f, ctx.output / f.name)
         meta["optimized"] = {"level": p.level, "model_type": model_type, "float16": p.float16, "fused": fused}
-        if p.float16:
-            meta["dtype"] = "float16"
-        (ctx.output / "toolchain.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_meta(ctx.output, self.derive(p, ArtifactFacts.from_dict(meta)), meta)
         return {"fused_operators": fused, "float16": p.float16,
                 "onnx_bytes": sum(f.stat().st_size for f in ctx.output.glob(graph["file"] + "*"))}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import environment
+from ..artifacts import ArtifactFacts, Quantization, read_meta, write_meta
 from .base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 from .compile import refuse_compiled
 
@@ -37,7 +38,7 @@ class Quantize(Stage):
         ctx.device_rules(p.device)
         refuse_compiled(ctx, what="quantizing it")
         if t.get("quantization"):
-            ctx.error(f"the model is already quantized ({t['quantization']})")
+            ctx.error(f"the model is already quantized ({t['quantization']['scheme']})")
         if t.get("bettertransformer"):
             ctx.error("quantize before `bettertransformer`, not after: the converted model is not saved as such")
         if p.bits == 8 and (p.quant_type != "nf4" or p.double_quant or p.compute_dtype):
@@ -54,11 +55,12 @@ class Quantize(Stage):
         if environment.package_version("bitsandbytes") is None:
             ctx.unavailable("bitsandbytes is not installed", hint="pip install bitsandbytes==0.50.2")
 
-    def traits(self, params, inputs, recipe) -> dict:
-        t = dict(inputs["model"])
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
         scheme = "int8" if params.bits == 8 else params.quant_type
-        t.update(quantization=scheme, device=params.device)
-        return t
+        four = params.bits == 4
+        return facts.replace(quantization=Quantization(scheme, params.bits, double_quant=four and params.double_quant,
+                                                       compute_dtype=params.compute_dtype if four else None),
+                             device=params.device)
 
     def run(self, ctx: RunContext) -> dict:
         import torch
@@ -68,7 +70,7 @@ class Quantize(Stage):
 
         p = ctx.params
         src = ctx.inputs["model"]
-        meta = models.read_meta(src)
+        meta = read_meta(src)
         if p.bits == 8:
             qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=p.llm_int8_threshold,
                                     llm_int8_skip_modules=p.skip_modules or None)
@@ -103,12 +105,11 @@ class Quantize(Stage):
         for name in SIDE_FILES:
             if (src / name).is_file() and not (ctx.output / name).exists():
                 (ctx.output / name).write_bytes((src / name).read_bytes())
-        meta.update(quantization={"method": "bitsandbytes", "scheme": scheme, "bits": p.bits,
-                                  "double_quant": p.double_quant, "compute_dtype": p.compute_dtype},
-                    device=p.device)
+        facts = self.derive(p, ArtifactFacts.from_dict(meta))
+        meta.update(facts.to_dict())
         if p.device_map is not None or p.max_memory:  # every later load places the weights the same way
             meta["placement"] = spread
-        models.write_meta(ctx.output, meta)
+        write_meta(ctx.output, facts, meta)
         # the store copy must load and compute what the in-memory model computes
         reloaded, _ = models.load_with(ctx.output, meta, p.device)
         ids = torch.randint(5, 1000, (1, 16), device=model.device)

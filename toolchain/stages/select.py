@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from ..artifacts import ArtifactFacts
+from ..tolerances import generate_params
 from .base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, members
 from .benchmark import Benchmark, BenchmarkParams, compiled_input_problems
 from .compile import compiler_env
@@ -62,7 +64,7 @@ class Select(Stage):
             ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
                       hint="give the `config` source a `tokenizer:` folder or package")
         if p.parity.get("generate") and ref.get("task") != "text-generation" and \
-                p.parity["generate"].get("prompts", 20):
+                generate_params(p.parity["generate"]).prompts:
             ctx.error("`parity.generate` applies to text-generation models only", "parity")
         corpus = p.parity.get("corpus", "")
         if corpus and not corpus.startswith("gensim:") and not (ctx.recipe.dir / corpus).is_file():
@@ -107,9 +109,9 @@ class Select(Stage):
                           ("overrides", name), hint=f"did you mean '{guess[0]}'?" if guess else None)
 
     def traits(self, params, inputs, recipe) -> dict:
-        ref = inputs["reference"]
-        return {"artifact": SELECTED, "task": ref.get("task"), "model_type": ref.get("model_type"),
-                "candidates": list(members(inputs, "candidates"))}
+        ref = ArtifactFacts.from_dict(inputs["reference"])
+        return ArtifactFacts(SELECTED, task=ref.task, model_type=ref.model_type,
+                             candidates=list(members(inputs, "candidates"))).to_dict()
 
     def gate(self, metrics: dict) -> list[str]:
         return list(metrics.get("failures", []))
@@ -117,4 +119,5 @@ class Select(Stage):
     def run(self, ctx: RunContext) -> dict:
         from ..runtime import select_run
 
-        return select_run.run(ctx)
+        p = ctx.params
+        return select_run.run(ctx, lambda name: validate_params(p, name), benchmark_params(p))

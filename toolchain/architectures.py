@@ -1,0 +1,34 @@
+"""Model families, by config.json's `model_type`: one list each, read by plan-time rules and by the
+code that runs the models (BetterTransformer, onnxruntime's optimizer). Plain Python."""
+from __future__ import annotations
+
+# encoders with BERT's layout of embeddings, attention and feed-forward (onnxruntime's `bert` fusions
+# apply to all of them)
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "data2vec-text")
+# the encoders whose layers the BetterTransformer fast path takes in transformers 5 (distilbert names
+# its modules differently; runtime/bettertransformer.py also checks the structure)
+BETTERTRANSFORMER_ENCODERS = tuple(t for t in ENCODER_TYPES if t != "distilbert")
+# decoders, for which BetterTransformer meant SDPA attention
+DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
+                 "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
+
+# the encoder fast path's activations: name -> use_gelu flag of PyTorch's fused layer
+ENCODER_ACTIVATIONS = {"gelu": True, "relu": False}
+# config.json keys the plan-time rules read (the encoder rules, compile's sequence limit); `load`
+# passes them on where it can read them
+CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cross_attention",
+                "max_position_embeddings")
+
+
+def encoder_config_problems(model_type: str, cfg: dict) -> list[str]:
+    """Why a BERT-layout model of this config cannot take the encoder fast path (empty: it can).
+    Used at plan time on the config facts the source exposes and at run time on the loaded config."""
+    problems = []
+    if cfg.get("is_decoder") or cfg.get("add_cross_attention"):
+        problems.append(f"'{model_type}' configured as a decoder cannot use the encoder fast path")
+    if (cfg.get("position_embedding_type") or "absolute") != "absolute":
+        problems.append(f"the encoder fast path supports absolute position embeddings only, not "
+                        f"{cfg['position_embedding_type']}")
+    if cfg.get("hidden_act", "gelu") not in ENCODER_ACTIVATIONS:
+        problems.append(f"the encoder fast path supports gelu or relu activations, not {cfg['hidden_act']}")
+    return problems
