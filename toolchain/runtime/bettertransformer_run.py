@@ -13,7 +13,7 @@ def convert_stage(ctx) -> dict:
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
     ctx.progress("loading")
-    model, tokenizer = models.load_with(src, meta, p.device)
+    model, tokenizer = models.load_with(src, meta, p.device, take=True)  # changed in place below
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics: dict = {}
     try:
@@ -49,6 +49,8 @@ def convert_stage(ctx) -> dict:
     if kind == "decoder":
         meta["attn_implementation"] = "sdpa"
     models.write_meta(ctx.output, meta)
+    if kind == "encoder":  # as loading the output gives it (a decoder's attention switch is not kept)
+        models.offer(bettertransformer.convert(model), tokenizer, meta, p.device)
     path = "SDPA attention" if kind == "decoder" else bettertransformer.encoder_path(model.config, p.device)
     metrics.update(path=path,
                    round_trip_state_dict_identical=True, model_type=model.config.model_type)
@@ -60,7 +62,7 @@ def reverse_stage(ctx) -> dict:
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
     ctx.progress("loading converted model")
-    model, _ = models.load_with(src, meta, p.device)  # converted on load
+    model, tokenizer = models.load_with(src, meta, p.device, take=True)  # converted on load; reversed below
     if not bettertransformer.is_converted(model):
         raise RuntimeError("the input model did not load converted")
     converted_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -85,5 +87,7 @@ def reverse_stage(ctx) -> dict:
     else:
         meta["attn_implementation"] = previous
     models.write_meta(ctx.output, meta)
+    if bettertransformer.check_supported(model) == "encoder":  # (reversal leaves an encoder's attention as it was)
+        models.offer(model, tokenizer, meta, p.device)
     return {"state_dict_identical_to_original": True, "converted_parameters": len(converted_sd),
             "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}

@@ -80,6 +80,7 @@ class Load(Stage):
         meta = {"artifact": HF_MODEL, "task": src.task, "dtype": ctx.params.dtype,
                 "model_type": model.config.model_type, "architecture": type(model).__name__}
         models.save_hf(model, tokenizer, ctx.output, meta)
+        models.offer(model, tokenizer, meta, "cpu")  # the next step in this worker need not read it back
         params = sum(p.numel() for p in model.parameters())
         return {"parameters": params, "architecture": type(model).__name__, "model_type": model.config.model_type,
                 "footprint_bytes": model.get_memory_footprint()}
