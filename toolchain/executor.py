@@ -238,11 +238,11 @@ class LocalExecutor(Executor):
                 record = self.store.lookup(step.key)
                 if record:
                     return self._result(step, "cached", "built meanwhile by a concurrent build", record, t0)
-            reason = "--force" if self.force else self.why(plan, step)
+            reason = "--force" if self.force else keydiff.why_rebuilt(self.store, plan.recipe.full_name, step)
             if step.key in self.store.dropped:
                 reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
                 self.console.warn(f"{step.name}: {reason}; building it again")
-            elif not self.force and reason != "not in the store (no earlier build of this step)":
+            elif not self.force and reason != keydiff.FIRST:
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
@@ -252,17 +252,6 @@ class LocalExecutor(Executor):
             return self._result(step, "built", reason, record, t0)
         finally:
             lock.release()
-
-    def why(self, plan: Plan, step: Step) -> str:
-        """Why a step that is not in the store must run: what changed in its key since the last
-        build of the same step of the same recipe (from the store's key history)."""
-        previous = self.store.previous_material(plan.recipe.full_name, step.name)
-        if previous is None:
-            return "not in the store (no earlier build of this step)"
-        changes = keydiff.explain(previous, step.key_material, step.inputs)
-        if not changes:
-            return "not in the store (its last build has the same key but its entry is gone)"
-        return "not in the store: " + "; ".join(changes)
 
     def _result(self, step, status, reason, record, t0, work_seconds: float = 0.0) -> StepResult:
         metrics = record.get("metrics", {})

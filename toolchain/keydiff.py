@@ -56,3 +56,18 @@ def explain(old: dict, new: dict, input_steps: dict[str, str] | None = None) -> 
     if len(lines) > MAX_LINES:
         lines = lines[:MAX_LINES - 1] + [f"and {len(lines) - MAX_LINES + 1} more differences"]
     return lines
+
+
+FIRST = "not in the store (no earlier build of this step)"
+
+
+def why_rebuilt(store, recipe: str, step) -> str:
+    """Why `step` (a plan.Step) of `recipe`, which is not in `store`, must run: what changed in its
+    key since the last build of the same step of the same recipe (the store's key history)."""
+    previous = store.previous_material(recipe, step.name)
+    if previous is None:
+        return FIRST
+    changes = explain(previous, step.key_material, step.inputs)
+    if not changes:
+        return "not in the store (its last build had the same key, and its entry is gone)"
+    return "not in the store: " + "; ".join(changes)
