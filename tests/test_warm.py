@@ -201,3 +201,12 @@ def test_sigkill_of_the_build_or_its_warm_worker_at_random_moments(tmp_path, sto
     assert final.returncode == 0, final.stderr
     assert {n: s["outputs"] for n, s in steps(out).items()} == expected
     assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_a_step_past_its_time_limit_stops_its_worker_and_fails(tmp_path, store):
+    recipe = tiny_recipe(tmp_path, stages="load: {kind: load}")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, env={"TOOLCHAIN_STEP_TIMEOUT": "0.2"})
+    assert res.returncode == 3, res.stderr
+    assert "load" in res.stderr and "ran past its time limit of 0.2 s" in res.stderr
+    assert "Traceback" not in res.stderr and not _workers(store)
+    assert run_cli("cache", "verify", "--store", store).returncode == 0

@@ -133,7 +133,7 @@ class Worker:
                 except queue.Empty:
                     if deadline and time.monotonic() > deadline:
                         self.kill()
-                        raise WorkerDied(None, f"the step ran past its time limit of {timeout:.0f} s and its "
+                        raise WorkerDied(None, f"the step ran past its time limit of {timeout:g} s and its "
                                          "worker was stopped") from None
         except BaseException:  # Ctrl-C, SIGTERM: take the worker down with us
             self.kill()
