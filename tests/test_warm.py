@@ -210,3 +210,38 @@ def test_a_step_past_its_time_limit_stops_its_worker_and_fails(tmp_path, store):
     assert "load" in res.stderr and "ran past its time limit of 0.2 s" in res.stderr
     assert "Traceback" not in res.stderr and not _workers(store)
     assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_commit_takes_a_carried_object_unread_only_while_it_is_unchanged(tmp_path, monkeypatch):
+    """Weights a light transform carries over (hard links of its input's objects) are committed
+    with the input's hashes, but a file written through the link is hashed like any other."""
+    import hashlib
+
+    from toolchain import store as store_module
+    from toolchain.store import Store
+
+    hashed = []
+    plain = store_module.hash_file
+    monkeypatch.setattr(store_module, "hash_file", lambda path: hashed.append(Path(path).name) or plain(path))
+    s = Store(tmp_path / "store").init()
+    src = tmp_path / "a"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"weights" * 1000)
+    first = s.commit("1" * 64, src, {})
+    meta = first["outputs"]["w.bin"]
+    obj = s.object_path(meta["sha256"])
+    for changed in (False, True):
+        out = tmp_path / f"out{changed}"
+        out.mkdir()
+        os.link(obj, out / "w.bin")
+        linked = {"w.bin": {**meta, "mtime_ns": os.stat(obj).st_mtime_ns}}
+        if changed:  # a stage bug: written through the link (as root, read-only bits do not stop it)
+            os.chmod(out / "w.bin", 0o644)
+            with open(out / "w.bin", "r+b") as f:
+                f.write(b"W")
+            os.utime(out / "w.bin", ns=(0, 0))  # whatever the mtime, it is not the one recorded
+        hashed.clear()
+        record = s.commit(("2" if changed else "3") * 64, out, {}, linked)
+        assert ("w.bin" in hashed) == changed
+        data = (b"W" + (b"weights" * 1000)[1:]) if changed else b"weights" * 1000
+        assert record["outputs"]["w.bin"]["sha256"] == hashlib.sha256(data).hexdigest()

@@ -24,6 +24,7 @@ from . import codehash, keydiff
 from .console import Console
 from .errors import MachineError, StageFailed, StageUserError
 from .plan import Plan, Step
+from .stages.base import CARRIED_FILE
 from .store import ArtifactStore
 from .worker import NO_RESULT_MACHINE
 
@@ -246,7 +247,7 @@ class LocalExecutor(Executor):
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
-            record = self._execute(plan, step, inputs)
+            record = self._execute(plan, step, inputs, {role: results[src].record for role, src in step.inputs.items()})
             if record.get("not_run"):  # about this machine, not the inputs: never cached
                 return self._result(step, "not run", record["metrics"]["not_run"], record, t0)
             return self._result(step, "built", reason, record, t0)
@@ -279,7 +280,7 @@ class LocalExecutor(Executor):
         if worker is not None:
             worker.close()
 
-    def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path]) -> dict:
+    def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict]) -> dict:
         work = self.store.new_tmp(step.name)
         out = work / "out"
         out.mkdir()
@@ -295,6 +296,7 @@ class LocalExecutor(Executor):
         try:
             (work / "spec.json").write_text(json.dumps(spec, indent=1))
             log_path.unlink(missing_ok=True)  # the log of an earlier run of this key
+            before = self._input_objects(inputs, records)
             worker = self._worker(step)
             with self.console.step(f"{step.name} ({step.kind})") as update:
                 try:
@@ -334,9 +336,35 @@ class LocalExecutor(Executor):
                                              "reused_inputs": result.get("reused_inputs", [])}}}
             if result["metrics"].get("not_run"):
                 return {**fields, "outputs": {}, "not_run": True}
-            return self.store.commit(step.key, out, fields)
+            return self.store.commit(step.key, out, fields, self._carried(out, before))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _input_objects(self, inputs: dict[str, Path], records: dict[str, dict]) -> dict[str, dict]:
+        """Input file path -> its object's digest, size and modification time before the step runs."""
+        found = {}
+        for role, tree in inputs.items():
+            for rel, meta in records[role]["outputs"].items():
+                try:
+                    mtime = os.stat(self.store.object_path(meta["sha256"])).st_mtime_ns
+                except OSError:
+                    continue
+                found[str(tree / rel)] = {"sha256": meta["sha256"], "size": meta["size"], "mtime_ns": mtime}
+        return found
+
+    @staticmethod
+    def _carried(out: Path, before: dict[str, dict]) -> dict[str, dict]:
+        """The output files the stage made as hard links of its inputs' files (stages.base.relink),
+        with what the store knew of them before the step; the listing itself is no output."""
+        listing = out / CARRIED_FILE
+        try:
+            carried = json.loads(listing.read_text()) if listing.is_file() else {}
+        except (OSError, ValueError):
+            carried = {}
+        listing.unlink(missing_ok=True)
+        if not isinstance(carried, dict):
+            return {}
+        return {rel: before[src] for rel, src in carried.items() if isinstance(src, str) and src in before}
 
     @staticmethod
     def _check_code_covered(step: Step, result: dict, log_path: Path) -> None:

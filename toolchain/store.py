@@ -172,8 +172,9 @@ class ArtifactStore(abc.ABC):
         """A new local work folder (never trusted by lookups)."""
 
     @abc.abstractmethod
-    def commit(self, key: str, out_dir: Path, fields: dict) -> dict:
-        """Store every file of `out_dir` and then the record of `key`; the record."""
+    def commit(self, key: str, out_dir: Path, fields: dict, linked: dict | None = None) -> dict:
+        """Store every file of `out_dir` and then the record of `key`; the record. `linked`: files
+        made as hard links of objects this store holds, whose hashes need not be read again."""
 
     @abc.abstractmethod
     def tree(self, key: str, record: dict) -> Path:
@@ -429,15 +430,24 @@ class Store(ArtifactStore):
                 yield path.stem, self._read_record(path.stem), path
 
     # -- commit ---------------------------------------------------------------------------------
-    def commit(self, key: str, out_dir: Path, fields: dict) -> dict:
+    def commit(self, key: str, out_dir: Path, fields: dict, linked: dict | None = None) -> dict:
         """Move every file of `out_dir` into objects/ and write the record (last). An object that
-        already exists is kept only if it still hashes to its name; a damaged one is replaced."""
+        already exists is kept only if it still hashes to its name; a damaged one is replaced.
+        `linked` (output file -> {"sha256", "size", "mtime_ns"}): files the caller made as hard
+        links of existing objects (an input's weights, carried over); such a file is taken without
+        rereading its bytes only while it is still that object's inode, with the size and the
+        modification time the object had before the step ran, else it is hashed like any other."""
         outputs = {}
+        linked = linked or {}
         try:
             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
                 if f.is_symlink():
                     raise StoreError(f"stage output contains a symbolic link ({f.name}); outputs must be plain files")
                 rel = f.relative_to(out_dir).as_posix()
+                if self._still_linked(f, linked.get(rel)):
+                    outputs[rel] = {"sha256": linked[rel]["sha256"], "size": linked[rel]["size"]}
+                    f.unlink()
+                    continue
                 digest = hash_file(f)
                 size = f.stat().st_size
                 outputs[rel] = {"sha256": digest, "size": size}
@@ -465,6 +475,16 @@ class Store(ArtifactStore):
             raise machine_error(exc, f"saving a step's outputs in the store {self.root}") from None
         self._remember(record)
         return record
+
+    def _still_linked(self, f: Path, meta: dict | None) -> bool:
+        if not meta:
+            return False
+        try:
+            st, obj = os.lstat(f), os.lstat(self.object_path(meta["sha256"]))
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (obj.st_dev, obj.st_ino)
+                and st.st_size == meta["size"] and st.st_mtime_ns == meta["mtime_ns"])
 
     # -- key history (why a step ran again) -------------------------------------------------------
     def _remember(self, record: dict) -> None:
