@@ -305,7 +305,7 @@ class LocalExecutor(Executor):
                     why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
                     self._retire(step)
                     event = {"code": exc.code, "why": why}
-            if event.get("retire") or self.mode == "fresh":
+            if event.get("retire") or event.get("code") or self.mode == "fresh":  # (a worker that could not write its result exits)
                 self._retire(step)
             result = self._read_result(work) if event.get("code") == 0 else None
             if result is None:

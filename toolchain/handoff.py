@@ -37,8 +37,9 @@ def begin(spec: dict) -> None:
     folders = {folder: keys[role] for folder, role in roles.items()}
     _current.update(key=spec.get("key"), inputs=folders, roles=roles, offered=None, used=[])
     wanted = set(folders.values())
-    for key in [k for k in _cache if k not in wanted]:
-        drop(key)
+    device = (spec.get("params") or {}).get("device") or "cpu"
+    for key in [k for k, entry in _cache.items() if k not in wanted or entry["device"] != device]:
+        drop(key)  # (a model on another device would only be loaded again: free its memory first)
 
 
 def end(ok: bool) -> list[str]:
