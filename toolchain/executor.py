@@ -265,8 +265,11 @@ class LocalExecutor(Executor):
         return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
                           work_seconds)
 
+    def _slot(self, step: Step) -> tuple[str, str]:
+        return (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device)
+
     def _worker(self, step: Step) -> Worker:
-        slot = (self.python, step.device)
+        slot = self._slot(step)
         worker = self.workers.get(slot)
         if worker is None or not worker.alive():
             if worker is not None:
@@ -276,7 +279,7 @@ class LocalExecutor(Executor):
         return worker
 
     def _retire(self, step: Step) -> None:
-        worker = self.workers.pop((self.python, step.device), None)
+        worker = self.workers.pop(self._slot(step), None)
         if worker is not None:
             worker.close()
 
@@ -305,7 +308,7 @@ class LocalExecutor(Executor):
                     why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
                     self._retire(step)
                     event = {"code": exc.code, "why": why}
-            if event.get("retire") or event.get("code") or self.mode == "fresh":  # (a worker that could not write its result exits)
+            if event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated:  # (a worker that could not write its result exits)
                 self._retire(step)
             result = self._read_result(work) if event.get("code") == 0 else None
             if result is None:

@@ -73,6 +73,7 @@ def run_spec(spec: dict, events: Events) -> dict:
     from .stages.base import RunContext
 
     before = set(codehash.loaded_modules())
+    _fresh_compiler_state()
     handoff.begin(spec)
     t0 = time.perf_counter()
     try:
@@ -98,6 +99,19 @@ def run_spec(spec: dict, events: Events) -> dict:
     loaded = codehash.loaded_modules()
     result["modules"] = {name: f for name, f in loaded.items() if name not in before}
     return result
+
+
+def _fresh_compiler_state() -> None:
+    """Each step starts with torch.compile's process state as a new worker has it: no compiled code
+    from earlier steps (so compiling goes through the store's Inductor cache, as in a new process)
+    and zeroed Dynamo/Inductor counters (a step's compile statistics are its own)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
 
 
 def write_result(spec: dict, result: dict) -> int:
