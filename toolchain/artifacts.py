@@ -125,13 +125,27 @@ def members(inputs: dict, role: str) -> dict:
     return {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
 
 
+# written by `relink` into a step's output folder, read (and removed) by the executor before it
+# commits: output file -> the input file it is a hard link of. Never an output itself.
+CARRIED_FILE = ".toolchain-carried.json"
+
+
 def relink(src: Path, out: Path, skip: tuple[str, ...] = (META_FILE,)) -> None:
     """Give `out` the files of `src` without copying bytes (hard links; the store deduplicates by
-    content anyway). For stages that change how a model runs, not its weights."""
+    content anyway). For stages that change how a model runs, not its weights. The links are listed
+    in CARRIED_FILE, so the commit takes their hashes from the input's record instead of reading the
+    weights again (it checks that each is still the very store object, unchanged)."""
+    import json
+
+    listing = out / CARRIED_FILE
+    carried = json.loads(listing.read_text()) if listing.is_file() else {}
     for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name not in skip):
-        dest = out / f.relative_to(src)
+        rel = f.relative_to(src)
+        dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(f, dest)
+            carried[rel.as_posix()] = str(f)
         except OSError:
             shutil.copyfile(f, dest)
+    listing.write_text(json.dumps(carried, indent=1, sort_keys=True))

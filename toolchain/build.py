@@ -24,7 +24,7 @@ from .hashing import hash_file
 from .plan import Plan, variant_folder
 from .report import render_markdown
 from .results import BuildResult
-from .store import DamagedObject, Store, _pid_alive, copy_verified, stat_signature
+from .store import ArtifactStore, DamagedObject, Store, _pid_alive, copy_verified, stat_signature
 
 MANIFEST_SCHEMA = 1
 # written last into every delivered folder: what was delivered, so that a later build replaces a
@@ -39,17 +39,17 @@ class BuildFailed(ToolchainError):
     """One or more steps failed; the message lists them (each was reported when it failed)."""
 
 
-def build(plans: list[Plan], store: Store, out: Path | None, console: Console, force: bool | frozenset = False,
+def build(plans: list[Plan], store: ArtifactStore, out: Path | None, console: Console, force: bool | frozenset = False,
           require_provider: bool = False) -> dict:
     store.require_writable()
-    executor = LocalExecutor(store, console, force=force, require_provider=require_provider)
     variants = []
     with store.using():
-        for plan in plans:
-            if len(plans) > 1:
-                console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
-            results = executor.run(plan)
-            variants.append((plan, results))
+        with LocalExecutor(store, console, force=force, require_provider=require_provider) as executor:
+            for plan in plans:
+                if len(plans) > 1:
+                    console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
+                results = executor.run(plan)
+                variants.append((plan, results))
         _raise_if_failed(executor, variants)
         manifest = make_manifest(variants, store)
         if out is not None:  # still under the store's shared lock: gc must not run before delivery
@@ -73,7 +73,7 @@ def _raise_if_failed(executor, variants) -> None:
         raise error
 
 
-def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Store) -> dict:
+def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: ArtifactStore) -> dict:
     recipe = variants[0][0].recipe
     env_names = set()
     out_variants, failed = [], False
@@ -89,6 +89,9 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Sto
                 "input_steps": step.inputs, "params": step.params, "traits": step.traits,
                 "outputs": r.record["outputs"], "metrics": r.record.get("metrics", {}),
                 "build_seconds": r.record.get("timings", {}).get("seconds"), "seconds": round(r.seconds, 3),
+                # time inside the stage's run in this build; seconds - work_seconds is the executor's overhead
+                "work_seconds": round(r.work_seconds, 3),
+                "worker": r.record.get("timings", {}).get("worker") if r.status in ("built", "not run") else None,
                 "device": step.device,
                 "gate": {"passed": not r.gate_failures, "failures": r.gate_failures}
                 if step.stage.has_gate else None,
@@ -237,7 +240,7 @@ def _changed(path: Path, meta: dict) -> bool:
         return True
 
 
-def check_output(out: Path, store: Store) -> None:
+def check_output(out: Path, store: ArtifactStore) -> None:
     """Refuse (exit 2) an -o whose replacement could lose anything toolchain did not make: a
     folder without our delivery marker, one that gained files, the store or anything around it."""
     out, root = _output_path(out), store.root
@@ -337,7 +340,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def deliver(manifest: dict, variants, store: Store, out: Path) -> None:
+def deliver(manifest: dict, variants, store: ArtifactStore, out: Path) -> None:
     """Write the output folder beside its final place, then swap it in with one atomic exchange:
     readers see the old or the new folder, never a half-written or missing one. Every byte copied
     from the store is hashed on the way. Deliveries into one folder take turns (a lock beside it)."""
@@ -373,7 +376,7 @@ def deliver(manifest: dict, variants, store: Store, out: Path) -> None:
         lock.release()
 
 
-def _write_delivery(manifest: dict, variants, store: Store, tmp: Path) -> dict:
+def _write_delivery(manifest: dict, variants, store: ArtifactStore, tmp: Path) -> dict:
     """Fill `tmp` with targets, manifest, reports, plots and lock; return {file: sha256, size}."""
     files = {}
     for (plan, results), v in zip(variants, manifest["variants"]):

@@ -79,6 +79,8 @@ def cmd_check(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
+    from . import keydiff
+
     store = _store(args)
     plans = _plans(args.recipe, store)
     out = []
@@ -87,13 +89,18 @@ def cmd_plan(args, console: Console) -> int:
         for step in plan.steps.values():
             hit = store.lookup(step.key) is not None
             rows.append({"step": step.name, "kind": step.kind, "inputs": step.inputs, "key": step.key,
-                         "status": "would hit" if hit else "must build", "target": step.name in plan.targets})
+                         "status": "would hit" if hit else "must build", "target": step.name in plan.targets,
+                         "why": None if hit else keydiff.why_rebuilt(store, plan.recipe.full_name, step)})
         out.append({"recipe": plan.recipe.full_name, "steps": rows})
         if not args.json:
             console.table(plan.recipe.full_name, ["step", "kind", "inputs", "key", "cache"],
                           [[r["step"] + (" (target)" if r["target"] else ""), r["kind"],
                             ", ".join(f"{k}<-{v}" for k, v in r["inputs"].items()) or "-", r["key"][:16],
                             r["status"]] for r in rows])
+            for r in rows:
+                if r["why"] and r["why"] != keydiff.FIRST:
+                    console.print(f"  {escape(r['step'])}: must build because "
+                                  f"{escape(r['why'].removeprefix('not in the store: '))}")
         for note in plan.notes:
             console.warn(note)
     if args.json:

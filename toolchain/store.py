@@ -19,6 +19,7 @@ hashes the bytes it copies.
 """
 from __future__ import annotations
 
+import abc
 import datetime as _dt
 import errno
 import hashlib
@@ -141,13 +142,79 @@ class Issue:
     repaired: bool = False
 
 
-class Store:
+class ArtifactStore(abc.ABC):
+    """What executors and builds need from a store: action records by key, content-addressed
+    objects, per-key locks, work folders, and the key history that explains rebuilds. `Store`
+    (a local folder) implements it; a remote store (S3) would implement the same operations,
+    keeping the same promise: a record is written last, and only through `commit`."""
+
+    root: Path
+    dropped: dict[str, str]  # key -> why its broken entry was removed by `lookup` (this process)
+
+    @abc.abstractmethod
+    def require_writable(self) -> None:
+        """Raise a machine error when the store cannot take new entries."""
+
+    @abc.abstractmethod
+    def using(self):
+        """A context held by every build for its whole run (`gc` waits for it)."""
+
+    @abc.abstractmethod
+    def lookup(self, key: str) -> dict | None:
+        """The record of `key` if it and every object it names are present and intact, else None."""
+
+    @abc.abstractmethod
+    def lock(self, key: str):
+        """A lock (acquire(timeout=...), release(), context manager) that builds of `key` take turns on."""
+
+    @abc.abstractmethod
+    def new_tmp(self, label: str = "work") -> Path:
+        """A new local work folder (never trusted by lookups)."""
+
+    @abc.abstractmethod
+    def commit(self, key: str, out_dir: Path, fields: dict, linked: dict | None = None) -> dict:
+        """Store every file of `out_dir` and then the record of `key`; the record. `linked`: files
+        made as hard links of objects this store holds, whose hashes need not be read again."""
+
+    @abc.abstractmethod
+    def tree(self, key: str, record: dict) -> Path:
+        """A local folder holding exactly the outputs of `record` (a step's input)."""
+
+    @abc.abstractmethod
+    def object_path(self, digest: str) -> Path:
+        """Where the object named `digest` can be read."""
+
+    @abc.abstractmethod
+    def discard_object(self, digest: str) -> None:
+        """Remove a damaged object, so that the next commit of that content writes it anew."""
+
+    @abc.abstractmethod
+    def verify(self, repair: bool = False, deep: bool = True) -> list[Issue]:
+        """Check every record and the objects it names; with `repair`, remove what is broken."""
+
+    @abc.abstractmethod
+    def log_path(self, key: str) -> Path:
+        """Where the worker log of the last run of `key` goes."""
+
+    @abc.abstractmethod
+    def cache_dir(self) -> Path:
+        """The folder for provider caches (TensorRT engines, Inductor caches)."""
+
+    @abc.abstractmethod
+    def previous_material(self, recipe: str, step: str) -> dict | None:
+        """The key material of the last build of step `step` of recipe `recipe`, if any."""
+
+
+class Store(ArtifactStore):
+    """The local store: a folder (see the module's docstring)."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.objects, self.actions = self.root / "objects", self.root / "actions"
         self.trees, self.locks = self.root / "trees", self.root / "locks"
         self.tmp, self.logs = self.root / "tmp", self.root / "logs"
         self.hashes, self.verified = self.root / "hashes", self.root / "verified"
+        self.history = self.root / "history"
         self.marker = self.root / "STORE"
         self.dropped: dict[str, str] = {}  # key -> why its broken entry was removed (this process)
         self.discarded: list[str] = []  # damaged objects removed (this process)
@@ -193,7 +260,7 @@ class Store:
             if problem or not self.marker.is_file():  # the marker first: then the folder is ours
                 atomic_write_text(self.marker, f"{MARKER} {RECORD_SCHEMA} {ALGORITHM}\n")
             for d in (self.objects, self.actions, self.trees, self.locks, self.tmp, self.logs, self.hashes,
-                      self.verified):
+                      self.verified, self.history):
                 d.mkdir(exist_ok=True)
         except (NotADirectoryError, FileExistsError) as exc:  # a file where a folder of the path should be
             raise NotAStore(f"--store {self.root} cannot be a store: {exc.filename} is not a folder") from None
@@ -229,6 +296,15 @@ class Store:
 
     def lock(self, key: str) -> FileLock:
         return FileLock(str(self.locks / f"{key}.lock"))
+
+    def log_path(self, key: str) -> Path:
+        return self.logs / f"{key}.log"
+
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def history_path(self, recipe: str, step: str) -> Path:
+        return self.history / f"{hash_value([recipe, step])}.json"
 
     def new_tmp(self, label: str = "work") -> Path:
         path = self.tmp / f"{os.getpid()}-{label}-{uuid.uuid4().hex[:12]}"
@@ -354,15 +430,24 @@ class Store:
                 yield path.stem, self._read_record(path.stem), path
 
     # -- commit ---------------------------------------------------------------------------------
-    def commit(self, key: str, out_dir: Path, fields: dict) -> dict:
+    def commit(self, key: str, out_dir: Path, fields: dict, linked: dict | None = None) -> dict:
         """Move every file of `out_dir` into objects/ and write the record (last). An object that
-        already exists is kept only if it still hashes to its name; a damaged one is replaced."""
+        already exists is kept only if it still hashes to its name; a damaged one is replaced.
+        `linked` (output file -> {"sha256", "size", "mtime_ns"}): files the caller made as hard
+        links of existing objects (an input's weights, carried over); such a file is taken without
+        rereading its bytes only while it is still that object's inode, with the size and the
+        modification time the object had before the step ran, else it is hashed like any other."""
         outputs = {}
+        linked = linked or {}
         try:
             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
                 if f.is_symlink():
                     raise StoreError(f"stage output contains a symbolic link ({f.name}); outputs must be plain files")
                 rel = f.relative_to(out_dir).as_posix()
+                if self._still_linked(f, linked.get(rel)):
+                    outputs[rel] = {"sha256": linked[rel]["sha256"], "size": linked[rel]["size"]}
+                    f.unlink()
+                    continue
                 digest = hash_file(f)
                 size = f.stat().st_size
                 outputs[rel] = {"sha256": digest, "size": size}
@@ -388,7 +473,42 @@ class Store:
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n", self.tmp)
         except OSError as exc:  # disk full, read-only: no record was written, so nothing half-made is visible
             raise machine_error(exc, f"saving a step's outputs in the store {self.root}") from None
+        self._remember(record)
         return record
+
+    def _still_linked(self, f: Path, meta: dict | None) -> bool:
+        if not meta:
+            return False
+        try:
+            st, obj = os.lstat(f), os.lstat(self.object_path(meta["sha256"]))
+        except OSError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (obj.st_dev, obj.st_ino)
+                and st.st_size == meta["size"] and st.st_mtime_ns == meta["mtime_ns"])
+
+    # -- key history (why a step ran again) -------------------------------------------------------
+    def _remember(self, record: dict) -> None:
+        """After the record: the key material of the last build of (recipe, step), kept apart from
+        the records so that `gc` never takes the explanation with it. Best effort: a lost entry
+        only makes the next rebuild say less about why it ran."""
+        if not (record.get("recipe") and record.get("step") and record.get("key_material")):
+            return
+        entry = {"recipe": record["recipe"], "step": record["step"], "key": record["key"],
+                 "created": record["created"], "key_material": record["key_material"]}
+        try:
+            self.history.mkdir(exist_ok=True)
+            atomic_write_text(self.history_path(record["recipe"], record["step"]),
+                              json.dumps(entry, indent=1, sort_keys=True) + "\n", self.tmp)
+        except OSError:
+            pass
+
+    def previous_material(self, recipe: str, step: str) -> dict | None:
+        try:
+            entry = json.loads(self.history_path(recipe, step).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        material = entry.get("key_material") if isinstance(entry, dict) else None
+        return material if isinstance(material, dict) else None
 
     # -- trees ----------------------------------------------------------------------------------
     def tree(self, key: str, record: dict) -> Path:

@@ -14,7 +14,7 @@ def convert_stage(ctx, facts) -> dict:
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
     ctx.progress("loading")
-    model, tokenizer = models.load_with(src, meta, p.device)
+    model, tokenizer = models.load_with(src, meta, p.device, take=True)  # changed in place below
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics: dict = {}
     try:
@@ -47,6 +47,8 @@ def convert_stage(ctx, facts) -> dict:
         raise RuntimeError("reverse(convert(model)) did not give back a bit-identical state_dict")
     relink(src, ctx.output)
     write_meta(ctx.output, facts, meta)
+    if kind == "encoder":  # as loading the output gives it (a decoder's attention switch is not kept)
+        models.offer(bettertransformer.convert(model), tokenizer, models.read_meta(ctx.output), p.device)
     path = "SDPA attention" if kind == "decoder" else bettertransformer.encoder_path(model.config, p.device)
     metrics.update(path=path,
                    round_trip_state_dict_identical=True, model_type=model.config.model_type)
@@ -59,7 +61,7 @@ def reverse_stage(ctx, facts) -> dict:
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
     ctx.progress("loading converted model")
-    model, _ = models.load_with(src, meta, p.device)  # converted on load
+    model, tokenizer = models.load_with(src, meta, p.device, take=True)  # converted on load; reversed below
     if not bettertransformer.is_converted(model):
         raise RuntimeError("the input model did not load converted")
     converted_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -78,5 +80,7 @@ def reverse_stage(ctx, facts) -> dict:
         raise RuntimeError("the reversed model's weights differ from the checkpoint it was converted from")
     relink(src, ctx.output)
     write_meta(ctx.output, facts, meta)
+    if bettertransformer.check_supported(model) == "encoder":  # (reversal leaves an encoder's attention as it was)
+        models.offer(model, tokenizer, models.read_meta(ctx.output), p.device)
     return {"state_dict_identical_to_original": True, "converted_parameters": len(converted_sd),
             "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}

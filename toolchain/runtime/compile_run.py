@@ -39,7 +39,7 @@ def _built_with(device: str) -> dict:
 def _aot_inductor(ctx, facts) -> dict:
     p, src = ctx.params, ctx.inputs["model"]
     ctx.progress("loading model")
-    model, _, meta = models.load_artifact(src, p.device)
+    model, _, meta = models.load_artifact(src, p.device, take=True)
     task = meta.get("task", "feature-extraction")
     c = settings(p, getattr(model.config, "max_position_embeddings", None))
     if task == "text-generation":

@@ -73,10 +73,27 @@ def save_hf(model, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-def load_with(folder: Path, meta: dict, device: str = "cpu"):
+def load_with(folder: Path, meta: dict, device: str = "cpu", take: bool = False):
     """(model, tokenizer or None) from a checkpoint folder, set up as `meta` (its toolchain.json:
     ArtifactFacts and details) says: attention implementation, bitsandbytes quantization (from
-    config.json, placed as recorded), BetterTransformer conversion."""
+    config.json, placed as recorded), BetterTransformer conversion.
+    In a warm worker, the model an earlier step made and kept in memory (see handoff) stands in for
+    the load; `take`: the caller will change the model, so it leaves the worker's cache."""
+    held = kept(folder, meta, device, take)
+    if held is not None:
+        return held
+    return _load_with(folder, meta, device)
+
+
+def kept(folder: Path, meta: dict, device: str = "cpu", take: bool = False):
+    """(model, tokenizer) that this warm worker holds for the input `folder` loaded with `meta` on
+    `device` (made by the step before it), or None."""
+    from .. import handoff
+
+    return (handoff.take if take else handoff.borrow)(folder, meta, device)
+
+
+def _load_with(folder: Path, meta: dict, device: str):
     import transformers
 
     kwargs = {"dtype": DTYPES[meta.get("dtype", "float32")]}
@@ -123,11 +140,20 @@ def _random_init(folder: Path, meta: dict, device: str, kwargs: dict):
         return auto_class(meta.get("task", "feature-extraction")).from_config(config, **kwargs)
 
 
-def load_artifact(folder: Path, device: str = "cpu"):
-    """(model, tokenizer or None, meta) from an hf-model artifact folder."""
+def load_artifact(folder: Path, device: str = "cpu", take: bool = False):
+    """(model, tokenizer or None, meta) from an hf-model artifact folder (see `load_with`)."""
     meta = read_meta(folder)
-    model, tokenizer = load_with(folder, meta, device)
+    model, tokenizer = load_with(folder, meta, device, take)
     return model, tokenizer, meta
+
+
+def offer(model, tokenizer, meta: dict, device: str) -> None:
+    """Keep `model` in this worker for the next step that reads this step's output: it must be what
+    `load_with(output, meta, device)` would give (unquantized, set up as `meta` says)."""
+    from .. import handoff
+
+    if not meta.get("quantization"):
+        handoff.offer(model, tokenizer, meta, device)
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",

@@ -82,9 +82,8 @@ class Attention(Stage):
         before = read_meta(src)
         facts = self.derive(p, ArtifactFacts.from_dict(before))
         meta = {**before, **facts.to_dict()}
-        ctx.progress(f"loading with {p.implementation}")
         try:
-            model, tokenizer = models.load_with(src, meta, p.device)
+            model, tokenizer = self._model(src, before, meta, p, ctx.progress)
         except (ImportError, ValueError) as exc:
             raise StageUserError(f"{p.implementation} cannot be used with this model here: {exc}") from None
         actual = model.config._attn_implementation
@@ -94,4 +93,23 @@ class Attention(Stage):
         seen = observe.attention_ops(model, meta, p.device)
         relink(src, ctx.output)
         write_meta(ctx.output, facts, before)
+        models.offer(model, tokenizer, read_meta(ctx.output), p.device)  # as the next step would read it
         return {"implementation": actual, "sdpa_kernel": p.sdpa_kernel, "observed_attention_ops": seen}
+
+    @staticmethod
+    def _model(src, before: dict, meta: dict, p, progress):
+        """The input model set up with the new attention. A light transform: an unquantized,
+        unconverted model that the worker still holds from the step before is switched in place
+        (transformers picks the attention function from the config at each call); otherwise it
+        is loaded from the input folder with the new implementation."""
+        from ..runtime import models
+
+        light = not (before.get("quantization") or before.get("bettertransformer") or before.get("random_init"))
+        kept = models.kept(src, before, p.device, take=True) if light else None
+        if kept is not None:
+            progress(f"switching the model held in memory to {p.implementation}")
+            model, tokenizer = kept
+            model.set_attn_implementation(p.implementation)
+            return model, tokenizer
+        progress(f"loading with {p.implementation}")
+        return models.load_with(src, meta, p.device)

@@ -128,6 +128,9 @@ class Stage:
     # True: the exact processor/GPU goes into the key (measurements); otherwise only the device kind
     hardware_in_key: bool = False
     has_gate: bool = False  # True for stages whose results pass or fail the build
+    # True: the step runs in a worker of its own, started for it and stopped after it, never in the
+    # build's warm worker (for stages that change process-wide state that a later step would inherit)
+    isolated: bool = False
 
     # -- planning (main process, no heavy imports) -------------------------------------------
     def resolve(self, params: dict, defaults: dict) -> Any:

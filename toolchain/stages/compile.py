@@ -53,6 +53,10 @@ def refuse_compiled(ctx: CheckContext, role: str = "model", what: str = "this st
 
 class Compile(Stage):
     kind = "compile"
+    # AOTInductor and torch.compile change process-wide compiler settings and in-memory caches: a
+    # compile step gets a new process, so that what it compiles (and the Inductor cache entries it
+    # leaves in the store for later steps) is what a new process compiles
+    isolated = True
     Params = CompileParams
     roles = {"model": (HF_MODEL,)}
     produces = AOTI_MODEL  # or an hf-model with compile settings (backend inductor): see traits

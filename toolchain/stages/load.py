@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import safeio, sources
-from ..artifacts import ArtifactFacts, write_meta
+from ..artifacts import ArtifactFacts, read_meta, write_meta
 from .base import HF_MODEL, CheckContext, RunContext, Stage
 
 
@@ -85,6 +85,7 @@ class Load(Stage):
         facts = ArtifactFacts.from_dict(ctx.traits).replace(model_type=model.config.model_type)
         models.save_hf(model, tokenizer, ctx.output)
         write_meta(ctx.output, facts, {"architecture": type(model).__name__})
+        models.offer(model, tokenizer, read_meta(ctx.output), "cpu")  # the next step in this worker need not read it back
         params = sum(p.numel() for p in model.parameters())
         return {"parameters": params, "architecture": type(model).__name__, "model_type": model.config.model_type,
                 "footprint_bytes": model.get_memory_footprint()}

@@ -1,0 +1,247 @@
+"""Warm workers: one worker process serves a build's steps and hands models on in memory, with
+outputs byte-identical to a fresh worker per step; a killed worker is replaced and its step fails
+cleanly; every step records its wall time and the time inside the stage; and a rebuild says what
+changed in its key."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, run_cli, tiny_recipe
+from .test_keys import edit, package_copy
+
+CHAIN = """
+  load: {kind: load}
+  eager: {kind: attention, inputs: {model: load}, params: {implementation: eager}}
+  bt: {kind: bettertransformer, inputs: {model: eager}}
+  unbt: {kind: reverse_bettertransformer, inputs: {model: bt}}
+  export: {kind: export_onnx, inputs: {model: unbt}}
+  validate:
+    kind: validate
+    inputs: {candidate: export, reference: unbt}
+    params: {samples: 16, batch_size: 8, max_length: 32}
+"""
+
+
+def steps(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    return {s["name"]: s for v in m["variants"] for s in v["steps"]}
+
+
+def test_one_warm_worker_hands_models_on_and_builds_what_fresh_workers_build(tmp_path):
+    recipe = tiny_recipe(tmp_path, stages=CHAIN, extra="""
+      targets: [export, unbt]
+    """)
+    warm = run_cli("build", recipe, "-o", tmp_path / "warm", "--store", tmp_path / "s1")
+    assert warm.returncode == 0, warm.stderr
+    fresh = run_cli("build", recipe, "-o", tmp_path / "fresh", "--store", tmp_path / "s2",
+                    env={"TOOLCHAIN_WORKER": "fresh"})
+    assert fresh.returncode == 0, fresh.stderr
+    w, f = steps(tmp_path / "warm"), steps(tmp_path / "fresh")
+    assert {n: s["outputs"] for n, s in w.items()} == {n: s["outputs"] for n, s in f.items()}
+    assert w["validate"]["metrics"]["outputs"] == f["validate"]["metrics"]["outputs"]
+    # warm: one process for every step, and each model step got its input from memory
+    assert len({s["worker"]["pid"] for s in w.values()}) == 1
+    assert {n: s["worker"]["reused_inputs"] for n, s in w.items()} == {
+        "load": [], "eager": ["model"], "bt": ["model"], "unbt": ["model"], "export": ["model"],
+        "validate": ["reference"]}
+    # fresh: a process per step, nothing handed on
+    assert len({s["worker"]["pid"] for s in f.values()}) == len(f)
+    assert all(s["worker"]["reused_inputs"] == [] for s in f.values())
+    for s in list(w.values()) + list(f.values()):
+        assert 0 < s["work_seconds"] <= s["seconds"], s["name"]
+    # the delivered folders hold the same bytes (timings aside)
+    for target in ("export", "unbt"):
+        for p in (tmp_path / "warm" / target).rglob("*"):
+            if p.is_file():
+                assert p.read_bytes() == (tmp_path / "fresh" / target / p.relative_to(tmp_path / "warm")
+                                          .relative_to(target)).read_bytes(), p
+
+
+def _workers(store: Path) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"toolchain.worker" in cmd and b"--serve" in cmd and str(store).encode() in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def _build(recipe, out, store, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "toolchain", "build", str(recipe), "-o", str(out), "--store",
+                             str(store)], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_killed_worker_is_replaced_and_its_step_fails_cleanly(tmp_path, store):
+    recipe = tiny_recipe(tmp_path, stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      bench: {kind: benchmark, inputs: {model: load}, params: {iterations: 3, warmup: 1}}
+    """)
+    proc = _build(recipe, tmp_path / "out", store)
+    _wait_for(lambda: list((store / "tmp").glob("*-export-*")))
+    (worker,) = _wait_for(lambda: _workers(store))
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err
+    assert "export" in err and "killed by signal 9" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    # the step after it ran in a new worker; nothing of the killed step was stored
+    plan = run_cli("plan", recipe, "--store", store, "--json")
+    status = {s["step"]: s["status"] for s in json.loads(plan.stdout)[0]["steps"]}
+    assert status == {"load": "would hit", "export": "must build", "bench": "would hit"}
+    assert run_cli("cache", "verify", "--store", store).returncode == 0
+    again = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert again.returncode == 0, again.stderr
+    assert steps(tmp_path / "out")["export"]["status"] == "built"
+    assert not _workers(store)  # the build gave its workers back
+
+
+def test_a_rebuild_names_what_changed_in_its_key(tmp_path, store):
+    stages = """
+      load: {kind: load}
+      attn: {kind: attention, inputs: {model: load}, params: {implementation: eager}}
+    """
+    recipe = tiny_recipe(tmp_path, stages=stages)
+    first = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert first.returncode == 0, first.stderr
+    assert steps(tmp_path / "out")["attn"]["reason"] == "not in the store (no earlier build of this step)"
+    # a parameter
+    recipe.write_text(recipe.read_text().replace("implementation: eager", "implementation: sdpa"))
+    second = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
+    assert second.returncode == 0, second.stderr
+    assert "attn: runs because params.implementation eager -> sdpa" in second.stderr
+    s = steps(tmp_path / "out")
+    assert s["attn"]["reason"] == "not in the store: params.implementation eager -> sdpa"
+    assert s["load"]["status"] == "cached"
+    # the stage's code
+    copy = package_copy(tmp_path / "pkg")
+    edit(copy, "stages/attention.py")
+    third = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, cwd=tmp_path,
+                    env={"PYTHONPATH": str(copy)})
+    assert third.returncode == 0, third.stderr
+    assert "attn: runs because stage code changed" in third.stderr
+    assert steps(tmp_path / "out")["attn"]["reason"] == "not in the store: stage code changed"
+
+
+def test_key_differences_in_words():
+    from toolchain.keydiff import explain
+
+    old = {"key_schema": 1, "algorithm": "sha256", "kind": "export_onnx", "code": "a",
+           "params": {"opset": 17, "task": None, "provider_options": {}},
+           "inputs": {"model": "k1"}, "env": {"torch": "2.12.0", "device": {"kind": "cpu"}},
+           "fingerprint": {}}
+    new = dict(old, params={"opset": 18, "task": None, "provider_options": {}}, env={"torch": "2.13.0",
+                                                                                      "device": {"kind": "cpu"}})
+    assert explain(old, new) == ["params.opset 17 -> 18", "torch 2.12.0 -> 2.13.0"]
+    assert explain(old, dict(old, code="b", inputs={"model": "k2"}), {"model": "load"}) == [
+        "stage code changed", "input 'model' (step load) changed"]
+    assert explain(old, dict(old, env={"torch": "2.12.0", "device": {"kind": "cuda", "capability": "9.0"}})) == [
+        "device.capability unset -> 9.0", "device.kind cpu -> cuda"]
+    assert explain(old, old) == []
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_build_or_its_warm_worker_at_random_moments(tmp_path, store):
+    """26 kills, of the build or of its warm worker, at random moments: the store stays
+    consistent after each, and the next build delivers exactly what an undisturbed build does."""
+    recipe = tiny_recipe(tmp_path, stages="""
+      load: {kind: load}
+      eager: {kind: attention, inputs: {model: load}, params: {implementation: eager}}
+      export: {kind: export_onnx, inputs: {model: eager}}
+    """)
+    ref = run_cli("build", recipe, "-o", tmp_path / "ref-out", "--store", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    expected = {n: s["outputs"] for n, s in steps(tmp_path / "ref-out").items()}
+    rng = random.Random(7)
+    out = tmp_path / "out"
+    for i in range(26):
+        if i % 5 == 4:  # now and then a store with some steps done, so kills land in later steps too
+            run_cli("cache", "gc", "--store", store, "--older-than", "0s")
+        proc = _build(recipe, out, store, env={"TOOLCHAIN_STEP_TIMEOUT": "300"})
+        if i % 2:  # the worker, mid-step
+            try:
+                pid = _wait_for(lambda: _workers(store), timeout=30)[0]
+                time.sleep(rng.uniform(0, 4))
+                os.kill(pid, signal.SIGKILL)
+            except (AssertionError, ProcessLookupError):
+                pass  # the build finished (or was between workers) first
+            proc.communicate(timeout=300)
+            assert proc.returncode in (0, 3), proc.stderr
+        else:  # the build itself; PR_SET_PDEATHSIG takes its worker down
+            time.sleep(rng.uniform(0.2, 8))
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            _wait_for(lambda: not _workers(store), timeout=10)
+        verify = run_cli("cache", "verify", "--store", store)
+        assert verify.returncode == 0, (i, verify.stderr)
+    final = run_cli("build", recipe, "-o", out, "--store", store)
+    assert final.returncode == 0, final.stderr
+    assert {n: s["outputs"] for n, s in steps(out).items()} == expected
+    assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_a_step_past_its_time_limit_stops_its_worker_and_fails(tmp_path, store):
+    recipe = tiny_recipe(tmp_path, stages="load: {kind: load}")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, env={"TOOLCHAIN_STEP_TIMEOUT": "0.2"})
+    assert res.returncode == 3, res.stderr
+    assert "load" in res.stderr and "ran past its time limit of 0.2 s" in res.stderr
+    assert "Traceback" not in res.stderr and not _workers(store)
+    assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_commit_takes_a_carried_object_unread_only_while_it_is_unchanged(tmp_path, monkeypatch):
+    """Weights a light transform carries over (hard links of its input's objects) are committed
+    with the input's hashes, but a file written through the link is hashed like any other."""
+    import hashlib
+
+    from toolchain import store as store_module
+    from toolchain.store import Store
+
+    hashed = []
+    plain = store_module.hash_file
+    monkeypatch.setattr(store_module, "hash_file", lambda path: hashed.append(Path(path).name) or plain(path))
+    s = Store(tmp_path / "store").init()
+    src = tmp_path / "a"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"weights" * 1000)
+    first = s.commit("1" * 64, src, {})
+    meta = first["outputs"]["w.bin"]
+    obj = s.object_path(meta["sha256"])
+    for changed in (False, True):
+        out = tmp_path / f"out{changed}"
+        out.mkdir()
+        os.link(obj, out / "w.bin")
+        linked = {"w.bin": {**meta, "mtime_ns": os.stat(obj).st_mtime_ns}}
+        if changed:  # a stage bug: written through the link (as root, read-only bits do not stop it)
+            os.chmod(out / "w.bin", 0o644)
+            with open(out / "w.bin", "r+b") as f:
+                f.write(b"W")
+            os.utime(out / "w.bin", ns=(0, 0))  # whatever the mtime, it is not the one recorded
+        hashed.clear()
+        record = s.commit(("2" if changed else "3") * 64, out, {}, linked)
+        assert ("w.bin" in hashed) == changed
+        data = (b"W" + (b"weights" * 1000)[1:]) if changed else b"weights" * 1000
+        assert record["outputs"]["w.bin"]["sha256"] == hashlib.sha256(data).hexdigest()
