@@ -74,3 +74,16 @@ def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str
 @pytest.fixture
 def store(tmp_path) -> Path:
     return tmp_path / "store"
+
+
+def worker_pids(store) -> list[int]:
+    """PIDs of toolchain workers building into `store`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"toolchain.worker" in cmd and any(str(store).encode() in c for c in cmd):
+            pids.append(int(d.name))
+    return pids

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import ROOT, run_cli, tiny_recipe
+from .conftest import ROOT, run_cli, tiny_recipe, worker_pids
 
 
 def manifest_hashes(out):
@@ -119,27 +119,14 @@ def test_sigterm_stops_the_build_and_its_worker(tmp_path, store):
     deadline = time.time() + 60
     while not list((store / "tmp").glob("*")) and time.time() < deadline:  # a step is running
         time.sleep(0.2)
-    workers_before = _workers(store)
+    workers_before = worker_pids(store)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 130
     assert "resumes from there" in proc.stderr.read()
     time.sleep(0.5)
-    assert workers_before and not _workers(store)
+    assert workers_before and not worker_pids(store)
     assert not (tmp_path / "out").exists()
     assert run_cli("cache", "verify", "--store", store).returncode == 0
-
-
-def _workers(store) -> list[int]:
-    """PIDs of toolchain workers building into `store`."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"toolchain.worker" in cmd and any(str(store).encode() in c for c in cmd):
-            pids.append(int(d.name))
-    return pids
 
 
 def test_concurrent_builds_run_each_step_once(tmp_path, store):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run_cli, tiny_recipe
+from .conftest import ROOT, run_cli, tiny_recipe, worker_pids
 from .test_keys import edit, package_copy
 
 CHAIN = """
@@ -66,18 +66,6 @@ def test_one_warm_worker_hands_models_on_and_builds_what_fresh_workers_build(tmp
                                           .relative_to(target)).read_bytes(), p
 
 
-def _workers(store: Path) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"toolchain.worker" in cmd and b"--serve" in cmd and str(store).encode() in cmd:
-            pids.append(int(d.name))
-    return pids
-
-
 def _build(recipe, out, store, env=None):
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "toolchain", "build", str(recipe), "-o", str(out), "--store",
@@ -102,7 +90,7 @@ def test_killed_worker_is_replaced_and_its_step_fails_cleanly(tmp_path, store):
     """)
     proc = _build(recipe, tmp_path / "out", store)
     _wait_for(lambda: list((store / "tmp").glob("*-export-*")))
-    (worker,) = _wait_for(lambda: _workers(store))
+    (worker,) = _wait_for(lambda: worker_pids(store))
     os.kill(worker, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err
@@ -116,7 +104,7 @@ def test_killed_worker_is_replaced_and_its_step_fails_cleanly(tmp_path, store):
     again = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert again.returncode == 0, again.stderr
     assert steps(tmp_path / "out")["export"]["status"] == "built"
-    assert not _workers(store)  # the build gave its workers back
+    assert not worker_pids(store)  # the build gave its workers back
 
 
 def test_a_rebuild_names_what_changed_in_its_key(tmp_path, store):
@@ -183,7 +171,7 @@ def test_sigkill_of_the_build_or_its_warm_worker_at_random_moments(tmp_path, sto
         proc = _build(recipe, out, store, env={"TOOLCHAIN_STEP_TIMEOUT": "300"})
         if i % 2:  # the worker, mid-step
             try:
-                pid = _wait_for(lambda: _workers(store), timeout=30)[0]
+                pid = _wait_for(lambda: worker_pids(store), timeout=30)[0]
                 time.sleep(rng.uniform(0, 4))
                 os.kill(pid, signal.SIGKILL)
             except (AssertionError, ProcessLookupError):
@@ -194,7 +182,7 @@ def test_sigkill_of_the_build_or_its_warm_worker_at_random_moments(tmp_path, sto
             time.sleep(rng.uniform(0.2, 8))
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
-            _wait_for(lambda: not _workers(store), timeout=10)
+            _wait_for(lambda: not worker_pids(store), timeout=10)
         verify = run_cli("cache", "verify", "--store", store)
         assert verify.returncode == 0, (i, verify.stderr)
     final = run_cli("build", recipe, "-o", out, "--store", store)
@@ -208,7 +196,7 @@ def test_a_step_past_its_time_limit_stops_its_worker_and_fails(tmp_path, store):
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, env={"TOOLCHAIN_STEP_TIMEOUT": "0.2"})
     assert res.returncode == 3, res.stderr
     assert "load" in res.stderr and "ran past its time limit of 0.2 s" in res.stderr
-    assert "Traceback" not in res.stderr and not _workers(store)
+    assert "Traceback" not in res.stderr and not worker_pids(store)
     assert run_cli("cache", "verify", "--store", store).returncode == 0
 
 
