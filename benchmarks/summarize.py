@@ -1,11 +1,11 @@
 """Short tables from build output folders: parity gates and latency per step, read through
-toolchain.results like every report. usage: python benchmarks/summarize.py BUILD_DIR..."""
+toolchain.delivery.results like every report. usage: python benchmarks/summarize.py BUILD_DIR..."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from toolchain import results  # noqa: E402
-from toolchain.results import FAILED, NOT_GATED  # noqa: E402
+from toolchain.delivery import results  # noqa: E402
+from toolchain.delivery.results import FAILED, NOT_GATED  # noqa: E402
 
 
 def fmt(x, d=3):

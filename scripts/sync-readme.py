@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from toolchain.docs import schema_markdown  # noqa: E402
+from toolchain.frontend.docs import schema_markdown  # noqa: E402
 
 root = Path(__file__).resolve().parent.parent
-(root / "schemas" / "recipe.schema.json").write_bytes((root / "toolchain" / "recipe.schema.json").read_bytes())
+(root / "schemas" / "recipe.schema.json").write_bytes((root / "toolchain" / "frontend" / "recipe.schema.json").read_bytes())
 readme = root / "README.md"
 text = readme.read_text()
 start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"

@@ -84,6 +84,6 @@ def worker_pids(store) -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"toolchain.worker" in cmd and any(str(store).encode() in c for c in cmd):
+        if b"toolchain.execution.worker" in cmd and any(str(store).encode() in c for c in cmd):
             pids.append(int(d.name))
     return pids

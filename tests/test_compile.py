@@ -3,8 +3,8 @@ inputs and their keys, the ranking, and small real builds (a tiny BERT with the 
 tokenizer; the real MiniLM recipe is in test_real_models.py)."""
 import json
 
-from toolchain.plan import build_plan
-from toolchain.recipe import load_recipe
+from toolchain.planning.plan import build_plan
+from toolchain.frontend.recipe import load_recipe
 
 from .conftest import TINY_BERT, TINY_DECODER, minilm_folder, run_cli, tiny_recipe
 
@@ -173,7 +173,7 @@ def test_select_candidates_are_inputs_with_their_own_keys(tmp_path):
 
 
 def test_rank_picks_the_fastest_that_passed_and_says_why_others_lost():
-    from toolchain.runtime.select_run import _rank
+    from toolchain.execution.runtime.select_run import _rank
 
     rows = [{"name": "eager", "score_ms": 10.0, "cov": 0.01},
             {"name": "aoti", "score_ms": 4.0, "cov": 0.01},

@@ -29,7 +29,7 @@ def test_session_that_would_fall_back_is_an_error(tiny_build):
     """onnxruntime only warns when CUDA is missing and runs on the CPU; we refuse that session."""
     import onnxruntime as ort
 
-    from toolchain.runtime.onnx_io import ProviderMismatch, ProviderUnavailable, session, verify_provider
+    from toolchain.execution.runtime.onnx_io import ProviderMismatch, ProviderUnavailable, session, verify_provider
 
     path = tiny_build / "out" / "export" / "model.onnx"
     sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.plan import build_plan
-from toolchain.recipe import load_recipe
+from toolchain.planning.plan import build_plan
+from toolchain.frontend.recipe import load_recipe
 
 from .conftest import TINY_BERT, run_cli, tiny_recipe
 
@@ -242,7 +242,7 @@ def test_validate_corpus_must_be_a_regular_file(tmp_path):
 def test_validate_key_holds_the_gensim_corpus_content(tmp_path):
     """`gensim:NAME` is a file inside the installed gensim package; its content (found without
     importing gensim) is in the key, so another gensim release with other text rebuilds."""
-    from toolchain.runtime.text import corpus_path
+    from toolchain.execution.runtime.text import corpus_path
 
     try:
         path = corpus_path("gensim:lee_background", tmp_path)

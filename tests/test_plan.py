@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from toolchain.errors import RecipeError
-from toolchain.plan import build_plan
-from toolchain.recipe import load_recipe
+from toolchain.planning.plan import build_plan
+from toolchain.frontend.recipe import load_recipe
 
 from .conftest import ROOT, tiny_recipe
 

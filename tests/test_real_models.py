@@ -94,7 +94,7 @@ def test_minilm_package_runs_without_transformers(tmp_path, real_store):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from toolchain.runtime import text
+    from toolchain.execution.runtime import text
 
     from .conftest import minilm_folder
 

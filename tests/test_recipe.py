@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import registry
+from toolchain.planning import registry
 from toolchain.errors import RecipeError
-from toolchain.recipe import find_recipe_files, load_recipe
-from toolchain.schema import schema
+from toolchain.frontend.recipe import find_recipe_files, load_recipe
+from toolchain.frontend.schema import schema
 
 from .conftest import ROOT
 
@@ -127,7 +127,7 @@ def test_stage_params_match_schema():
 
 
 def test_readme_reference_matches_schema():
-    from toolchain.docs import schema_markdown
+    from toolchain.frontend.docs import schema_markdown
 
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- recipe-reference:start -->\n", "<!-- recipe-reference:end -->"

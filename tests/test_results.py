@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from toolchain import codehash, results, tolerances
-from toolchain.schema import schema
+from toolchain.planning import codehash, tolerances
+from toolchain.delivery import results
+from toolchain.frontend.schema import schema
 
 from .conftest import minilm_folder, run_cli, tiny_recipe
 
@@ -27,13 +28,34 @@ def test_import_graph_has_no_cycle():
     graph = _graph()
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
     # runtime/ runs what stages/ plan; it never reaches back into them
-    back = {m: sorted(d for d in deps if d.startswith("toolchain.stages"))
-            for m, deps in graph.items() if m.startswith("toolchain.runtime")}
+    back = {m: sorted(d for d in deps if d.startswith("toolchain.planning.stages"))
+            for m, deps in graph.items() if m.startswith("toolchain.execution.runtime")}
     assert not any(back.values()), back
     # the shared vocabulary below both imports neither
-    for m in ("toolchain.artifacts", "toolchain.architectures", "toolchain.shapes", "toolchain.tolerances",
-              "toolchain.results", "toolchain.sources"):
-        assert not [d for d in graph[m] if d.startswith(("toolchain.stages", "toolchain.runtime"))], m
+    for m in ("toolchain.planning.artifacts", "toolchain.architectures", "toolchain.planning.shapes", "toolchain.planning.tolerances",
+              "toolchain.delivery.results", "toolchain.frontend.sources"):
+        assert not [d for d in graph[m] if d.startswith(("toolchain.planning.stages", "toolchain.execution.runtime"))], m
+
+
+def test_the_folders_are_layers():
+    """toolchain/frontend (recipes, sources) <- planning (plan, stages' rules, facts, keys) <-
+    execution (executor, workers, store, runtime/) <- delivery (build output, results, reports),
+    with shared helpers (errors, console, environment, hashing, safeio, architectures) below all
+    and cli.py above all. A module imports only its own layer and those below it; the one way down
+    is a stage's `run`, which hands its work to execution/runtime."""
+    order = {"shared": 0, "frontend": 1, "planning": 2, "execution": 3, "delivery": 4, "cli": 5}
+
+    def layer(m: str) -> str:
+        parts = m.split(".")
+        if m in ("toolchain.cli", "toolchain.__main__"):
+            return "cli"
+        return parts[1] if len(parts) > 1 and parts[1] in order else "shared"
+
+    graph = _graph()
+    assert {layer(m) for m in graph} == set(order), sorted(graph)  # every layer has its folder
+    upward = [(m, d) for m, deps in graph.items() for d in deps if order[layer(d)] > order[layer(m)]
+              and not (m.startswith("toolchain.planning.stages.") and d.startswith("toolchain.execution.runtime"))]
+    assert not upward, upward
 
 
 def test_no_test_hooks_or_dead_names_in_the_package():
@@ -53,7 +75,7 @@ def test_generation_defaults_are_the_schema_s():
 def test_tokenize_leaves_the_shared_tokenizer_alone():
     import transformers
 
-    from toolchain.runtime import text
+    from toolchain.execution.runtime import text
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_folder())
     tok.padding_side = "left"

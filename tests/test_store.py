@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from toolchain.store import Store
+from toolchain.execution.store import Store
 
 
 def make(tmp_path, key="a" * 64, files=None):

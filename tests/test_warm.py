@@ -126,7 +126,7 @@ def test_a_rebuild_names_what_changed_in_its_key(tmp_path, store):
     assert s["load"]["status"] == "cached"
     # the stage's code
     copy = package_copy(tmp_path / "pkg")
-    edit(copy, "stages/attention.py")
+    edit(copy, "planning/stages/attention.py")
     third = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store, cwd=tmp_path,
                     env={"PYTHONPATH": str(copy)})
     assert third.returncode == 0, third.stderr
@@ -135,7 +135,7 @@ def test_a_rebuild_names_what_changed_in_its_key(tmp_path, store):
 
 
 def test_key_differences_in_words():
-    from toolchain.keydiff import explain
+    from toolchain.execution.keydiff import explain
 
     old = {"key_schema": 1, "algorithm": "sha256", "kind": "export_onnx", "code": "a",
            "params": {"opset": 17, "task": None, "provider_options": {}},
@@ -205,8 +205,8 @@ def test_commit_takes_a_carried_object_unread_only_while_it_is_unchanged(tmp_pat
     with the input's hashes, but a file written through the link is hashed like any other."""
     import hashlib
 
-    from toolchain import store as store_module
-    from toolchain.store import Store
+    from toolchain.execution import store as store_module
+    from toolchain.execution.store import Store
 
     hashed = []
     plain = store_module.hash_file

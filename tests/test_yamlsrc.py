@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from toolchain.errors import RecipeError
-from toolchain.yamlsrc import load_yaml
+from toolchain.frontend.yamlsrc import load_yaml
 
 
 def _load(tmp_path: Path, text: str):

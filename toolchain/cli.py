@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .console import Console, escape
-from .errors import RecipeError, ToolchainError, UsageError
+from toolchain import __version__
+from toolchain.console import Console, escape
+from toolchain.errors import RecipeError, ToolchainError, UsageError
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def default_store() -> Path:
 
 
 def _store(args):
-    from .store import Store
+    from toolchain.execution.store import Store
 
     return Store(args.store or default_store())
 
@@ -39,8 +39,8 @@ def _store(args):
 def _plans(recipe_path: str, store):
     """Plans with keys. The store is opened (or created) only once the recipe is known to be
     good: a command that fails with exit 2 leaves no new store behind."""
-    from .plan import build_plans, compute_keys
-    from .recipe import load_recipe
+    from toolchain.planning.plan import build_plans, compute_keys
+    from toolchain.frontend.recipe import load_recipe
 
     plans = build_plans(load_recipe(recipe_path), keys=False, machine=True)
     hasher = store.init().hash_cached
@@ -51,8 +51,8 @@ def _plans(recipe_path: str, store):
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_check(args, console: Console) -> int:
-    from .plan import build_plans
-    from .recipe import find_recipe_files, load_recipe
+    from toolchain.planning.plan import build_plans
+    from toolchain.frontend.recipe import find_recipe_files, load_recipe
 
     files = find_recipe_files(args.paths)
     if not files:
@@ -79,7 +79,7 @@ def cmd_check(args, console: Console) -> int:
 
 
 def cmd_plan(args, console: Console) -> int:
-    from . import keydiff
+    from toolchain.execution import keydiff
 
     store = _store(args)
     plans = _plans(args.recipe, store)
@@ -109,8 +109,8 @@ def cmd_plan(args, console: Console) -> int:
 
 
 def cmd_build(args, console: Console) -> int:
-    from .build import build, check_output, lock_changes, lock_document, read_lock
-    from .results import BuildResult
+    from toolchain.delivery.build import build, check_output, lock_changes, lock_document, read_lock
+    from toolchain.delivery.results import BuildResult
 
     store = _store(args)
     t0 = time.perf_counter()
@@ -157,7 +157,7 @@ def _gate_word(step) -> str:
 
 def summary(build, console: Console, seconds: float, output) -> None:
     """The console's account of a build (a results.BuildResult)."""
-    from .report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
+    from toolchain.delivery.report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
 
     for v in build.variants:
         rows = [[s.name, s.kind, s.status, s.key[:12],
@@ -239,15 +239,15 @@ def cmd_cache(args, console: Console) -> int:
 
 
 def cmd_validate(args, console: Console) -> int:
-    from .validate_cmd import run
+    from toolchain.delivery.validate_cmd import run
 
     return run(args, _store(args).init(), console)
 
 
 def cmd_report(args, console: Console) -> int:
-    from . import results
-    from .plots import benchmark_rows, render
-    from .report import comparison_markdown, plots_markdown
+    from toolchain.delivery import results
+    from toolchain.delivery.plots import benchmark_rows, render
+    from toolchain.delivery.report import comparison_markdown, plots_markdown
 
     try:
         builds = [results.load(folder) for folder in args.builds]
@@ -267,7 +267,7 @@ def cmd_report(args, console: Console) -> int:
 
 
 def cmd_env(args, console: Console) -> int:
-    from .environment import describe
+    from toolchain.environment import describe
 
     info = describe()
     if args.json:
@@ -285,10 +285,10 @@ def cmd_env(args, console: Console) -> int:
 
 
 def cmd_schema(args, console: Console) -> int:
-    from .schema import SCHEMA_PATH
+    from toolchain.frontend.schema import SCHEMA_PATH
 
     if args.markdown:
-        from .docs import schema_markdown
+        from toolchain.frontend.docs import schema_markdown
 
         print(schema_markdown(), end="")
     else:
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         console.error(str(exc))
         return exc.exit_code
     except OSError as exc:  # disk full, read-only folder, no rights: say so, never a traceback
-        from .errors import machine_error
+        from toolchain.errors import machine_error
 
         error = machine_error(exc, f"running `toolchain {args.command}`")
         console.error(str(error))
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         extra = ""
         if args.command == "build":
-            from . import build
+            from toolchain.delivery import build
 
             extra = (": steps that finished are in the store, so the same build resumes from there; "
                      + (f"the output folder {build.delivered_to} already holds the new build"

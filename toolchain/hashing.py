@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .safeio import read_chunks
+from toolchain.safeio import read_chunks
 
 ALGORITHM = "sha256"
 

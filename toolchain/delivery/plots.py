@@ -1,0 +1,112 @@
+"""Report plots with matplotlib (headless Agg backend): latency distributions, speedup against a
+baseline, peak memory. One function per figure; each takes plain measurement rows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolchain.delivery.results import BuildResult, StepResult, Timing
+
+
+def benchmark_rows(builds: list[BuildResult]) -> list[dict]:
+    """One row per benchmark measure across builds and variants (read through toolchain.delivery.results),
+    labelled for a legend."""
+    rows = []
+    several = len({b.name for b in builds}) > 1
+    for b in builds:
+        for v in b.variants:
+            prefix = ([b.name] if several else []) + ([v.label] if v.label else [])
+            for s in v.steps:
+                if s.kind == "select":  # each candidate's timings, as select measured them
+                    rows += _select_rows(s, prefix)
+                if s.latency is None:
+                    continue
+                for t in s.latency.timings:
+                    if t.error:
+                        continue
+                    label = " ".join(prefix + [s.name]) + ("" if t.measure == "forward" else f" ({t.measure})")
+                    rows.append({"label": label, "measure": t.measure, "samples": t.samples_ms, "median": t.median_ms,
+                                 "p90": t.p90_ms, "cov": t.cov,
+                                 "memory": t.peak_memory_mb if t.peak_memory_mb is not None else s.latency.peak_memory_mb,
+                                 "runtime": s.latency.runtime, "device": s.latency.device_name})
+    return rows
+
+
+def _select_rows(step: StepResult, prefix: list[str]) -> list[dict]:
+    rows = []
+    for c in step.metrics.get("candidates", []):
+        for measure, raw in (c.get("timings") or {}).items():
+            t = Timing.read(measure, raw)
+            if t.error:
+                continue
+            label = " ".join(prefix + [f"{step.name}: {c['name']}"])
+            rows.append({"label": label + ("" if measure == "forward" else f" ({measure})"), "measure": measure,
+                         "samples": t.samples_ms, "median": t.median_ms, "p90": t.p90_ms, "cov": t.cov,
+                         "memory": t.peak_memory_mb, "runtime": c.get("runtime"),
+                         "device": step.metrics.get("device_name")})
+    return rows
+
+
+def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[tuple[str, str]]:
+    """Write PNGs into `folder`; return (title, file name) pairs. Nothing to plot: nothing written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = [r for r in rows if r["samples"]]
+    if not rows:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for measure in sorted({r["measure"] for r in rows}, key=lambda m: (m != "forward", m)):
+        group = [r for r in rows if r["measure"] == measure]
+        tag = "".join(ch if ch.isalnum() else "-" for ch in measure).strip("-")
+        height = max(2.5, 0.45 * len(group) + 1.2)
+
+        fig, ax = plt.subplots(figsize=(8, height))
+        ax.boxplot([r["samples"] for r in group], vert=False, showfliers=True)
+        ax.set_yticks(range(1, len(group) + 1), [r["label"] for r in group])
+        ax.invert_yaxis()  # first row on top, as in the other figures
+        ax.set_xlabel("latency per call (ms), all timed iterations")
+        title = f"Latency distribution: {measure}"
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        name = f"latency-{tag}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        made.append((title, name))
+
+        if len(group) > 1:
+            base = next((r for r in group if r["label"] == baseline), group[0])
+            speed = [base["median"] / r["median"] for r in group]
+            fig, ax = plt.subplots(figsize=(8, height))
+            bars = ax.barh([r["label"] for r in group], speed, color=["#888" if r is base else "#3a7" for r in group])
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.bar_label(bars, labels=[f"{x:.2f}x" for x in speed], padding=3)
+            title = f"Speedup of median latency over {base['label']}: {measure}"
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("speedup (higher is faster)")
+            ax.invert_yaxis()
+            fig.tight_layout()
+            name = f"speedup-{tag}.png"
+            fig.savefig(folder / name, dpi=110)
+            plt.close(fig)
+            made.append((title, name))
+
+    mem = [r for r in rows if r["measure"] == "forward" and r["memory"]]
+    if mem:
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.45 * len(mem) + 1.2)))
+        bars = ax.barh([r["label"] for r in mem], [r["memory"] for r in mem], color="#57a")
+        ax.bar_label(bars, labels=[f"{r['memory']:.0f} MB" for r in mem], padding=3)
+        title = "Peak memory while timing"
+        ax.set_title(title)
+        ax.set_xlabel("MB (CPU: process peak RSS; GPU: CUDA allocator peak)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(folder / "memory.png", dpi=110)
+        plt.close(fig)
+        made.append((title, "memory.png"))
+    return made

@@ -1,0 +1,411 @@
+"""Runs a plan's steps: cache lookups, per-key locks, worker processes, commits.
+
+Knows nothing about ML: it sees kinds, keys, folders and JSON. `Executor` is the interface a
+build drives (a parallel or a Ray executor would implement it too); `LocalExecutor` runs the steps
+one after the other in warm worker processes of this machine, one per (interpreter, device).
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import Timeout
+
+from toolchain.planning import codehash
+from toolchain.execution import keydiff
+from toolchain.console import Console
+from toolchain.errors import MachineError, StageFailed, StageUserError
+from toolchain.planning.plan import Plan, Step
+from toolchain.planning.artifacts import CARRIED_FILE
+from toolchain.execution.store import ArtifactStore
+from toolchain.execution.worker import NO_RESULT_MACHINE
+
+PKG_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the toolchain package
+# TOOLCHAIN_WORKER=fresh: a new worker process for every step (no warm imports, no in-memory
+# hand-off), the behaviour before warm workers; what it builds is byte-identical
+WORKER_MODES = ("warm", "fresh")
+
+
+@dataclass
+class StepResult:
+    name: str
+    kind: str
+    key: str
+    status: str  # built | cached | not run | failed | skipped
+    reason: str
+    record: dict
+    seconds: float  # wall time of the step in this build (lookup, inputs, worker, commit)
+    gate_failures: list[str] = field(default_factory=list)
+    work_seconds: float = 0.0  # time inside the stage's `run` (0 when it did not run in this build)
+
+
+class Executor(abc.ABC):
+    """Runs the steps of plans against a store. `errors` collects the steps that failed (the build
+    goes on with what does not need them); `done` (key -> result) spans every plan run by this
+    executor, so a step shared by a matrix's variants runs once."""
+
+    def __init__(self, store: ArtifactStore, console: Console):
+        self.store, self.console = store, console
+        self.done: dict[str, StepResult] = {}
+        self.errors: list[Exception] = []
+
+    @abc.abstractmethod
+    def run(self, plan: Plan) -> dict[str, StepResult]:
+        """step name -> result, for every step of `plan`."""
+
+    def close(self) -> None:
+        """Give back what the executor holds (worker processes); called once the build is over."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerDied(Exception):
+    def __init__(self, code: int | None, why: str):
+        super().__init__(why)
+        self.code, self.why = code, why
+
+
+class Worker:
+    """A warm worker process (`python -m toolchain.execution.worker --serve`): one step at a time, over a
+    command pipe (its stdin), with progress and end-of-step events on a second pipe."""
+
+    def __init__(self, python: str, store: ArtifactStore):
+        self.home = store.new_tmp("worker")  # the worker's own log, between steps
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env["TOOLCHAIN_EVENT_FD"] = str(write_fd)
+        env["TOOLCHAIN_PARENT_PID"] = str(os.getpid())
+        env["PYTHONPATH"] = PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.log = self.home / "worker.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([python, "-m", "toolchain.execution.worker", "--serve", str(store.root)],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                                         env=env, pass_fds=(write_fd,), text=True)
+        os.close(write_fd)
+        self.pid = self.proc.pid
+        self.steps = 0
+        self.update = lambda *a, **k: None
+        self.finished: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
+        self.reader.start()
+
+    def _read_events(self, fd: int) -> None:
+        with os.fdopen(fd, "r") as events:
+            for line in events:
+                try:
+                    e = json.loads(line)
+                    if e.get("finished"):
+                        self.finished.put(e)
+                    else:
+                        self.update(e.get("message", ""), e.get("done"), e.get("total"))
+                except (ValueError, TypeError, AttributeError):
+                    continue
+        self.finished.put(None)  # the pipe closed: the worker is gone
+
+    def run(self, spec_path: Path, log_path: Path, update, timeout: float | None) -> dict:
+        """Run one step; the `finished` event. Raises WorkerDied when the worker dies or overruns."""
+        self.update = update
+        self.steps += 1
+        try:
+            self.proc.stdin.write(json.dumps({"spec": str(spec_path), "log": str(log_path)}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died: the reader sees the pipe close
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while True:
+                try:
+                    event = self.finished.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if deadline and time.monotonic() > deadline:
+                        self.kill()
+                        raise WorkerDied(None, f"the step ran past its time limit of {timeout:g} s and its "
+                                         "worker was stopped") from None
+        except BaseException:  # Ctrl-C, SIGTERM: take the worker down with us
+            self.kill()
+            raise
+        finally:
+            self.update = lambda *a, **k: None
+        if event is None:
+            code = self.wait()
+            why = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
+            raise WorkerDied(code, why)
+        return event
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 10) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        """Ask it to finish (its stdin closes), then make sure it is gone."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.wait(timeout=5)
+        self.reader.join(timeout=2)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+class LocalExecutor(Executor):
+    """Sequential executor on this machine: each step runs in a worker process of `python`. In
+    `warm` mode (the default) a worker serves every step of its (interpreter, device) in turn, and
+    is replaced when a step fails, crashes, overruns `step_timeout` or leaks GPU memory; in `fresh`
+    mode every step gets a new worker."""
+
+    def __init__(self, store: ArtifactStore, console: Console, force: bool | frozenset = False,
+                 python: str = sys.executable,
+                 require_provider: bool = False, mode: str | None = None, step_timeout: float | None = None):
+        super().__init__(store, console)
+        self.force, self.python, self.require_provider = force, python, require_provider
+        self.mode = mode or os.environ.get("TOOLCHAIN_WORKER") or "warm"
+        if self.mode not in WORKER_MODES:
+            raise ValueError(f"TOOLCHAIN_WORKER must be one of {', '.join(WORKER_MODES)}, but got {self.mode!r}")
+        timeout = step_timeout or os.environ.get("TOOLCHAIN_STEP_TIMEOUT")
+        self.step_timeout = float(timeout) if timeout else None
+        self.workers: dict[tuple[str, str], Worker] = {}
+        self.worker_pids: list[int] = []  # every worker this executor started, in order
+
+    def run(self, plan: Plan) -> dict[str, StepResult]:
+        results: dict[str, StepResult] = {}
+        for step in plan.steps.values():
+            if step.key in self.done:  # same step in an earlier variant of this build
+                r = self.done[step.key]
+                results[step.name] = StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record,
+                                                0.0, r.gate_failures)
+                continue
+            broken = [src for src in step.inputs.values() if results[src].status in ("failed", "skipped")]
+            if broken:
+                results[step.name] = self._unbuilt(step, "skipped", f"input '{broken[0]}' did not build")
+                continue
+            try:
+                results[step.name] = self._run_step(plan, step, results)
+            except (StageFailed, StageUserError) as exc:
+                self.errors.append(exc)
+                self.console.error(str(exc))
+                results[step.name] = self._unbuilt(step, "failed", str(exc).splitlines()[0])
+            self.done[step.key] = results[step.name]
+        return results
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+        self.workers.clear()
+
+    @staticmethod
+    def _unbuilt(step: Step, status: str, reason: str) -> StepResult:
+        record = {"outputs": {}, "metrics": {"error": reason}}
+        return StepResult(step.name, step.kind, step.key, status, reason, record, 0.0, [])
+
+    def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult]) -> StepResult:
+        t0 = time.perf_counter()
+        # force: True rebuilds every step; a set of step names (--rebuild) only those
+        forced = self.force is True or (bool(self.force) and step.name in self.force)
+        if not forced:
+            record = self.store.lookup(step.key)
+            if record:
+                return self._result(step, "cached", "found in the store", record, t0)
+        lock = self.store.lock(step.key)
+        try:
+            lock.acquire(timeout=0.5)
+        except Timeout:
+            self.console.print(f"  {step.name}: waiting for another build of the same step ({step.key[:12]})")
+            lock.acquire()
+        try:
+            if not forced:
+                record = self.store.lookup(step.key)
+                if record:
+                    return self._result(step, "cached", "built meanwhile by a concurrent build", record, t0)
+            reason = (("--force" if self.force is True else "--rebuild") if forced
+                      else keydiff.why_rebuilt(self.store, plan.recipe.full_name, step))
+            if step.key in self.store.dropped:
+                reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
+                self.console.warn(f"{step.name}: {reason}; building it again")
+            elif not forced and reason != keydiff.FIRST:
+                self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
+            inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
+                      for role, src in step.inputs.items()}
+            record = self._execute(plan, step, inputs, {role: results[src].record for role, src in step.inputs.items()})
+            if record.get("not_run"):  # about this machine, not the inputs: never cached
+                return self._result(step, "not run", record["metrics"]["not_run"], record, t0)
+            return self._result(step, "built", reason, record, t0)
+        finally:
+            lock.release()
+
+    def _result(self, step, status, reason, record, t0, work_seconds: float = 0.0) -> StepResult:
+        metrics = record.get("metrics", {})
+        if metrics.get("not_run"):
+            failures = [f"not run: {metrics['not_run']} (--require-provider)"] if self.require_provider else []
+        else:
+            failures = step.stage.gate(metrics)
+        if status in ("built", "not run"):
+            work_seconds = record.get("timings", {}).get("work_seconds") or 0.0
+        return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
+                          work_seconds)
+
+    def _slot(self, step: Step) -> tuple[str, str]:
+        return (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device)
+
+    def _worker(self, step: Step) -> Worker:
+        slot = self._slot(step)
+        worker = self.workers.get(slot)
+        if worker is None or not worker.alive():
+            if worker is not None:
+                worker.close()
+            worker = self.workers[slot] = Worker(self.python, self.store)
+            self.worker_pids.append(worker.pid)
+        return worker
+
+    def _retire(self, step: Step) -> None:
+        worker = self.workers.pop(self._slot(step), None)
+        if worker is not None:
+            worker.close()
+
+    def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict]) -> dict:
+        work = self.store.new_tmp(step.name)
+        out = work / "out"
+        out.mkdir()
+        spec = {"kind": step.kind, "step": step.name, "key": step.key, "params": step.params,
+                "inputs": {k: str(v) for k, v in inputs.items()},
+                "input_keys": {role: plan.steps[src].key for role, src in step.inputs.items()},
+                "input_meta": {role: plan.steps[src].traits for role, src in step.inputs.items()},
+                "output": str(out), "result": str(work / "result.json"), "recipe_dir": str(plan.recipe.dir),
+                "cache_dir": str(self.store.cache_dir()),
+                "recipe_model": plan.recipe.model, "traits": step.traits}
+        log_path = self.store.log_path(step.key)
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            (work / "spec.json").write_text(json.dumps(spec, indent=1))
+            log_path.unlink(missing_ok=True)  # the log of an earlier run of this key
+            before = self._input_objects(inputs, records)
+            worker = self._worker(step)
+            with self.console.step(f"{step.name} ({step.kind})") as update:
+                try:
+                    event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
+                except WorkerDied as exc:
+                    why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
+                    self._retire(step)
+                    event = {"code": exc.code, "why": why}
+            if event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated:  # (a worker that could not write its result exits)
+                self._retire(step)
+            result = self._read_result(work) if event.get("code") == 0 else None
+            if result is None:
+                code = event.get("code")
+                machine = code == NO_RESULT_MACHINE
+                why = event.get("why") or f"worker exited with code {code}"
+                if machine:
+                    free = shutil.disk_usage(work).free
+                    why = (f"the worker could not write its result: the store's disk is full or read-only "
+                           f"({free / 2**20:.0f} MiB free in {work.parent})")
+                error = StageFailed(step.name, why + self._tail(log_path), str(log_path))
+                if machine:
+                    error.exit_code = MachineError.exit_code
+                raise error
+            if not result["ok"]:
+                if result.get("user_error"):
+                    raise StageUserError(f"stage '{step.name}': {result['error']}")
+                error = StageFailed(step.name, result["error"] + self._tail(log_path), str(log_path))
+                if result.get("machine"):
+                    error.exit_code = MachineError.exit_code
+                raise error
+            self._check_code_covered(step, result, log_path)
+            fields = {"step": step.name, "kind": step.kind, "recipe": plan.recipe.full_name,
+                      "key_material": step.key_material, "traits": step.traits, "metrics": result["metrics"],
+                      "timings": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
+                                  "work_seconds": result.get("work_seconds"),
+                                  "worker": {"mode": self.mode, "pid": result.get("pid"),
+                                             "reused_inputs": result.get("reused_inputs", [])}}}
+            if result["metrics"].get("not_run"):
+                return {**fields, "outputs": {}, "not_run": True}
+            return self.store.commit(step.key, out, fields, self._carried(out, before))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _input_objects(self, inputs: dict[str, Path], records: dict[str, dict]) -> dict[str, dict]:
+        """Input file path -> its object's digest, size and modification time before the step runs."""
+        found = {}
+        for role, tree in inputs.items():
+            for rel, meta in records[role]["outputs"].items():
+                try:
+                    mtime = os.stat(self.store.object_path(meta["sha256"])).st_mtime_ns
+                except OSError:
+                    continue
+                found[str(tree / rel)] = {"sha256": meta["sha256"], "size": meta["size"], "mtime_ns": mtime}
+        return found
+
+    @staticmethod
+    def _carried(out: Path, before: dict[str, dict]) -> dict[str, dict]:
+        """The output files the stage made as hard links of its inputs' files (stages.base.relink),
+        with what the store knew of them before the step; the listing itself is no output."""
+        listing = out / CARRIED_FILE
+        try:
+            carried = json.loads(listing.read_text()) if listing.is_file() else {}
+        except (OSError, ValueError):
+            carried = {}
+        listing.unlink(missing_ok=True)
+        if not isinstance(carried, dict):
+            return {}
+        return {rel: before[src] for rel, src in carried.items() if isinstance(src, str) and src in before}
+
+    @staticmethod
+    def _check_code_covered(step: Step, result: dict, log_path: Path) -> None:
+        """Refuse a result that ran project code outside the files hashed into its key: stored,
+        it would be reused after that code changed (a stale verdict). A warm worker reports the
+        modules its step loaded (the first step of a worker: all it loaded)."""
+        loaded = result.get("modules")
+        if loaded is None:
+            raise StageFailed(step.name, "internal error: the worker did not report which project modules it "
+                              "loaded, so the step's key cannot be checked to cover them; nothing was stored",
+                              str(log_path))
+        missing = codehash.uncovered(loaded, step.stage.code_files())
+        if missing:
+            names = ", ".join(f"{name} ({file})" for name, file in missing.items())
+            raise StageFailed(step.name, f"internal error: the worker ran project code outside the files hashed "
+                              f"into this step's cache key: {names}; the result was not stored. The key covers "
+                              f"what {type(step.stage).__module__} and the worker import by statement; a module "
+                              "loaded by name (importlib, __import__) is invisible to it. Fix: import it with an "
+                              "`import` or `from ... import` statement where it is used (inside a function is fine)",
+                              str(log_path))
+
+    @staticmethod
+    def _read_result(work: Path) -> dict | None:
+        try:
+            return json.loads((work / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _tail(log_path: Path, lines: int = 15) -> str:
+        try:
+            text = log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        text = [t for t in text if not t.startswith("[progress]")][-lines:]
+        return ("\n    last lines of the log:\n      " + "\n      ".join(text)) if text else ""

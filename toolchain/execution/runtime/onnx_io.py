@@ -1,0 +1,329 @@
+"""ONNX export of transformers models (torch.onnx.export) and onnxruntime sessions around them.
+
+Exported graphs take plain tensors: input_ids, attention_mask (+ token_type_ids for BERT-like
+encoders; + position_ids and past_key_values.N.key/value with a KV cache) and return
+last_hidden_state | logits (+ present.N.key/value).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ONNX_FILE = "model.onnx"
+
+
+def _uses_token_type_ids(model) -> bool:
+    import inspect
+
+    # the signature, not forward.__code__: transformers 5 wraps forward in decorators whose code
+    # object has only *args/**kwargs, which hid token_type_ids from the export
+    return getattr(model.config, "type_vocab_size", 0) > 0 and \
+        "token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def kv_layout(config) -> dict:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": config.num_hidden_layers, "kv_heads": getattr(config, "num_key_value_heads", heads),
+            "head_dim": head_dim}
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, model, output: str):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return getattr(out, self.output)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class _DecoderWithPast(torch.nn.Module):
+    def __init__(self, model, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic: bool, external_data: str,
+           out_dir: Path, log=print) -> dict:
+    """Export `model` into out_dir/model.onnx; returns the graph description saved in toolchain.json."""
+    model.eval()
+    batch, seq, past_len = 2, 8, 4
+    ids = torch.randint(5, min(model.config.vocab_size, 1000), (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    args: list = [ids, mask]
+    names = ["input_ids", "attention_mask"]
+    if task == "text-generation":
+        if kv_cache:
+            lay = kv_layout(model.config)
+            dtype = next(model.parameters()).dtype
+            wrapper = _DecoderWithPast(model, lay["layers"])
+            mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+            pos = torch.arange(past_len, past_len + seq).expand(batch, seq)
+            past = [torch.randn(batch, lay["kv_heads"], past_len, lay["head_dim"], dtype=dtype)
+                    for _ in range(2 * lay["layers"])]
+            args = [ids, mask, pos, *past]
+            names = ["input_ids", "attention_mask", "position_ids"] + [
+                f"past_key_values.{i}.{kv}" for i in range(lay["layers"]) for kv in ("key", "value")]
+            outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(lay["layers"]) for kv in ("key", "value")]
+        else:
+            wrapper, outputs = _Decoder(model), ["logits"]
+    else:
+        output = "last_hidden_state" if task == "feature-extraction" else "logits"
+        wrapper, outputs = _Encoder(model, output), [output]
+        if _uses_token_type_ids(model):
+            args.append(torch.zeros(batch, seq, dtype=torch.long))
+            names.append("token_type_ids")
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    use_external = external_data == "always" or (external_data == "auto" and size > 1.8 * 2**30)
+    path = out_dir / ONNX_FILE
+    kwargs = dict(input_names=names, output_names=outputs, opset_version=opset)
+    if exporter == "dynamo":
+        dynamic_shapes = None
+        if dynamic:
+            b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            if task == "text-generation" and kv_cache:
+                p, t = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
+                dynamic_shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s},
+                                  tuple({0: b, 2: p} for _ in args[3:]))
+            else:
+                dynamic_shapes = tuple({0: b, 1: s} for _ in args)
+        with torch.no_grad():
+            torch.onnx.export(wrapper, tuple(args), str(path), dynamo=True, dynamic_shapes=dynamic_shapes,
+                              external_data=use_external, **kwargs)
+    else:
+        axes = None
+        if dynamic:
+            axes = {n: {0: "batch", 1: "sequence"} for n in names[:3]}
+            if kv_cache:
+                axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
+                axes.update({n: {0: "batch", 2: "past_sequence"} for n in names[3:]})
+                axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
+            axes.update({outputs[0]: {0: "batch", 1: "sequence"}})
+        with torch.no_grad():
+            torch.onnx.export(wrapper, tuple(args), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+        if use_external:
+            import onnx
+
+            m = onnx.load(str(path))
+            onnx.save_model(m, str(path), save_as_external_data=True, location=ONNX_FILE + ".data")
+    return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": bool(kv_cache),
+            "external_data": use_external, "exporter": exporter, "opset": opset,
+            **(kv_layout(model.config) if kv_cache else {})}
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+class ProviderMismatch(RuntimeError):
+    """onnxruntime would run the session on another provider than the one asked for."""
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run on this machine at all (a `not run` check, not a failure)."""
+
+
+def session(path: Path, provider: str = "cpu", device: str = "cpu", options: dict | None = None,
+            cache_dir: Path | None = None, precheck: bool = True):
+    """An InferenceSession on exactly the provider asked for. onnxruntime falls back to the CPU
+    silently when a provider cannot load, so we compare what it took with what we asked.
+    `precheck=False` skips our static checks of the machine and lets onnxruntime itself try the
+    provider (benchmarks/gpu/run.sh proves so that its silent fallback is caught)."""
+    from toolchain import environment
+
+    ask_directly = not precheck
+    why = None if ask_directly else environment.provider_status(provider)
+    if why:
+        raise ProviderUnavailable(why)
+    ort = _ort()
+    wanted = environment.PROVIDER_NAMES[provider]
+    if wanted not in ort.get_available_providers() and not ask_directly:
+        raise ProviderUnavailable(f"onnxruntime here has no {wanted} (available: "
+                                  f"{', '.join(ort.get_available_providers())})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    provider_options = dict(options or {})
+    if provider in ("cuda", "tensorrt", "rocm"):
+        provider_options.setdefault("device_id", int(device.split(":")[1]) if ":" in device else 0)
+    if provider == "tensorrt" and cache_dir is not None:
+        for kind in ("engine", "timing"):
+            folder = Path(cache_dir) / "tensorrt" / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            provider_options.setdefault(f"trt_{kind}_cache_enable", True)
+            provider_options.setdefault(f"trt_{kind}_cache_path", str(folder))
+    providers = [(wanted, {k: str(v) if isinstance(v, bool) else v for k, v in provider_options.items()})]
+    if provider == "tensorrt":  # TensorRT hands nodes it cannot take to CUDA, as intended
+        providers.append(("CUDAExecutionProvider", {"device_id": provider_options["device_id"]}))
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ProviderMismatch(f"onnxruntime could not create a {wanted} session: {exc}") from None
+    return verify_provider(sess, wanted)
+
+
+def verify_provider(sess, wanted: str):
+    """Refuse a session whose first provider is not the one asked for (onnxruntime only warns)."""
+    if sess.get_providers()[0] != wanted:
+        raise ProviderMismatch(f"asked onnxruntime for {wanted} but the session runs on {sess.get_providers()[0]} "
+                               f"(providers taken: {', '.join(sess.get_providers())}); refusing the silent fallback")
+    return sess
+
+
+class OrtModel:
+    """Runs an exported folder with numpy inputs; mirrors what the PyTorch side computes."""
+
+    def __init__(self, folder: Path, device: str = "cpu", provider: str | None = None, cache_dir=None):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "toolchain.json").read_text())
+        self.graph = self.meta["graph"]
+        target = self.meta.get("target", {})  # how to run on the provider the export targets (a fact)
+        targeted = self.meta.get("provider") or "cpu"
+        self.provider = provider or targeted
+        options = target.get("provider_options", {}) if self.provider == targeted else {}
+        self.io_binding = self.provider in ("cuda", "tensorrt", "rocm") and target.get("io_binding", True)
+        self.device = device
+        self.sess = session(self.folder / self.graph["file"], self.provider, device, options, cache_dir)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        past_types = [i.type for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.float_type = np.float16 if past_types and past_types[0] == "tensor(float16)" else np.float32
+
+    def _past(self, batch: int):
+        g = self.graph
+        return {n: np.zeros((batch, g["kv_heads"], 0, g["head_dim"]), dtype=self.float_type)
+                for n in self.inputs if n.startswith("past_key_values.")}
+
+    def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs for one full forward pass (empty past), limited to what the graph takes."""
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        feed["position_ids"] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None)
+        if self.graph.get("kv_cache"):
+            feed.update(self._past(input_ids.shape[0]))
+        return {k: v for k, v in feed.items() if k in self.inputs}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.sess.run(None, self.feed(input_ids, attention_mask))
+        names = [o.name for o in self.sess.get_outputs()]
+        return dict(zip(names, values))
+
+    def decode_steps(self, prompt_ids: np.ndarray, steps: int) -> list[int]:
+        """Nanoseconds of each single-token decode step after a prefill (KV cache, greedy)."""
+        times: list[int] = []
+        self.greedy(prompt_ids, steps + 1, eos=set(), step_times=times)
+        return times[1:]
+
+    def greedy(self, prompt_ids: np.ndarray, new_tokens: int, eos: set[int], step_times=None) -> list[int]:
+        """Greedy decoding of one prompt (batch 1), stopping at an EOS token like `generate` does."""
+        import time
+
+        ids = prompt_ids.reshape(1, -1).astype(np.int64)
+        out: list[int] = []
+        if not self.graph.get("kv_cache"):
+            for _ in range(new_tokens):
+                logits = self.forward(ids, np.ones_like(ids))["logits"]
+                tok = int(logits[0, -1].argmax())
+                out.append(tok)
+                if tok in eos:
+                    break
+                ids = np.concatenate([ids, [[tok]]], axis=1)
+            return out
+        if self.io_binding:
+            return self._greedy_bound(ids, new_tokens, eos, step_times)
+        past = self._past(1)
+        step_ids, total = ids, ids.shape[1]
+        pos = np.arange(total, dtype=np.int64)[None]
+        for _ in range(new_tokens):
+            feed = {"input_ids": step_ids, "attention_mask": np.ones((1, total), dtype=np.int64),
+                    "position_ids": pos, **past}
+            feed = {k: v for k, v in feed.items() if k in self.inputs}
+            t0 = time.perf_counter_ns()
+            values = self.sess.run(None, feed)
+            if step_times is not None:
+                step_times.append(time.perf_counter_ns() - t0)
+            names = [o.name for o in self.sess.get_outputs()]
+            result = dict(zip(names, values))
+            tok = int(result["logits"][0, -1].argmax())
+            out.append(tok)
+            if tok in eos:
+                break
+            past = {n.replace("present.", "past_key_values."): v for n, v in result.items() if n.startswith("present.")}
+            step_ids = np.array([[tok]], dtype=np.int64)
+            pos = np.array([[total]], dtype=np.int64)
+            total += 1
+        return out
+
+    def _device(self) -> tuple[str, int]:
+        """onnxruntime's name and index of the device the session's tensors live on."""
+        if self.provider in ("cuda", "tensorrt", "rocm"):
+            return "cuda", int(self.device.split(":")[1]) if ":" in self.device else 0
+        return "cpu", 0
+
+    def _greedy_bound(self, ids: np.ndarray, new_tokens: int, eos: set[int], step_times=None) -> list[int]:
+        """The KV-cache loop with IO binding: each step's `present.*` outputs stay where onnxruntime
+        put them (on the GPU) and are bound as the next step's `past_key_values.*`, so the cache never
+        crosses to the host; only the token, its position and the mask go in, and only the last
+        logits row comes out (for the argmax)."""
+        import time
+
+        ort = _ort()
+        dev, idx = self._device()
+        names = [o.name for o in self.sess.get_outputs()]
+        logits_at = names.index("logits")
+        past = {n: ort.OrtValue.ortvalue_from_numpy(v, dev, idx) for n, v in self._past(1).items()}
+        binding = self.sess.io_binding()
+        step_ids, total, out = ids, ids.shape[1], []
+        pos = np.arange(total, dtype=np.int64)[None]
+        for _ in range(new_tokens):
+            host = {"input_ids": step_ids, "attention_mask": np.ones((1, total), dtype=np.int64), "position_ids": pos}
+            keep = {n: ort.OrtValue.ortvalue_from_numpy(v, dev, idx) for n, v in host.items() if n in self.inputs}
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in {**keep, **past}.items():
+                binding.bind_ortvalue_input(name, value)
+            for name in names:
+                binding.bind_output(name, dev, idx)
+            t0 = time.perf_counter_ns()
+            self.sess.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            tok = int(values[logits_at].numpy()[0, -1].argmax())  # the copy to the host also waits for the step
+            if step_times is not None:
+                step_times.append(time.perf_counter_ns() - t0)
+            out.append(tok)
+            if tok in eos:
+                break
+            past = {n.replace("present.", "past_key_values."): v for n, v in zip(names, values)
+                    if n.startswith("present.")}
+            step_ids = np.array([[tok]], dtype=np.int64)
+            pos = np.array([[total]], dtype=np.int64)
+            total += 1
+        return out

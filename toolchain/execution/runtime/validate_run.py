@@ -1,0 +1,115 @@
+"""The work of the `validate` stage (runs in a worker)."""
+from __future__ import annotations
+
+import numpy as np
+
+from toolchain.planning import tolerances
+from toolchain.planning.artifacts import ArtifactFacts
+from toolchain.execution.runtime import compare, runners, text
+
+
+def run_validation(ctx) -> dict:
+    p = ctx.params
+    cand_meta = ctx.input_meta["candidate"]
+    ctx.progress("loading reference and candidate")
+    ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
+    cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device,
+                               ctx.onnx_provider("candidate"), ctx.cache_dir)
+    return compare_runners(ref, cand, p, ctx.recipe_dir, ctx.inputs["reference"], ctx.progress)
+
+
+def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dict:
+    """Parity of runner `cand` against runner `ref` on real text (and edge shapes, and greedy
+    generation for LMs) with validate's params `p`: metrics with `failures` and `passed`."""
+    tokenizer = ref.tokenizer
+    meta = getattr(cand, "meta", None)
+    precision = ArtifactFacts.from_dict(meta).precision if meta else cand.dtype
+    defaults = tolerances.defaults(precision)
+    atol = p.atol if p.atol is not None else defaults["atol"]
+    rtol = p.rtol if p.rtol is not None else defaults["rtol"]
+    min_cos = p.min_cosine if p.min_cosine is not None else defaults["min_cosine"]
+    output = ref.output
+    stats = compare.OutputStats(atol, rtol)
+    top1_hits = top1_total = 0
+    try:
+        texts = text.passages(p.corpus, recipe_dir, p.samples)
+    except (OSError, ValueError) as exc:  # the recipe's corpus is unusable: the user's to fix
+        from toolchain.errors import StageUserError
+
+        raise StageUserError(f"corpus {p.corpus!r}: {exc}") from None
+    batches = [texts[i:i + p.batch_size] for i in range(0, len(texts), p.batch_size)]
+    padded = 0
+    for i, batch in enumerate(batches):
+        progress("comparing real text", i, len(batches))
+        ids, mask = text.tokenize(tokenizer, batch, p.max_length)
+        padded += int((mask == 0).sum())
+        r = ref.forward(ids, mask)[output]
+        c = cand.forward(ids, mask)[output]
+        seq_mask = mask if r.ndim >= 3 else None
+        stats.add(c, r, seq_mask)
+        if ref.task == "text-generation":
+            keep = mask.astype(bool)
+            top1_hits += int((c.argmax(-1)[keep] == r.argmax(-1)[keep]).sum())
+            top1_total += int(keep.sum())
+    edge = compare.OutputStats(atol, rtol)
+    if p.edge_cases:
+        progress("comparing edge shapes")
+        rng = np.random.default_rng(0)
+        vocab = min(len(tokenizer), 30000)
+        for shape in ((1, p.max_length), (1, 1), (p.batch_size, 2)):
+            ids = rng.integers(5, vocab, size=shape).astype(np.int64)
+            mask = np.ones_like(ids)
+            r = ref.forward(ids, mask)[output]
+            c = cand.forward(ids, mask)[output]
+            edge.add(c, r, mask if r.ndim >= 3 else None)
+    outputs = {output: stats.result(min_cos)}
+    if p.edge_cases:
+        outputs[f"{output} (random ids, edge shapes)"] = edge.result(min_cos)
+    failures = []
+    for name, o in outputs.items():
+        if not o["passed"]:
+            why = []
+            if o["nonfinite"]:
+                why.append(f"{o['nonfinite']} non-finite values")
+            if o["atol"] is not None and o["min_atol_to_pass"] > o["atol"]:
+                why.append(f"max abs error {o['max_abs']:.3g} exceeds atol {o['atol']:g} + rtol {o['rtol']:g}*|ref| "
+                           f"(atol {o['min_atol_to_pass']:.3g} would have passed)")
+            if o["min_cosine_gate"] is not None and o["min_cosine"] < o["min_cosine_gate"]:
+                why.append(f"cosine similarity {o['min_cosine']:.6f} below {o['min_cosine_gate']}")
+            failures.append(f"{name}: " + "; ".join(why))
+    metrics = {"outputs": outputs, "precision": precision, "corpus": p.corpus, "samples": len(texts),
+               "padding_tokens": padded, "candidate_desc": cand.describe(), "reference_desc": ref.describe()}
+    if ref.task == "text-generation":
+        min_top1 = p.min_top1 if p.min_top1 is not None else defaults["min_top1"]
+        metrics["top1_agreement"] = top1_hits / max(top1_total, 1)
+        metrics["min_top1"] = min_top1
+        if metrics["top1_agreement"] < min_top1:
+            failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} below {min_top1}")
+        gen = tolerances.generate_params(p.generate)
+        if gen.prompts:
+            # None: measured and reported, not gated (bitsandbytes: generations diverge by design)
+            min_agree = gen.min_agreement if gen.min_agreement is not None else defaults["min_generation"]
+            eos = runners.eos_ids(reference_folder)
+            prompts = text.passages(p.corpus, recipe_dir, gen.prompts + p.samples)[-gen.prompts:]
+            equal, first_diff = 0, []
+            for i, prompt in enumerate(prompts):
+                progress("comparing greedy generation", i, len(prompts))
+                ids = np.asarray(tokenizer(prompt, truncation=True, max_length=48)["input_ids"], dtype=np.int64)
+                a = ref.greedy(ids, gen.new_tokens, eos)
+                b = cand.greedy(ids, gen.new_tokens, eos)
+                if a == b:
+                    equal += 1
+                else:
+                    n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                    first_diff.append(n)
+            metrics["generation"] = {"prompts": len(prompts), "new_tokens": gen.new_tokens, "equal": equal,
+                                     "mean_first_divergence": (sum(first_diff) + gen.new_tokens * equal)
+                                     / len(prompts),
+                                     "agreement": equal / len(prompts), "min_agreement": min_agree,
+                                     "first_divergence": first_diff}
+            if min_agree is not None and equal / len(prompts) < min_agree:
+                failures.append(f"greedy generation equal for {equal} of {len(prompts)} prompts "
+                                f"(needs {min_agree:.0%})")
+    metrics["failures"] = failures
+    metrics["passed"] = not failures
+    return metrics

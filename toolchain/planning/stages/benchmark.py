@@ -1,0 +1,81 @@
+"""`benchmark`: latency (warm-up + timed iterations, device-synchronised), throughput, peak memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from toolchain.planning.shapes import coverage_problems, device_problem
+from toolchain.planning.stages.compile import compiler_env
+
+
+@dataclass
+class BenchmarkParams:
+    batch_size: int | list = 1
+    sequence_length: int | list = 128
+    warmup: int = 5
+    iterations: int = 50
+    decode_tokens: int = 0
+    max_cov: float = 0.05
+    seed: int = 0
+    padding: float = 0.0
+    peak_tflops: float | str | None = None  # a number, or "measure" (a dense matmul timed on the device)
+    provider: str | None = None
+    device: str = "cpu"
+
+
+class Benchmark(Stage):
+    kind = "benchmark"
+    Params = BenchmarkParams
+    roles = {"model": (HF_MODEL, ONNX_MODEL, AOTI_MODEL)}
+    produces = REPORT
+    hardware_in_key = True  # numbers belong to the exact processor / GPU they were measured on
+    env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy")
+    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return self.env + compiler_env(inputs)
+
+    def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
+        if ctx.inputs["model"].get("artifact") == ONNX_MODEL:
+            ctx.provider_note(ctx.params.provider or ctx.inputs["model"].get("provider", "cpu"))
+        t = ctx.inputs["model"]
+        if ctx.params.decode_tokens and (t.get("compile") or {}).get("backend") == "aot_inductor":
+            ctx.error("`decode_tokens` needs a KV cache, which an AOTInductor package does not take", "decode_tokens",
+                      hint="time decode steps on an `inductor` compile of the model (a static cache, compiled step)")
+        elif ctx.params.decode_tokens and not (t.get("task") == "text-generation"
+                                               and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
+            ctx.error("`decode_tokens` needs a text-generation model with a KV cache", "decode_tokens")
+        if ctx.params.peak_tflops == "measure" and not ctx.params.device.startswith("cuda"):
+            ctx.error("`peak_tflops: measure` times a dense matmul on a CUDA device, but device is "
+                      f"{ctx.params.device}", "peak_tflops", hint="give the CPU's peak as a number, or drop it")
+        if ctx.params.padding and t.get("sdpa_kernel") == "flash" and ctx.params.device.startswith("cuda"):
+            ctx.error("the model pins the SDPA flash kernel, which on CUDA takes no attention mask, so padded "
+                      "batches cannot run", "padding", hint="set `padding: 0`, or pin `efficient` or `cudnn`")
+        for problem in compiled_input_problems(t, ctx.params):
+            ctx.error(problem, hint="benchmark shapes the package was compiled for, or widen its ranges")
+
+    def run(self, ctx: RunContext) -> dict:
+        from toolchain.execution.runtime import runners
+        from toolchain.execution.runtime.bench import measure
+
+        p = ctx.params
+        meta = ctx.input_meta["model"]
+        not_run = ctx.provider_not_run("model")
+        if not_run:
+            return not_run
+        ctx.progress("loading model")
+        runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
+                                     ctx.cache_dir)
+        return measure(runner, p, meta["artifact"], ctx.progress)
+
+
+def grid(p) -> list[tuple[int, int]]:
+    """The (batch, sequence) shapes benchmark-style params time."""
+    batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
+    seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
+    return [(b, s) for s in seqs for b in batches]
+
+
+def compiled_input_problems(t: dict, p) -> list[str]:
+    """Plan-time: why a compiled input cannot be timed with these params (empty: it can)."""
+    why = device_problem(t, p.device)
+    return [why] if why else coverage_problems(t, grid(p), pad=False, what="benchmark")

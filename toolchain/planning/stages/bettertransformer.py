@@ -1,0 +1,83 @@
+"""`bettertransformer` and `reverse_bettertransformer`.
+
+Conversion is a load-time transform (see runtime/bettertransformer.py): the artifact keeps the
+original weights and records that the model runs converted, because a converted model is never
+saved as such (persisting goes through reversal, as the guide prescribes). Both stages prove what
+they claim when they run: conversion matches the original at non-padded positions, and reversal
+gives back a bit-identical state_dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES, encoder_config_problems
+from toolchain.planning.artifacts import ArtifactFacts, read_facts
+from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage
+from toolchain.planning.stages.compile import refuse_compiled
+
+
+
+@dataclass
+class BetterTransformerParams:  # both directions take only the device
+    device: str = "cpu"
+
+
+class BetterTransformer(Stage):
+    kind = "bettertransformer"
+    Params = BetterTransformerParams
+    roles = {"model": (HF_MODEL,)}
+    produces = HF_MODEL
+    env = ("python", "platform", "torch", "transformers")
+
+    def check(self, ctx: CheckContext) -> None:
+        t, facts = ctx.inputs["model"], ctx.facts("model")
+        ctx.device_rules(ctx.params.device)
+        refuse_compiled(ctx, what="converting it")
+        mt = t.get("model_type")
+        if t.get("bettertransformer"):
+            ctx.error("the model is already BetterTransformer-converted")
+        if mt and mt not in BETTERTRANSFORMER_ENCODERS + DECODER_TYPES:
+            ctx.error(f"BetterTransformer does not support model type '{mt}'",
+                      hint=f"supported: {', '.join(BETTERTRANSFORMER_ENCODERS + DECODER_TYPES)}")
+        if mt in BETTERTRANSFORMER_ENCODERS:
+            for problem in encoder_config_problems(mt, t.get("config") or {}):
+                ctx.error(problem, hint="use an `attention` stage with `implementation: sdpa` for this model instead")
+        if mt in BETTERTRANSFORMER_ENCODERS and t.get("quantization"):
+            ctx.error("the encoder fast path needs plain weights, but the model is quantized "
+                      f"({facts.quantization})", hint="convert the unquantized model")
+        if mt in BETTERTRANSFORMER_ENCODERS and t.get("attention") not in (None, "eager", "sdpa"):
+            ctx.error(f"the encoder fast path replaces attention; drop the `{t['attention']}` attention stage")
+
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        """Decoders run SDPA attention converted; what they ran before is kept for reversing."""
+        return facts.replace(bettertransformer=True, attention_before_bettertransformer=facts.attention,
+                             attention="sdpa" if facts.model_type in DECODER_TYPES else facts.attention)
+
+    def run(self, ctx: RunContext) -> dict:
+        from toolchain.execution.runtime import bettertransformer_run
+
+        return bettertransformer_run.convert_stage(ctx, self.derive(ctx.params, read_facts(ctx.inputs["model"])))
+
+
+class ReverseBetterTransformer(Stage):
+    kind = "reverse_bettertransformer"
+    Params = BetterTransformerParams
+    roles = {"model": (HF_MODEL,)}
+    produces = HF_MODEL
+    env = BetterTransformer.env
+
+    def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
+        refuse_compiled(ctx, what="reversing it")
+        if not ctx.inputs["model"].get("bettertransformer"):
+            ctx.error("the input model is not BetterTransformer-converted",
+                      hint="take the input from a `bettertransformer` stage")
+
+    def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
+        return facts.replace(bettertransformer=False, attention=facts.attention_before_bettertransformer,
+                             attention_before_bettertransformer=None)
+
+    def run(self, ctx: RunContext) -> dict:
+        from toolchain.execution.runtime import bettertransformer_run
+
+        return bettertransformer_run.reverse_stage(ctx, self.derive(ctx.params, read_facts(ctx.inputs["model"])))

@@ -1,0 +1,125 @@
+"""`import_onnx`: an ONNX model folder made elsewhere (our exports, `optimum-cli export onnx`, ...)
+as an onnx-model artifact, so that `validate` and `benchmark` can check it."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolchain import safeio
+from toolchain.planning.artifacts import ArtifactFacts, write_meta
+from toolchain.planning.stages.base import ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
+
+
+@dataclass
+class ImportOnnxParams:
+    path: str = ""
+    file: str | None = None
+    task: str | None = None
+    provider: str = "cpu"
+    io_binding: bool = True
+
+
+def onnx_file(folder: Path, name: str | None) -> Path:
+    if name:
+        return folder / name
+    found = safeio.walk_files(folder, lambda n: n.endswith(".onnx"), recursive=False)
+    if folder / "model.onnx" in found:
+        return folder / "model.onnx"
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"{folder} holds {len(found)} .onnx files ({', '.join(f.name for f in found) or 'none'}); "
+                            "name one with `file`")
+
+
+def import_files(folder: Path, model: Path) -> list[Path]:
+    """What an import copies, and so exactly what its key hashes: the graph, its external data, and
+    config/tokenizer files. Other files in the folder are none of its business."""
+    def keep(name: str) -> bool:
+        return name in SIDE_FILES + ("toolchain.json",) or name.startswith(model.name) or Path(name).suffix == ".data"
+
+    files = safeio.walk_files(folder, keep, recursive=False)
+    if model not in files:
+        raise FileNotFoundError(f"ONNX file not found: {model}")
+    return files
+
+
+def _meta(folder: Path) -> tuple[dict, dict]:
+    """Our toolchain.json and config.json, if the folder has them (parsed at plan time: bounded)."""
+    ours, cfg = folder / "toolchain.json", folder / "config.json"
+    meta = safeio.read_json(ours) if ours.is_file() else {}
+    config = safeio.read_json(cfg) if cfg.is_file() else {}
+    if not isinstance(meta, dict) or not isinstance(config, dict):
+        raise ValueError("toolchain.json and config.json must hold JSON objects")
+    return meta, config
+
+
+class ImportOnnx(Stage):
+    kind = "import_onnx"
+    Params = ImportOnnxParams
+    roles = {}
+    produces = ONNX_MODEL
+    env = ("python", "platform", "onnx")
+
+    def _folder(self, params, recipe) -> Path:
+        p = (recipe.dir / params.path).resolve()
+        return p.parent if p.suffix == ".onnx" else p
+
+    def _files(self, params, recipe) -> list[Path]:
+        folder = self._folder(params, recipe)
+        name = params.file or (Path(params.path).name if params.path.endswith(".onnx") else None)
+        return import_files(folder, onnx_file(folder, name))
+
+    def check(self, ctx: CheckContext) -> None:
+        folder = self._folder(ctx.params, ctx.recipe)
+        if not ctx.params.path or not folder.is_dir():
+            ctx.error(f"ONNX model folder not found: {folder}", "path")
+            return
+        try:  # everything its key hashes and its traits parse, checked here so that `check` says so
+            self._files(ctx.params, ctx.recipe)
+            _meta(folder)
+        except safeio.UnsafeInput as exc:
+            ctx.error(str(exc), "path", hint=exc.hint)
+        except FileNotFoundError as exc:
+            ctx.error(str(exc), "file")
+        except ValueError as exc:
+            ctx.error(f"cannot read the model's JSON files in {folder}: {exc}", "path")
+        except OSError as exc:  # e.g. no permission
+            ctx.error(f"cannot read {folder}: {exc}", "path")
+        ctx.provider_note(ctx.params.provider)
+
+    def traits(self, params, inputs, recipe) -> dict:
+        from toolchain.frontend.sources import _task_from_architectures
+
+        meta, config = _meta(self._folder(params, recipe))
+        task = params.task or meta.get("task") or _task_from_architectures(config.get("architectures"))
+        return ArtifactFacts(ONNX_MODEL, task=task, model_type=config.get("model_type"), dtype=meta.get("dtype"),
+                             provider=params.provider, imported=True).to_dict()
+
+    def fingerprint(self, params, recipe, hasher) -> dict:
+        try:
+            return {"files": {p.name: hasher(p) for p in self._files(params, recipe)}}
+        except OSError as exc:  # changed since `check` (or while being hashed)
+            raise safeio.UnsafeInput(str(exc), getattr(exc, "hint", None), param="path") from None
+
+    def run(self, ctx: RunContext) -> dict:
+        from toolchain.execution.runtime import onnx_inspect
+
+        p = ctx.params
+        folder = (ctx.recipe_dir / p.path).resolve()
+        name = p.file or (folder.name if folder.suffix == ".onnx" else None)
+        folder = folder.parent if folder.suffix == ".onnx" else folder
+        model = onnx_file(folder, name)
+        for f in import_files(folder, model):  # the files its key hashed
+            shutil.copyfile(f, ctx.output / f.name)
+        ours = ctx.output / "toolchain.json"
+        meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)
+        if meta.get("graph", {}).get("file") != model.name:
+            meta = onnx_inspect.describe(ctx.output / model.name, p.task)
+        meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
+        facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
+                                                           model_type=meta.get("model_type"))
+        write_meta(ctx.output, facts, meta)
+        return {"file": model.name, "task": meta["task"], "inputs": meta["graph"]["inputs"][:6],
+                "outputs": meta["graph"]["outputs"][:4], "dtype": meta["dtype"]}

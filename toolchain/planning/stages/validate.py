@@ -1,0 +1,129 @@
+"""`validate`: candidate vs untouched reference on real padded text; failing parity fails the build."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from toolchain import safeio
+from toolchain.planning.artifacts import ArtifactFacts
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from toolchain.planning.tolerances import generate_params
+from toolchain.planning.shapes import coverage_problems, device_problem
+from toolchain.planning.stages.compile import compiler_env
+
+
+@dataclass
+class ValidateParams:
+    corpus: str = "gensim:lee_background"
+    samples: int = 200
+    max_length: int = 128
+    batch_size: int = 16
+    edge_cases: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    generate: dict = field(default_factory=dict)
+    provider: str | None = None
+    device: str = "cpu"
+
+
+def compiled_candidate_problems(t: dict, p) -> list[str]:
+    """Plan-time: why a compiled candidate cannot be compared with validate's params (empty: it
+    can). Real text comes in batches of 1..batch_size rows (the last one short) of up to
+    max_length tokens; the edge shapes add single tokens. A static package gets them padded."""
+    why = device_problem(t, p.device)
+    if why:
+        return [why]
+    corners = [(1, 1 if p.edge_cases else 2), (p.batch_size, p.max_length)]
+    return coverage_problems(t, corners, pad=True, what="validate")
+
+
+def same_model(candidate: dict, reference: dict) -> str | None:
+    """Why comparing these two can never fail (None: it can): the same model run the same way,
+    e.g. a matrix's eager variant checked against the eager reference."""
+    if ArtifactFacts.from_dict(candidate).same_computation(ArtifactFacts.from_dict(reference)):
+        return "the candidate is the reference model, loaded and run the same way"
+    return None
+
+
+class Validate(Stage):
+    kind = "validate"
+    Params = ValidateParams
+    roles = {"candidate": (HF_MODEL, ONNX_MODEL, AOTI_MODEL), "reference": (HF_MODEL,)}
+    produces = REPORT
+    has_gate = True
+    env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
+    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return self.env + compiler_env(inputs)
+
+    def check(self, ctx: CheckContext) -> None:
+        ctx.device_rules(ctx.params.device)
+        why = same_model(ctx.inputs["candidate"], ctx.inputs["reference"])
+        if why:
+            ctx.note(f"{why}: its parity is reported as not gated")
+        if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
+            ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
+        cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
+        if cand.get("task") and cand.get("task") != ref.get("task"):
+            ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
+        if not ref.get("has_tokenizer", True):
+            ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
+                      hint="give the `config` source a `tokenizer:` folder or package")
+        p = ctx.params
+        if p.generate and cand.get("task") != "text-generation" and generate_params(p.generate).prompts:
+            ctx.error("`generate` applies to text-generation models only", "generate")
+        pins_flash = "flash" in (cand.get("sdpa_kernel"), ref.get("sdpa_kernel"))
+        if p.batch_size > 1 and p.device.startswith("cuda") and pins_flash:
+            ctx.error("a model here pins the SDPA flash kernel, which on CUDA takes no attention mask, so batches "
+                      "of real text (padded to one length) cannot run", "batch_size",
+                      hint="set `batch_size: 1` (each text alone, no padding)")
+        if ref.get("compile"):
+            ctx.error(f"the reference is compiled ({ref['compile']['backend']}); parity is measured against the "
+                      "untouched model", hint="take the reference from the stage before `compile`")
+        for problem in compiled_candidate_problems(cand, p):
+            ctx.error(problem, hint="validate with shapes the package was compiled for, or widen its ranges")
+        if p.corpus and not p.corpus.startswith("gensim:"):
+            path = ctx.recipe.dir / p.corpus
+            if not path.is_file():
+                ctx.error(f"corpus file not found: {path}", "corpus")
+                return
+        try:  # its content goes into the key
+            self._corpus(p, ctx.recipe)
+        except ValueError as exc:  # an unknown gensim corpus
+            ctx.error(str(exc), "corpus")
+        except safeio.UnsafeInput as exc:
+            ctx.error(f"corpus: {exc}", "corpus", hint=exc.hint)
+
+    def _corpus(self, params, recipe):
+        """The corpus file (None: gensim is not installed here, which the run reports); found
+        without importing gensim, and refused unless it is a regular file."""
+        from toolchain.execution.runtime.text import corpus_path
+
+        try:
+            path = corpus_path(params.corpus, recipe.dir)
+        except FileNotFoundError:
+            return None
+        safeio.check_file(path)
+        return path
+
+    def fingerprint(self, params, recipe, hasher) -> dict:
+        """The text compared is part of what the result depends on: a corpus file's content, not its name."""
+        try:
+            path = self._corpus(params, recipe)
+            return {"corpus": hasher(path) if path else None}
+        except (OSError, ValueError) as exc:
+            raise safeio.UnsafeInput(f"corpus: {exc}", getattr(exc, "hint", None), param="corpus") from None
+
+    def gate(self, metrics: dict) -> list[str]:
+        return list(metrics.get("failures", []))
+
+    def run(self, ctx: RunContext) -> dict:
+        why = same_model(ctx.input_meta["candidate"], ctx.input_meta["reference"])
+        if why:  # nothing to compare: reported as not gated, never as a pass
+            return {"not_gated": why, "failures": [], "passed": True}
+        not_run = ctx.provider_not_run("candidate")
+        if not_run:
+            return not_run
+        from toolchain.execution.runtime.validate_run import run_validation
+
+        return run_validation(ctx)
