@@ -101,3 +101,32 @@ def test_tree_stamp_is_outside_and_never_written_through_links(tmp_path):
     (tree / "m.bin").unlink()
     assert (store.tree("a" * 64, record) / "m.bin").read_bytes() == b"weights"
     assert store.verify() == []
+
+
+def test_gc_ages_out_rebuild_notes_and_removes_compiler_caches_on_request(tmp_path):
+    """Key history not written for --older-than goes with gc; the compilers' caches (Inductor,
+    TensorRT) go only with --compiler-caches, and nothing else under cache/ is touched."""
+    import time
+
+    from .conftest import run_cli
+
+    store = Store(tmp_path / "s").init()
+    store.history.mkdir(exist_ok=True)
+    old, new = store.history_path("r", "old"), store.history_path("r", "new")
+    old.write_text("{}")
+    new.write_text("{}")
+    past = time.time() - 30 * 86400
+    os.utime(old, (past, past))
+    for name in ("inductor", "tensorrt", "mine"):
+        (store.cache_dir() / name).mkdir(parents=True, exist_ok=True)
+        (store.cache_dir() / name / "f").write_bytes(b"x" * 1000)
+    freed = store.gc(older_than_s=7 * 86400)
+    assert freed["history"] == 1 and not old.exists() and new.exists()
+    assert (store.cache_dir() / "inductor" / "f").exists()  # only on request
+    res = run_cli("cache", "gc", "--compiler-caches", "--dry-run", "--store", store.root)
+    assert res.returncode == 0 and "would remove" in res.stderr and "2.0 KB of compiler caches" in res.stderr, res.stderr
+    assert (store.cache_dir() / "inductor" / "f").exists()
+    res = run_cli("cache", "gc", "--compiler-caches", "--store", store.root)
+    assert res.returncode == 0, res.stderr
+    assert not (store.cache_dir() / "inductor").exists() and not (store.cache_dir() / "tensorrt").exists()
+    assert (store.cache_dir() / "mine" / "f").exists()

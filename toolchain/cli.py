@@ -230,10 +230,12 @@ def cmd_cache(args, console: Console) -> int:
         console.print(f"store {store.root}: {n} entries, all consistent")
         return 0
     if args.cache_cmd == "gc":
-        freed = store.gc(older_than_s=older, max_bytes=budget, dry_run=args.dry_run)
+        freed = store.gc(older_than_s=older, max_bytes=budget, dry_run=args.dry_run,
+                         compiler_caches=args.compiler_caches)
         verb = "would remove" if args.dry_run else "removed"
         console.print(f"{verb} {freed['records']} entries, {freed['objects']} files ({_human(freed['bytes'])}), "
-                      f"{freed['trees']} folders, {freed['tmp']} temporary folders")
+                      f"{freed['trees']} folders, {freed['tmp']} temporary folders, {freed['history']} rebuild notes"
+                      + (f", {_human(freed['cache_bytes'])} of compiler caches" if args.compiler_caches else ""))
         return 0
     raise UsageError("usage: toolchain cache {ls,verify,gc}")
 
@@ -396,6 +398,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--older-than", help="remove entries unused for this long (e.g. 7d, 12h)")
     c.add_argument("--max-size", help="then remove least recently used entries until the store fits (e.g. 20G)")
     c.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    c.add_argument("--compiler-caches", action="store_true", help="also remove the compilers' caches in the store "
+                   "(Inductor, TensorRT engines): the next compile on this machine is cold again")
     common(c)
     sp = sub.add_parser("env", help="what this machine offers (torch, CUDA, GPUs, onnxruntime providers, ...)")
     sp.add_argument("--json", action="store_true")

@@ -44,6 +44,8 @@ MARKER = "toolchain-store"
 TMP_GRACE_S = 24 * 3600  # tmp folders of a live process younger than this are left alone
 OBJECT_GRACE_S = 3600  # unreferenced objects younger than this may belong to a commit in flight
 CLOCK_SLACK_S = 300  # an mtime further in the future than this says nothing about use (clock skew)
+# the compilers' caches a store keeps under cache/ (only these names are ever removed by gc)
+COMPILER_CACHES = ("inductor", "tensorrt")
 # what the checkout's embedded store holds before its first build: such a folder may become a store
 ADOPTABLE = frozenset({".gitignore", ".gitkeep"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -638,20 +640,23 @@ class Store(ArtifactStore):
 
         return ReadWriteLock(str(self.locks / "store.rwlock")).read_lock()
 
-    def gc(self, older_than_s: float | None = None, max_bytes: int | None = None, dry_run: bool = False) -> dict:
+    def gc(self, older_than_s: float | None = None, max_bytes: int | None = None, dry_run: bool = False,
+           compiler_caches: bool = False) -> dict:
         """Remove records unused for `older_than_s`, then least recently used ones until the
-        objects they reference fit in `max_bytes`; then unreferenced objects, trees and stale tmp.
+        objects they reference fit in `max_bytes`; then unreferenced objects, trees and stale tmp;
+        key history not written for `older_than_s`; with `compiler_caches`, the compilers' caches
+        (Inductor's, TensorRT's engines: rebuilt by the next compile, only slower).
         Refuses to run while a build uses the store. Touches only names the store gives."""
         from filelock import ReadWriteLock, Timeout
 
         lock = ReadWriteLock(str(self.locks / "store.rwlock"))
         try:
             with lock.write_lock(timeout=0):
-                return self._gc(older_than_s, max_bytes, dry_run)
+                return self._gc(older_than_s, max_bytes, dry_run, compiler_caches)
         except Timeout:
             raise StoreError(f"a build is using the store {self.root}; run gc when it has finished") from None
 
-    def _gc(self, older_than_s, max_bytes, dry_run) -> dict:
+    def _gc(self, older_than_s, max_bytes, dry_run, compiler_caches=False) -> dict:
         now = time.time()
         entries = []
         for key, record, path in self.records():
@@ -675,7 +680,7 @@ class Store(ArtifactStore):
             live = [k for _, k, _ in entries if k not in remove]
             while live and size_of(set(live)) > max_bytes:
                 remove.add(live.pop(0))
-        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0}
+        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0}
         for key in remove:
             if dry_run:
                 freed["records"] += 1
@@ -729,6 +734,19 @@ class Store(ArtifactStore):
             freed["tmp"] += 1
             if not dry_run:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if older_than_s is not None and self.history.is_dir():  # why-it-ran notes of steps not built lately
+            for note in self.history.glob("*.json"):
+                if _HEX64.fullmatch(note.stem) and now - note.lstat().st_mtime > older_than_s:
+                    freed["history"] += 1
+                    if not dry_run:
+                        note.unlink(missing_ok=True)
+        if compiler_caches:
+            for name in COMPILER_CACHES:
+                folder = self.cache_dir() / name
+                if folder.is_dir() and not folder.is_symlink():
+                    freed["cache_bytes"] += sum(f.lstat().st_size for f in folder.rglob("*") if f.is_file())
+                    if not dry_run:
+                        shutil.rmtree(folder, ignore_errors=True)
         return freed
 
     def size(self) -> int:

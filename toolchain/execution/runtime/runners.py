@@ -121,6 +121,11 @@ class TorchRunner:
                                               self.compile.get("graphs", "trees"))
         return decoders[max_len]
 
+    def decode_timer(self) -> str:
+        if self.compile and self.device.startswith("cuda"):
+            return "CUDA events between tokens (toolchain's static-cache loop, no host sync per token)"
+        return "host clock around each step" + (", synchronised" if self.device.startswith("cuda") else "")
+
     @torch.no_grad()
     def decode_steps(self, prompt_ids: np.ndarray, steps: int) -> list[int]:
         """Nanoseconds of each single-token decode step after a prefill (KV cache, greedy)."""
