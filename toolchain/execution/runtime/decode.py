@@ -64,7 +64,7 @@ class StaticDecoder:
         self.trees = compile_mode in GRAPH_MODES and not self.manual
         self.step = torch.compile(self._step, mode=mode, fullgraph=fullgraph) if compile_mode else self._step
         self._caches: dict[int, object] = {}  # batch size -> its cache (fixed addresses, reset per generation)
-        self._graphs: dict[int, tuple] = {}  # batch size -> (graph, token buffer, position buffer)
+        self._graphs: dict[int, object] = {}  # batch size -> its captured step (CapturedCall)
 
     def _step(self, token, position, cache):
         out = self.model(input_ids=token, position_ids=position.unsqueeze(0).expand(token.shape[0], 1),
@@ -82,30 +82,22 @@ class StaticDecoder:
         return cache
 
     def _graph(self, batch: int, cache):
-        """One captured step for this batch size: reads the token and position buffers, writes the
-        next token back into the first and advances the second, so replays chain by themselves."""
+        """One captured step for this batch size (compiled.CapturedCall): reads its token and
+        position buffers, writes the next token back into the first and advances the second, so
+        replays chain by themselves."""
         import torch
 
-        if batch in self._graphs:
-            return self._graphs[batch]
-        token = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        position = torch.zeros(1, dtype=torch.long, device=self.device)
+        from toolchain.execution.runtime.compiled import CapturedCall
 
-        def body():
-            token.copy_(self.step(token, position, cache))
-            position.add_(1)
+        if batch not in self._graphs:
+            def body(token, position):
+                token.copy_(self.step(token, position, cache))
+                position.add_(1)
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            for _ in range(3):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        cache.reset()  # the warm-up wrote into it
-        self._graphs[batch] = (graph, token, position)
+            self._graphs[batch] = CapturedCall(body, {
+                "token": torch.zeros((batch, 1), dtype=torch.long, device=self.device),
+                "position": torch.zeros(1, dtype=torch.long, device=self.device)}, self.device)
+            cache.reset()  # the warm-up wrote into it
         return self._graphs[batch]
 
     def generate(self, input_ids, new_tokens: int, eos_token_id: int | None = None) -> Generation:
@@ -131,8 +123,8 @@ class StaticDecoder:
             prefill_s = time.perf_counter() - t0
             position = torch.tensor([ids.shape[1]], device=self.device)
             if graph:
-                graph[1].copy_(token)
-                graph[2].copy_(position)
+                graph.inputs["token"].copy_(token)
+                graph.inputs["position"].copy_(position)
             tokens, marks = [token], [self._mark(cuda)]
             done = torch.zeros(batch, dtype=torch.bool, device=self.device)
             t0 = time.perf_counter()
@@ -142,8 +134,8 @@ class StaticDecoder:
                     if i % EOS_CHECK_EVERY == 0 and bool(done.all()):
                         break
                 if graph:
-                    graph[0].replay()
-                    token = graph[1].clone()
+                    graph()
+                    token = graph.inputs["token"].clone()
                 else:
                     if self.trees:  # a CUDA graph's outputs are overwritten by its next replay
                         torch.compiler.cudagraph_mark_step_begin()
