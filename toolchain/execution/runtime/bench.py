@@ -20,7 +20,7 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
     gpus = _gpus(runner) if p.device.startswith("cuda") else []
     timings, warnings, peaks, pads = {}, [], [], []
     peak, measured_peak = p.peak_tflops, None
-    if peak == "measure":
+    if peak == "measure" and hasattr(runner, "flops"):  # only PyTorch runners count FLOPs to compare with it
         progress("measuring the device's dense matmul peak")
         measured_peak = peak = timing.matmul_peak_tflops(getattr(runner, "dtype", "float32"), p.device)
     for seq in seqs:
