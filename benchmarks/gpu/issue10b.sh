@@ -6,6 +6,8 @@
 #   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
 #           (what the store's Inductor cache saves a second cold compile)
 #   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
+#   cold    recipes/gpu/bert-base-cuda.yaml on an empty store (issue 11: cold build time and each
+#           step's overhead, i.e. its wall time minus the time inside the stage)
 # Needs the staged wheels (.gpu) and model packages (.gpub). Logs and results go to $OUT.
 set -uo pipefail
 source "$HOME/gpu-env.sh"; source "$HOME/models-env.sh"
@@ -39,13 +41,20 @@ for part in "$@"; do
       build bert recipes/gpu/bert-base-compile.yaml
       build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
     llama) build llama recipes/gpu/llama7b-compile.yaml ;;
+    cold) STORE=/tmp/store-cold-$$ build cold recipes/gpu/bert-base-cuda.yaml ;;
   esac
 done
 python - "$OUT" <<'PY'
-# the compile steps of each build: seconds, and Inductor's FX graph cache hits/misses
+# the compile steps of each build: seconds, and Inductor's FX graph cache hits/misses; each built
+# step's overhead (wall time in the build minus the time inside the stage's run)
 import json, pathlib, sys
 for m in sorted(pathlib.Path(sys.argv[1]).glob("*-manifest.json")):
     d = json.loads(m.read_text())
+    built = [s for v in d["variants"] for s in v["steps"] if s["status"] == "built"]
+    if built:
+        over = sorted(((s.get("seconds") or 0) - (s.get("work_seconds") or 0), s["name"]) for s in built)
+        print(f"{m.stem:22s} overhead per built step: median {over[len(over) // 2][0]:.2f} s, max {over[-1][0]:.2f} s "
+              f"({over[-1][1]}), over {len(built)} steps")
     for v in d["variants"]:
         for s in v["steps"]:
             x = s.get("metrics") or {}

@@ -242,7 +242,8 @@ def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
     recipe = plan.recipe
     for step in plan.steps.values():
         stage = step.stage
-        env_names = set(stage.key_env({role: plan.steps[src].traits for role, src in step.inputs.items()}))
+        env_names = set(stage.key_env({role: plan.steps[src].traits for role, src in step.inputs.items()},
+                                      step.params))
         env = environment.facts(env_names, step.device)
         env["device"] = environment.fact("device", step.device)
         if stage.hardware_in_key:

@@ -139,6 +139,56 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
             **(kv_layout(model.config) if kv_cache else {})}
 
 
+# onnxruntime-genai's model builder writes the decoder from the checkpoint's weights with
+# onnxruntime's fused operators (packed QKV attention or GroupQueryAttention, RotaryEmbedding,
+# SkipSimplifiedLayerNormalization): about 12 nodes a layer where a traced export has about 60.
+# It is run as a separate process (it prints freely and keeps module state) on the saved checkpoint.
+GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+GENAI_PROVIDERS = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def export_genai(src: Path, dtype: str, provider: str, out_dir: Path, work: Path, log=print) -> dict:
+    """Build a decoder with a KV cache from the checkpoint folder `src` into out_dir/model.onnx
+    with onnxruntime-genai's model builder; returns the graph description saved in toolchain.json.
+    The builder's genai_config.json is kept, so the folder also runs under onnxruntime-genai."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import onnx
+
+    cache = work / "genai-cache"
+    built = work / "genai-out"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(built),
+           "-p", GENAI_PRECISION[dtype], "-e", GENAI_PROVIDERS[provider], "-c", str(cache)]
+    log("running: " + " ".join(cmd))
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log(run.stdout[-20000:])
+    log(run.stderr[-20000:])
+    if run.returncode != 0 or not (built / ONNX_FILE).is_file():
+        tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-6:])
+        raise RuntimeError(f"onnxruntime-genai's model builder failed (exit {run.returncode}):\n{tail}")
+    for f in built.iterdir():
+        if f.name.startswith(ONNX_FILE) or f.name == "genai_config.json":
+            f.replace(out_dir / f.name)
+    m = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
+    names = [i.name for i in m.graph.input]
+    outputs = [o.name for o in m.graph.output]
+    if not any(n.startswith("past_key_values.") for n in names) or "logits" not in outputs:
+        raise RuntimeError(f"the model builder's graph has inputs {names[:4]} and outputs {outputs[:2]}; expected "
+                           "past_key_values.* inputs and a logits output")
+    config = json.loads((src / "config.json").read_text())
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    fused = {}
+    for n in m.graph.node:
+        fused[n.op_type] = fused.get(n.op_type, 0) + 1
+    return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": True,
+            "external_data": (out_dir / (ONNX_FILE + ".data")).is_file(), "exporter": "genai", "opset": opset,
+            "nodes": len(m.graph.node), "op_types": dict(sorted(fused.items(), key=lambda kv: -kv[1])),
+            **kv_layout(SimpleNamespace(**config))}
+
+
 def _ort():
     import onnxruntime
 

@@ -161,8 +161,9 @@ class Stage:
         """A hash of `code_files`: editing any of them changes this stage's keys, and only theirs."""
         return codehash.version(self.code_files())
 
-    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
-        """The environment facts this step's key takes, given its inputs' traits (default: `env`)."""
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
+        """The environment facts this step's key takes, given its inputs' traits and the recipe's
+        params (default: `env`)."""
         return self.env
 
     # -- execution (worker process) ---------------------------------------------------------

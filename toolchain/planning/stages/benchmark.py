@@ -30,7 +30,7 @@ class Benchmark(Stage):
     produces = REPORT
     hardware_in_key = True  # numbers belong to the exact processor / GPU they were measured on
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy")
-    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
         return self.env + compiler_env(inputs)
 
     def check(self, ctx: CheckContext) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 
-from toolchain.planning.artifacts import ArtifactFacts, write_meta
+from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
 from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS
 from toolchain.planning.stages.compile import refuse_compiled
@@ -30,6 +30,10 @@ class ExportOnnx(Stage):
     roles = {"model": (HF_MODEL,)}
     produces = ONNX_MODEL
     env = ("python", "platform", "torch", "transformers", "onnx", "onnxscript", "numpy")
+
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
+        genai = (params or {}).get("exporter") == "genai"
+        return self.env + (("onnxruntime_genai",) if genai else ())
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
@@ -57,9 +61,35 @@ class ExportOnnx(Stage):
         if p.provider == "tensorrt" and any(k.endswith("_cache_path") for k in p.provider_options):
             ctx.error("TensorRT engine and timing caches live in the store; drop the *_cache_path options",
                       "provider_options")
+        if p.exporter == "genai":
+            self._check_genai(ctx, task)
         if p.exporter == "dynamo" and p.opset < 18:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
+
+    @staticmethod
+    def _check_genai(ctx: CheckContext, task: str | None) -> None:
+        """onnxruntime-genai's model builder: decoders with a KV cache, from a plain checkpoint."""
+        from toolchain import environment
+        from toolchain.execution.runtime.onnx_io import GENAI_PRECISION, GENAI_PROVIDERS
+
+        p, t = ctx.params, ctx.inputs["model"]
+        if task != "text-generation" or not p.kv_cache:
+            ctx.error("`exporter: genai` (onnxruntime-genai's model builder) makes decoders with a KV cache only",
+                      "exporter", hint="set `task: text-generation` and `kv_cache: true`, or use `exporter: dynamo`")
+        if t.get("dtype") not in GENAI_PRECISION:
+            ctx.error(f"the model builder takes float32, float16 or bfloat16 weights, but this model is "
+                      f"{t.get('dtype')}", "exporter")
+        if p.provider not in GENAI_PROVIDERS:
+            ctx.error(f"the model builder targets {' or '.join(GENAI_PROVIDERS)}, not {p.provider}", "provider",
+                      hint="use `exporter: dynamo` for other providers")
+        if t.get("attention") not in (None, "sdpa", "eager") or t.get("bettertransformer"):
+            ctx.error("the model builder reads the checkpoint's weights and writes its own attention; an "
+                      f"attention setting ({t.get('attention')}) on the input would be silently dropped",
+                      "exporter", hint="export the loaded model directly")
+        if environment.package_version("onnxruntime_genai") is None:
+            ctx.unavailable("`exporter: genai` needs onnxruntime-genai (its model builder), which is not installed",
+                            "exporter", hint="pip install -e '.[genai]' (onnxruntime-genai==0.18.0)")
 
     def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
         return facts.replace(artifact=ONNX_MODEL, task=params.task or facts.task, kv_cache=params.kv_cache,
@@ -70,22 +100,29 @@ class ExportOnnx(Stage):
 
         p = ctx.params
         src = ctx.inputs["model"]
-        ctx.progress("loading model")
-        model, _, meta = models.load_artifact(src, p.device)
-        facts = self.derive(p, ArtifactFacts.from_dict(meta))
-        task = facts.task
-        ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
-        graph = onnx_io.export(model, task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes, p.external_data,
-                               ctx.output, log=ctx.log)
+        if p.exporter == "genai":
+            facts = self.derive(p, ArtifactFacts.from_dict(read_meta(src)))
+            ctx.progress(f"building the decoder (onnxruntime-genai model builder, {facts.dtype}, {p.provider})")
+            graph = onnx_io.export_genai(src, facts.dtype, p.provider, ctx.output, ctx.output.parent, log=ctx.log)
+        else:
+            ctx.progress("loading model")
+            model, _, meta = models.load_artifact(src, p.device)
+            facts = self.derive(p, ArtifactFacts.from_dict(meta))
+            ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
+            graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
+                                   p.external_data, ctx.output, log=ctx.log)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
         write_meta(ctx.output, facts, {"graph": graph, "target": {"provider_options": p.provider_options,
                                                                   "io_binding": p.io_binding}})
-        ctx.progress("checking the graph")
         import onnx
 
-        onnx.checker.check_model(str(ctx.output / graph["file"]), full_check=False)
+        if p.exporter != "genai":  # the builder uses onnxruntime's own operators, which onnx's checker does not know
+            ctx.progress("checking the graph")
+            onnx.checker.check_model(str(ctx.output / graph["file"]), full_check=False)
         size = sum(f.stat().st_size for f in ctx.output.iterdir() if f.name.startswith("model.onnx"))
+        nodes = graph.get("nodes") or len(onnx.load(str(ctx.output / graph["file"]), load_external_data=False).graph.node)
         return {"onnx_bytes": size, "inputs": graph["inputs"][:4] + (["..."] if len(graph["inputs"]) > 4 else []),
-                "outputs": graph["outputs"][:2], "opset": p.opset, "exporter": p.exporter}
+                "outputs": graph["outputs"][:2], "opset": graph.get("opset", p.opset), "exporter": p.exporter,
+                "nodes": nodes}

@@ -48,7 +48,7 @@ class Select(Stage):
     hardware_in_key = True  # the choice rests on timings of this exact processor / GPU
     env = tuple(sorted(set(Validate.env) | set(Benchmark.env)))
 
-    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
         return self.env + compiler_env(inputs)
 
     def check(self, ctx: CheckContext) -> None:

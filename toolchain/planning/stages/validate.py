@@ -53,7 +53,7 @@ class Validate(Stage):
     produces = REPORT
     has_gate = True
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
-    def key_env(self, inputs: dict[str, dict]) -> tuple[str, ...]:
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
         return self.env + compiler_env(inputs)
 
     def check(self, ctx: CheckContext) -> None:
