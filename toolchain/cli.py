@@ -129,7 +129,7 @@ def cmd_build(args, console: Console) -> int:
     for note in sorted({n for p in plans for n in p.notes}):
         console.warn(note)
     manifest = build(plans, store, Path(args.output) if args.output else None, console, force=force,
-                     require_provider=args.require_provider)
+                     require_provider=args.require_provider, **_execution(args))
     result = BuildResult.from_manifest(manifest)
     summary(result, console, time.perf_counter() - t0, args.output)
     if previous is not None:
@@ -145,6 +145,25 @@ def cmd_build(args, console: Console) -> int:
                     print(f"gate failed: {s.name}: {f}", file=sys.stderr)
         return 1
     return 0
+
+
+def _execution(args) -> dict:
+    """--jobs / --executor / --ray-address, with their TOOLCHAIN_* defaults, checked."""
+    jobs = args.jobs if args.jobs is not None else os.environ.get("TOOLCHAIN_JOBS") or "1"
+    where = "--jobs" if args.jobs is not None else "TOOLCHAIN_JOBS"
+    try:
+        jobs = int(jobs)
+    except ValueError:
+        jobs = None
+    if jobs is None or jobs < 1:
+        raise UsageError(f"{where} must be a whole number of at least 1 (steps run at once), but got "
+                         f"{args.jobs if args.jobs is not None else os.environ.get('TOOLCHAIN_JOBS')!r}")
+    executor = args.executor or os.environ.get("TOOLCHAIN_EXECUTOR") or "local"
+    address = args.ray_address or os.environ.get("TOOLCHAIN_RAY_ADDRESS") or None
+    if address and executor != "ray":
+        raise UsageError("--ray-address (or TOOLCHAIN_RAY_ADDRESS) is only for --executor ray; add "
+                         "`--executor ray` or drop the address")
+    return {"jobs": jobs, "executor": executor, "ray_address": address}
 
 
 def _gate_word(step) -> str:
@@ -350,6 +369,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--rebuild", action="append", metavar="STEP", help="rebuild this step even if it is in the "
                     "store (repeatable); steps after it that it does not change stay cached")
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    sp.add_argument("-j", "--jobs", type=str, metavar="N", help="run up to N independent steps at once, over all "
+                    "variants (default: $TOOLCHAIN_JOBS, else 1); a GPU step gets its GPU(s) to itself, CPU steps "
+                    "share the cores; outputs are the same as with 1")
+    sp.add_argument("--executor", choices=["local", "ray"], help="where steps run: local worker processes "
+                    "(default, or $TOOLCHAIN_EXECUTOR) or Ray tasks (needs the [ray] extra)")
+    sp.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to run on with --executor ray, e.g. "
+                    "ray://head:10001 or auto (default: $TOOLCHAIN_RAY_ADDRESS, else start a local one); its "
+                    "nodes must reach the store at the same path")
     sp.add_argument("--require-provider", action="store_true", help="fail (exit 1) when a check cannot run because "
                     "its onnxruntime provider is not available here, instead of reporting it as not run")
     common(sp)

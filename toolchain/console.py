@@ -4,6 +4,7 @@ first use, so commands that print plain lines (`check`) start without it."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from functools import cached_property
@@ -18,6 +19,11 @@ def escape(text: str) -> str:
 class Console:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
+        self.lock = threading.Lock()  # one whole line at a time when steps run side by side
+
+    def _line(self, text: str) -> None:
+        with self.lock:
+            print(text, file=sys.stderr, flush=True)
 
     @cached_property
     def err(self):
@@ -31,23 +37,24 @@ class Console:
     def line(self, text: str) -> None:
         """A plain line (no markup, no rich import)."""
         if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
+            self._line(text)
 
     def print(self, *args, **kwargs) -> None:
         if not self.quiet:
             self.err.print(*args, **kwargs)
 
     def error(self, text: str) -> None:
-        print(f"error: {text}", file=sys.stderr)
+        self._line(f"error: {text}")
 
     def warn(self, text: str) -> None:
         if not self.quiet:
             self.err.print(f"[yellow]warning:[/] {escape(text)}")
 
     @contextmanager
-    def step(self, title: str):
-        """A live line for one step; yields update(message, done, total)."""
-        if self.quiet or not self.err.is_terminal:
+    def step(self, title: str, live: bool = True):
+        """A live line for one step; yields update(message, done, total). `live=False` (steps that
+        run side by side: one live display at a time) prints plain lines prefixed with the title."""
+        if self.quiet or not live or not self.err.is_terminal:
             # plain logs when not on a terminal: one line per phase change, with the seconds since
             # the step started (CI logs have no live timer; this shows where a slow step spends time)
             last, t0 = [None], time.monotonic()
@@ -55,10 +62,10 @@ class Console:
             def update(message, done=None, total=None):
                 if not self.quiet and message != last[0]:
                     last[0] = message
-                    print(f"  {title}: {message} [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
+                    self._line(f"  {title}: {message} [{time.monotonic() - t0:.0f} s]")
             yield update
             if not self.quiet:
-                print(f"  {title}: ended [{time.monotonic() - t0:.0f} s]", file=sys.stderr, flush=True)
+                self._line(f"  {title}: ended [{time.monotonic() - t0:.0f} s]")
             return
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

@@ -17,9 +17,9 @@ import yaml
 from filelock import FileLock
 
 from toolchain import __version__, environment
-from toolchain.console import Console, escape
+from toolchain.console import Console
 from toolchain.errors import ToolchainError, UsageError, machine_error
-from toolchain.execution.executor import LocalExecutor, StepResult
+from toolchain.execution.executor import StepResult, open_executor
 from toolchain.hashing import hash_file
 from toolchain.planning.plan import Plan, variant_folder
 from toolchain.delivery.report import render_markdown
@@ -40,16 +40,15 @@ class BuildFailed(ToolchainError):
 
 
 def build(plans: list[Plan], store: ArtifactStore, out: Path | None, console: Console, force: bool | frozenset = False,
-          require_provider: bool = False) -> dict:
+          require_provider: bool = False, jobs: int = 1, executor: str = "local", ray_address: str | None = None) -> dict:
+    """`jobs`, `executor`, `ray_address`: how the steps run (execution.executor.open_executor);
+    what is built, delivered and written in the manifest does not depend on them."""
     store.require_writable()
-    variants = []
     with store.using():
-        with LocalExecutor(store, console, force=force, require_provider=require_provider) as executor:
-            for plan in plans:
-                if len(plans) > 1:
-                    console.print(f"[bold]{escape(plan.recipe.full_name)}[/]")
-                results = executor.run(plan)
-                variants.append((plan, results))
+        with open_executor(store, console, executor, jobs, ray_address, force=force,
+                           require_provider=require_provider) as running:
+            variants = list(zip(plans, running.run_all(plans)))  # in plan order, whatever finished first
+        executor = running
         _raise_if_failed(executor, variants)
         manifest = make_manifest(variants, store)
         if out is not None:  # still under the store's shared lock: gc must not run before delivery
@@ -93,6 +92,8 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
                 "work_seconds": round(r.work_seconds, 3),
                 "worker": r.record.get("timings", {}).get("worker") if r.status in ("built", "not run") else None,
                 "device": step.device,
+                # where it came from (built, local store) and where it was built: host, executor, GPU
+                "source": r.source or None, "ran_on": r.ran_on,
                 "gate": {"passed": not r.gate_failures, "failures": r.gate_failures}
                 if step.stage.has_gate else None,
             })

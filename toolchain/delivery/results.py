@@ -201,13 +201,32 @@ class StepResult:
     metrics: dict  # the stage's own metrics (select's table, quantize's footprint, ...)
     parity: ParityResult | None = None
     latency: LatencyResult | None = None
+    source: str | None = None  # built | local store (None in manifests older than the field)
+    ran_on: dict | None = None  # {host, executor, gpu, threads} of the build that made it
+
+    @property
+    def where(self) -> str:
+        """`built on HOST (executor, GPU ...)`, for the reports; empty when unknown."""
+        r = self.ran_on or {}
+        if not r:
+            return self.source or ""
+        gpu = r.get("gpu") or {}
+        extra = [r.get("executor") or "?"]
+        if gpu:
+            extra.append(f"GPU {','.join(map(str, gpu.get('indices') or []))}"
+                         + (f" {gpu['names'][0]}" if gpu.get("names") else ""))
+        elif r.get("threads"):
+            extra.append(f"{r['threads']} threads")
+        made = f"{r.get('host', '?')} ({', '.join(extra)})"
+        return f"built on {made}" if self.source == "built" else f"{self.source} (built on {made})"
 
     @classmethod
     def read(cls, s: dict) -> "StepResult":
         m = s.get("metrics") or {}
         gate = s.get("gate")
         step = cls(s["name"], s["kind"], s["status"], s["key"], s.get("build_seconds"), gate is not None,
-                   bool(gate is None or gate["passed"]), list((gate or {}).get("failures", [])), m.get("not_run"), m)
+                   bool(gate is None or gate["passed"]), list((gate or {}).get("failures", [])), m.get("not_run"), m,
+                   source=s.get("source"), ran_on=s.get("ran_on"))
         if not step.not_run and s["kind"] == "validate" and m:
             step.parity = ParityResult.read(m, step.failures)
         if not step.not_run and s["kind"] == "benchmark" and m:

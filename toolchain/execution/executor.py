@@ -1,8 +1,10 @@
 """Runs a plan's steps: cache lookups, per-key locks, worker processes, commits.
 
 Knows nothing about ML: it sees kinds, keys, folders and JSON. `Executor` is the interface a
-build drives (a parallel or a Ray executor would implement it too); `LocalExecutor` runs the steps
-one after the other in warm worker processes of this machine, one per (interpreter, device).
+build drives; `scheduler.run_plans` orders the steps of all its plans (one DAG, a key shared by
+variants run once). `LocalExecutor` runs the steps in warm worker processes of this machine, one
+after the other (`jobs=1`) or side by side (`jobs=N`: a worker per running step, GPUs given out
+exclusively); `ray_executor.RayExecutor` runs each step as a Ray task through the same code.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +31,7 @@ from toolchain.planning.plan import Plan, Step
 from toolchain.planning.artifacts import CARRIED_FILE
 from toolchain.execution.store import ArtifactStore
 from toolchain.execution.worker import NO_RESULT_MACHINE
+from toolchain.execution import scheduler
 
 PKG_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the toolchain package
 # TOOLCHAIN_WORKER=fresh: a new worker process for every step (no warm imports, no in-memory
@@ -46,24 +50,63 @@ class StepResult:
     seconds: float  # wall time of the step in this build (lookup, inputs, worker, commit)
     gate_failures: list[str] = field(default_factory=list)
     work_seconds: float = 0.0  # time inside the stage's `run` (0 when it did not run in this build)
+    # where it came from: "built" (in this build), "local store"; empty when it has no output
+    source: str = ""
+    # where its outputs were made: {host, executor, gpu, threads} (for a step from the store: the
+    # build that made it, when its record says; None for records older than this field)
+    ran_on: dict | None = None
 
 
 class Executor(abc.ABC):
     """Runs the steps of plans against a store. `errors` collects the steps that failed (the build
     goes on with what does not need them); `done` (key -> result) spans every plan run by this
-    executor, so a step shared by a matrix's variants runs once."""
+    executor, so a step shared by a matrix's variants runs once. A subclass runs one step
+    (`_run_node`); `scheduler.run_plans` decides when, with at most `jobs` at once."""
 
-    def __init__(self, store: ArtifactStore, console: Console):
+    name = "local"  # what ran_on.executor says
+
+    def __init__(self, store: ArtifactStore, console: Console, jobs: int = 1):
         self.store, self.console = store, console
+        self.jobs = jobs
         self.done: dict[str, StepResult] = {}
         self.errors: list[Exception] = []
+        self.stopping = threading.Event()  # set on Ctrl-C/SIGTERM: no step starts any more
 
-    @abc.abstractmethod
     def run(self, plan: Plan) -> dict[str, StepResult]:
         """step name -> result, for every step of `plan`."""
+        return self.run_all([plan])[0]
+
+    def run_all(self, plans: list[Plan]) -> list[dict[str, StepResult]]:
+        """`run` for every plan, as one graph: independent steps of all plans may run at once."""
+        return scheduler.run_plans(self, plans, self.jobs, self._gpu_slots())
+
+    def _gpu_slots(self) -> scheduler.GpuSlots | None:
+        """GPUs to hand out exclusively (None: this executor does not, e.g. serial or Ray)."""
+        return None
+
+    @abc.abstractmethod
+    def _run_node(self, plan: Plan, step: Step, results: dict[str, StepResult],
+                  gpus: scheduler.GpuAssignment | None) -> StepResult:
+        """Run (or find in the store) one step whose inputs are in `results`; raises StageFailed or
+        StageUserError when it fails."""
+
+    def interrupt(self) -> None:
+        """Stop now (Ctrl-C, SIGTERM, an internal error): steps that run are abandoned, uncommitted."""
+        self.stopping.set()
 
     def close(self) -> None:
         """Give back what the executor holds (worker processes); called once the build is over."""
+
+    @staticmethod
+    def _copy(step: Step, r: StepResult) -> StepResult:
+        """The result of the same step (same key) run earlier in this build for another plan."""
+        return StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record, 0.0, r.gate_failures,
+                          source=r.source, ran_on=r.ran_on)
+
+    @staticmethod
+    def _unbuilt(step: Step, status: str, reason: str) -> StepResult:
+        record = {"outputs": {}, "metrics": {"error": reason}}
+        return StepResult(step.name, step.kind, step.key, status, reason, record, 0.0, [])
 
     def __enter__(self):
         return self
@@ -82,10 +125,13 @@ class Worker:
     """A warm worker process (`python -m toolchain.execution.worker --serve`): one step at a time, over a
     command pipe (its stdin), with progress and end-of-step events on a second pipe."""
 
-    def __init__(self, python: str, store: ArtifactStore):
+    def __init__(self, python: str, store: ArtifactStore, env_extra: dict[str, str] | None = None):
         self.home = store.new_tmp("worker")  # the worker's own log, between steps
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
+        env.update(env_extra or {})  # CUDA_VISIBLE_DEVICES, thread counts of a parallel build
+        self.env_extra = dict(env_extra or {})
+        self.last_key = ""  # the step it ran last (its model may still be in memory: handoff)
         env["TOOLCHAIN_EVENT_FD"] = str(write_fd)
         env["TOOLCHAIN_PARENT_PID"] = str(os.getpid())
         env["PYTHONPATH"] = PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -175,56 +221,59 @@ class Worker:
 
 
 class LocalExecutor(Executor):
-    """Sequential executor on this machine: each step runs in a worker process of `python`. In
-    `warm` mode (the default) a worker serves every step of its (interpreter, device) in turn, and
-    is replaced when a step fails, crashes, overruns `step_timeout` or leaks GPU memory; in `fresh`
-    mode every step gets a new worker."""
+    """Executor on this machine: each step runs in a worker process of `python`. In `warm` mode
+    (the default) a worker serves many steps of its slot (interpreter, device, GPUs, threads) in
+    turn, and is replaced when a step fails, crashes, overruns `step_timeout` or leaks GPU memory;
+    in `fresh` mode every step gets a new worker. With `jobs` > 1 up to that many steps run at once,
+    each in a worker of its own: a GPU step gets its GPU(s) exclusively (`scheduler.GpuSlots`), a
+    CPU step a share of the cores (OMP/MKL threads = cores / jobs; not part of any key, outputs do
+    not depend on it), a CPU measurement the whole machine."""
 
     def __init__(self, store: ArtifactStore, console: Console, force: bool | frozenset = False,
                  python: str = sys.executable,
-                 require_provider: bool = False, mode: str | None = None, step_timeout: float | None = None):
-        super().__init__(store, console)
+                 require_provider: bool = False, mode: str | None = None, step_timeout: float | None = None,
+                 jobs: int = 1):
+        super().__init__(store, console, jobs)
+        if jobs > 1:
+            self.name = "parallel"
         self.force, self.python, self.require_provider = force, python, require_provider
         self.mode = mode or os.environ.get("TOOLCHAIN_WORKER") or "warm"
         if self.mode not in WORKER_MODES:
             raise ValueError(f"TOOLCHAIN_WORKER must be one of {', '.join(WORKER_MODES)}, but got {self.mode!r}")
         timeout = step_timeout or os.environ.get("TOOLCHAIN_STEP_TIMEOUT")
         self.step_timeout = float(timeout) if timeout else None
-        self.workers: dict[tuple[str, str], Worker] = {}
+        self.idle: dict[tuple, list[Worker]] = {}  # slot -> warm workers waiting for a step
+        self.busy: set[Worker] = set()
+        self.pool_lock = threading.Lock()
         self.worker_pids: list[int] = []  # every worker this executor started, in order
 
-    def run(self, plan: Plan) -> dict[str, StepResult]:
-        results: dict[str, StepResult] = {}
-        for step in plan.steps.values():
-            if step.key in self.done:  # same step in an earlier variant of this build
-                r = self.done[step.key]
-                results[step.name] = StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record,
-                                                0.0, r.gate_failures)
-                continue
-            broken = [src for src in step.inputs.values() if results[src].status in ("failed", "skipped")]
-            if broken:
-                results[step.name] = self._unbuilt(step, "skipped", f"input '{broken[0]}' did not build")
-                continue
-            try:
-                results[step.name] = self._run_step(plan, step, results)
-            except (StageFailed, StageUserError) as exc:
-                self.errors.append(exc)
-                self.console.error(str(exc))
-                results[step.name] = self._unbuilt(step, "failed", str(exc).splitlines()[0])
-            self.done[step.key] = results[step.name]
-        return results
+    def _gpu_slots(self) -> scheduler.GpuSlots | None:
+        if self.jobs == 1:  # serial: every step sees the build's GPUs, as it always did
+            return None
+        from toolchain import environment
+
+        return scheduler.GpuSlots([g.get("name", "?") for g in environment.gpus()],
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def _run_node(self, plan, step, results, gpus) -> StepResult:
+        return self._run_step(plan, step, results, gpus)
+
+    def interrupt(self) -> None:
+        with self.pool_lock:
+            super().interrupt()
+            for worker in list(self.busy):
+                worker.kill()  # its step fails in its thread, uncommitted
 
     def close(self) -> None:
-        for worker in self.workers.values():
+        with self.pool_lock:
+            workers = [w for ws in self.idle.values() for w in ws] + list(self.busy)
+            self.idle.clear()
+            self.busy.clear()
+        for worker in workers:
             worker.close()
-        self.workers.clear()
 
-    @staticmethod
-    def _unbuilt(step: Step, status: str, reason: str) -> StepResult:
-        record = {"outputs": {}, "metrics": {"error": reason}}
-        return StepResult(step.name, step.kind, step.key, status, reason, record, 0.0, [])
-
-    def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult]) -> StepResult:
+    def _run_step(self, plan: Plan, step: Step, results: dict[str, StepResult],
+                  gpus: scheduler.GpuAssignment | None = None) -> StepResult:
         t0 = time.perf_counter()
         # force: True rebuilds every step; a set of step names (--rebuild) only those
         forced = self.force is True or (bool(self.force) and step.name in self.force)
@@ -236,8 +285,15 @@ class LocalExecutor(Executor):
         try:
             lock.acquire(timeout=0.5)
         except Timeout:
-            self.console.print(f"  {step.name}: waiting for another build of the same step ({step.key[:12]})")
-            lock.acquire()
+            self.console.line(f"  {step.name}: waiting for another build of the same step ({step.key[:12]})")
+            while not self.stopping.is_set():  # (an interrupt must not wait for another build)
+                try:
+                    lock.acquire(timeout=0.5)
+                    break
+                except Timeout:
+                    continue
+            else:
+                raise KeyboardInterrupt
         try:
             if not forced:
                 record = self.store.lookup(step.key)
@@ -252,7 +308,8 @@ class LocalExecutor(Executor):
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
-            record = self._execute(plan, step, inputs, {role: results[src].record for role, src in step.inputs.items()})
+            record = self._execute(plan, step, inputs, {role: results[src].record for role, src in step.inputs.items()},
+                                   gpus)
             if record.get("not_run"):  # about this machine, not the inputs: never cached
                 return self._result(step, "not run", record["metrics"]["not_run"], record, t0)
             return self._result(step, "built", reason, record, t0)
@@ -267,28 +324,69 @@ class LocalExecutor(Executor):
             failures = step.stage.gate(metrics)
         if status in ("built", "not run"):
             work_seconds = record.get("timings", {}).get("work_seconds") or 0.0
+        source = {"built": "built", "cached": "local store"}.get(status, "")
+        ran_on = record.get("timings", {}).get("ran_on") if source else None
         return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
-                          work_seconds)
+                          work_seconds, source, ran_on)
 
-    def _slot(self, step: Step) -> tuple[str, str]:
-        return (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device)
+    def _env(self, step: Step, gpus: scheduler.GpuAssignment | None) -> dict[str, str]:
+        """What a step's worker gets on top of the build's environment when steps run side by side."""
+        env = {}
+        if gpus is not None and gpus.visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus.visible
+        if self.jobs > 1 and gpus is None and not scheduler.exclusive(step):
+            threads = str(scheduler.cpu_threads(self.jobs))
+            env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads})
+        return env
 
-    def _worker(self, step: Step) -> Worker:
-        slot = self._slot(step)
-        worker = self.workers.get(slot)
-        if worker is None or not worker.alive():
-            if worker is not None:
-                worker.close()
-            worker = self.workers[slot] = Worker(self.python, self.store)
-            self.worker_pids.append(worker.pid)
+    def _take_worker(self, step: Step, env: dict[str, str], input_keys: set[str]) -> Worker:
+        """A warm worker of this step's slot (preferably the one that ran an input of it: its model
+        may still be in memory), or a new one."""
+        slot = (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device,
+                tuple(sorted(env.items())))
+        with self.pool_lock:
+            if self.stopping.is_set():
+                raise KeyboardInterrupt
+            waiting = self.idle.setdefault(slot, [])
+            for w in list(waiting):
+                if not w.alive():
+                    waiting.remove(w)
+                    w.close()
+            waiting.sort(key=lambda w: w.last_key in input_keys)
+            worker = waiting.pop() if waiting else None
+            if worker is None:
+                worker = Worker(self.python, self.store, env)
+                self.worker_pids.append(worker.pid)
+            worker.slot = slot
+            self.busy.add(worker)
         return worker
 
-    def _retire(self, step: Step) -> None:
-        worker = self.workers.pop(self._slot(step), None)
-        if worker is not None:
+    def _give_worker(self, worker: Worker, retire: bool) -> None:
+        with self.pool_lock:
+            self.busy.discard(worker)
+            keep = not retire and worker.alive() and not self.stopping.is_set()
+            if keep:
+                self.idle.setdefault(worker.slot, []).append(worker)
+        if not keep:
             worker.close()
 
-    def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict]) -> dict:
+    def _ran_on(self, worker: Worker, gpus: scheduler.GpuAssignment | None) -> dict:
+        """Where a step was built: this host, this executor, its GPUs and CPU threads."""
+        from toolchain import environment
+
+        gpu = None
+        if gpus is not None or os.environ.get("CUDA_VISIBLE_DEVICES"):
+            names = environment.gpus()
+            indices = gpus.indices if gpus is not None else range(len(names))
+            gpu = {"indices": list(indices), "visible": worker.env_extra.get("CUDA_VISIBLE_DEVICES",
+                                                                               os.environ.get("CUDA_VISIBLE_DEVICES")),
+                   "names": [names[i]["name"] for i in indices if i < len(names)]}
+        threads = worker.env_extra.get("OMP_NUM_THREADS")
+        return {"host": socket.gethostname(), "executor": self.name, "gpu": gpu,
+                "threads": int(threads) if threads else None}
+
+    def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict],
+                 gpus: scheduler.GpuAssignment | None = None) -> dict:
         work = self.store.new_tmp(step.name)
         out = work / "out"
         out.mkdir()
@@ -305,16 +403,25 @@ class LocalExecutor(Executor):
             (work / "spec.json").write_text(json.dumps(spec, indent=1))
             log_path.unlink(missing_ok=True)  # the log of an earlier run of this key
             before = self._input_objects(inputs, records)
-            worker = self._worker(step)
-            with self.console.step(f"{step.name} ({step.kind})") as update:
-                try:
-                    event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
-                except WorkerDied as exc:
-                    why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
-                    self._retire(step)
-                    event = {"code": exc.code, "why": why}
-            if event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated:  # (a worker that could not write its result exits)
-                self._retire(step)
+            worker = self._take_worker(step, self._env(step, gpus), set(spec["input_keys"].values()))
+            retire = True
+            title = f"{step.name} ({step.kind})"
+            if self.jobs > 1 and plan.recipe.variant_id:  # lines of concurrent variants say whose they are
+                title = f"{step.name} [{plan.recipe.variant_id}] ({step.kind})"
+            try:
+                with self.console.step(title, live=self.jobs == 1) as update:
+                    try:
+                        event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
+                    except WorkerDied as exc:
+                        why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
+                        event = {"code": exc.code, "why": why}
+                # (a worker that could not write its result exits)
+                retire = bool(event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated)
+                worker.last_key = step.key
+            finally:
+                self._give_worker(worker, retire)
+            if self.stopping.is_set():  # interrupted: what the killed worker left is not committed
+                raise KeyboardInterrupt
             result = self._read_result(work) if event.get("code") == 0 else None
             if result is None:
                 code = event.get("code")
@@ -341,7 +448,8 @@ class LocalExecutor(Executor):
                       "timings": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
                                   "work_seconds": result.get("work_seconds"),
                                   "worker": {"mode": self.mode, "pid": result.get("pid"),
-                                             "reused_inputs": result.get("reused_inputs", [])}}}
+                                             "reused_inputs": result.get("reused_inputs", [])},
+                                  "ran_on": self._ran_on(worker, gpus)}}
             if result["metrics"].get("not_run"):
                 return {**fields, "outputs": {}, "not_run": True}
             return self.store.commit(step.key, out, fields, self._carried(out, before))
@@ -409,3 +517,26 @@ class LocalExecutor(Executor):
             return ""
         text = [t for t in text if not t.startswith("[progress]")][-lines:]
         return ("\n    last lines of the log:\n      " + "\n      ".join(text)) if text else ""
+
+
+EXECUTORS = ("local", "ray")
+
+
+def open_executor(store: ArtifactStore, console: Console, kind: str = "local", jobs: int = 1,
+                  ray_address: str | None = None, **options) -> Executor:
+    """The executor a build asked for: `local` (serial, or `jobs` side by side) or `ray` (a step
+    per Ray task, on the cluster at `ray_address` or on a local one it starts). Never another one
+    than asked for: a `ray` that cannot start is an error, not a local build."""
+    from toolchain.errors import UsageError
+
+    if kind not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, but got {kind!r}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be a whole number of at least 1, but got {jobs!r}")
+    if kind == "ray":
+        from toolchain.execution.ray_executor import RayExecutor
+
+        return RayExecutor(store, console, address=ray_address, jobs=jobs, **options)
+    if ray_address:
+        raise UsageError("--ray-address is only for --executor ray; add `--executor ray` or drop --ray-address")
+    return LocalExecutor(store, console, jobs=jobs, **options)

@@ -274,3 +274,57 @@ def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
         step.key = hash_value(material)
     if problems:
         raise RecipeError(problems)
+
+
+@dataclass(frozen=True)
+class GpuClaim:
+    """The GPUs a step needs to itself when steps run side by side. `count` GPUs of the executor's
+    choosing (the step says `cuda`: it sees only them, as its `cuda:0`), or the GPUs the recipe
+    names (`pinned`, in the build's CUDA numbering: `cuda:N`, a `device_map`/`max_memory` over
+    several GPUs), or every GPU (`everything`: `device_map: auto` without `max_memory`). A pinned
+    or `everything` step sees every GPU, so the indices in its recipe keep their meaning."""
+
+    count: int = 1
+    pinned: tuple[int, ...] = ()
+    everything: bool = False
+
+
+def _placement_gpus(params: dict) -> tuple[set[int], bool]:
+    """GPU indices a step's own `device_map`/`max_memory` names; True when it spreads over all."""
+    found: set[int] = set()
+    device_map, max_memory = params.get("device_map"), params.get("max_memory") or {}
+    for dev in (device_map.values() if isinstance(device_map, dict) else ()):
+        text = str(dev)
+        if isinstance(dev, int) or text.isdigit():
+            found.add(int(text))
+        elif text.startswith("cuda:") and text[5:].isdigit():
+            found.add(int(text[5:]))
+    found |= {int(k) for k in max_memory if str(k).isdigit()}
+    spread_all = isinstance(device_map, str) and not found  # `auto` with no memory per GPU: every GPU
+    return found, spread_all
+
+
+def gpu_claim(plan: Plan, name: str) -> GpuClaim | None:
+    """What `name` needs of the machine's GPUs (None: no GPU). A placement over several GPUs is
+    stored with the model and every later load uses it, so the steps that take such a model
+    claim the same GPUs."""
+    pinned, spread_all = set(), False
+    seen, todo = set(), [name]
+    while todo:  # this step and every step upstream of it
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        step = plan.steps[current]
+        found, everything = _placement_gpus(step.params)
+        pinned |= found
+        spread_all |= everything
+        todo += step.inputs.values()
+    if spread_all:
+        return GpuClaim(everything=True)
+    device = plan.steps[name].device
+    if device.startswith("cuda:") and device[5:].isdigit():
+        pinned.add(int(device[5:]))
+    if pinned:
+        return GpuClaim(count=len(pinned), pinned=tuple(sorted(pinned)))
+    return GpuClaim() if device.startswith("cuda") else None
