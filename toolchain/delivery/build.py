@@ -19,7 +19,8 @@ from filelock import FileLock
 from toolchain import __version__, environment
 from toolchain.console import Console
 from toolchain.errors import ToolchainError, UsageError, machine_error
-from toolchain.execution.executor import StepResult, open_executor
+from toolchain.execution.executor import StepResult
+from toolchain.execution.executors import open_executor
 from toolchain.hashing import hash_file
 from toolchain.planning.plan import Plan, variant_folder
 from toolchain.delivery.report import render_markdown
@@ -41,7 +42,7 @@ class BuildFailed(ToolchainError):
 
 def build(plans: list[Plan], store: ArtifactStore, out: Path | None, console: Console, force: bool | frozenset = False,
           require_provider: bool = False, jobs: int = 1, executor: str = "local", ray_address: str | None = None) -> dict:
-    """`jobs`, `executor`, `ray_address`: how the steps run (execution.executor.open_executor);
+    """`jobs`, `executor`, `ray_address`: how the steps run (execution.executors.open_executor);
     what is built, delivered and written in the manifest does not depend on them."""
     store.require_writable()
     with store.using():

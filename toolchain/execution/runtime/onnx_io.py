@@ -143,11 +143,7 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
 # onnxruntime's fused operators (packed QKV attention or GroupQueryAttention, RotaryEmbedding,
 # SkipSimplifiedLayerNormalization): about 12 nodes a layer where a traced export has about 60.
 # It is run as a separate process (it prints freely and keeps module state) on the saved checkpoint.
-GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-GENAI_PROVIDERS = {"cpu": "cpu", "cuda": "cuda"}
-
-
-def export_genai(src: Path, dtype: str, provider: str, out_dir: Path, work: Path, log=print) -> dict:
+def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: Path, log=print) -> dict:
     """Build a decoder with a KV cache from the checkpoint folder `src` into out_dir/model.onnx
     with onnxruntime-genai's model builder; returns the graph description saved in toolchain.json.
     The builder's genai_config.json is kept, so the folder also runs under onnxruntime-genai."""
@@ -161,7 +157,7 @@ def export_genai(src: Path, dtype: str, provider: str, out_dir: Path, work: Path
     cache = work / "genai-cache"
     built = work / "genai-out"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(built),
-           "-p", GENAI_PRECISION[dtype], "-e", GENAI_PROVIDERS[provider], "-c", str(cache)]
+           "-p", precision, "-e", provider, "-c", str(cache)]
     log("running: " + " ".join(cmd))
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     log(run.stdout[-20000:])

@@ -9,6 +9,10 @@ from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, Che
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS
 from toolchain.planning.stages.compile import refuse_compiled
 
+# onnxruntime-genai's model builder (`exporter: genai`): its names for our dtypes and providers
+GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+GENAI_PROVIDERS = ("cpu", "cuda")
+
 
 @dataclass
 class ExportOnnxParams:
@@ -71,7 +75,6 @@ class ExportOnnx(Stage):
     def _check_genai(ctx: CheckContext, task: str | None) -> None:
         """onnxruntime-genai's model builder: decoders with a KV cache, from a plain checkpoint."""
         from toolchain import environment
-        from toolchain.execution.runtime.onnx_io import GENAI_PRECISION, GENAI_PROVIDERS
 
         p, t = ctx.params, ctx.inputs["model"]
         if task != "text-generation" or not p.kv_cache:
@@ -103,7 +106,8 @@ class ExportOnnx(Stage):
         if p.exporter == "genai":
             facts = self.derive(p, ArtifactFacts.from_dict(read_meta(src)))
             ctx.progress(f"building the decoder (onnxruntime-genai model builder, {facts.dtype}, {p.provider})")
-            graph = onnx_io.export_genai(src, facts.dtype, p.provider, ctx.output, ctx.output.parent, log=ctx.log)
+            graph = onnx_io.export_genai(src, GENAI_PRECISION[facts.dtype], p.provider, ctx.output, ctx.output.parent,
+                                         log=ctx.log)
         else:
             ctx.progress("loading model")
             model, _, meta = models.load_artifact(src, p.device)
