@@ -116,6 +116,11 @@ def test_rules_genai_builder_makes_decoders_only_and_its_version_is_in_the_key(t
     """)
     msgs = [p.message for p in plan_problems(r)]
     assert any("KV cache only" in m for m in msgs) and any("targets cpu or cuda" in m for m in msgs)
+    r = tiny_recipe(tmp_path, "genai32", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {exporter: genai, provider: cuda}}
+    """)
+    assert any("no float32 CUDA decoder" in p.message for p in plan_problems(r))
     # the builder's version keys a genai export, and only a genai export
     from toolchain.planning import registry
 

@@ -6,11 +6,13 @@
 #   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
 #           (what the store's Inductor cache saves a second cold compile)
 #   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
+#   genai   recipes/gpu/smollm2-genai-cuda.yaml (the model builder's fp16 decoder on onnxruntime CUDA)
 #   cold    recipes/gpu/bert-base-cuda.yaml on an empty store (issue 11: cold build time and each
 #           step's overhead, i.e. its wall time minus the time inside the stage)
 # Needs the staged wheels (.gpu) and model packages (.gpub). Logs and results go to $OUT.
 set -uo pipefail
 source "$HOME/gpu-env.sh"; source "$HOME/models-env.sh"
+[ -f "$HOME/genai-env.sh" ] && source "$HOME/genai-env.sh"  # onnxruntime-genai (exporter: genai), staged apart
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/issue10}; mkdir -p "$OUT"
 STORE=${STORE:-/tmp/store-issue10}
@@ -42,6 +44,7 @@ for part in "$@"; do
       build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
     llama) build llama recipes/gpu/llama7b-compile.yaml ;;
     cold) STORE=/tmp/store-cold-$$ build cold recipes/gpu/bert-base-cuda.yaml ;;
+    genai) build genai recipes/gpu/smollm2-genai-cuda.yaml ;;
   esac
 done
 python - "$OUT" <<'PY'

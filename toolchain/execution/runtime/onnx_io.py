@@ -171,6 +171,11 @@ def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: 
     m = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
     names = [i.name for i in m.graph.input]
     outputs = [o.name for o in m.graph.output]
+    made = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
+    missing = [o for o in outputs if o not in made]
+    if missing:  # onnxruntime would refuse to load it; never let such a graph into the store
+        raise RuntimeError(f"the model builder wrote a graph whose outputs {missing[:3]} no node produces "
+                           f"({precision} on {provider}); onnxruntime cannot load it")
     if not any(n.startswith("past_key_values.") for n in names) or "logits" not in outputs:
         raise RuntimeError(f"the model builder's graph has inputs {names[:4]} and outputs {outputs[:2]}; expected "
                            "past_key_values.* inputs and a logits output")

@@ -83,6 +83,12 @@ class ExportOnnx(Stage):
         if t.get("dtype") not in GENAI_PRECISION:
             ctx.error(f"the model builder takes float32, float16 or bfloat16 weights, but this model is "
                       f"{t.get('dtype')}", "exporter")
+        if p.provider == "cuda" and t.get("dtype") == "float32":
+            # measured with 0.18.0 on SmolLM2 (grouped KV heads): for fp32 CUDA the builder picks the packed
+            # Attention operator, which has no KV-cache outputs, and writes a graph onnxruntime refuses to load
+            ctx.error("the model builder has no float32 CUDA decoder for grouped-query attention (onnxruntime's "
+                      "GroupQueryAttention CUDA kernels are half precision)", "exporter",
+                      hint="export a float16 or bfloat16 load of the model (`params: {dtype: float16}` on its load)")
         if p.provider not in GENAI_PROVIDERS:
             ctx.error(f"the model builder targets {' or '.join(GENAI_PROVIDERS)}, not {p.provider}", "provider",
                       hint="use `exporter: dynamo` for other providers")
