@@ -288,7 +288,14 @@ stages:
     kind: benchmark
     inputs: {{model: compiled}}
     params: {{batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 6}}
-targets: [compiled]
+  pick:
+    kind: select
+    inputs: {{reference: load, candidates: [load, compiled]}}
+    params:
+      rank_by: decode
+      parity: {{samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {{prompts: 3, new_tokens: 6}}}}
+      benchmark: {{batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 4}}
+targets: [compiled, pick]
 """)
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
@@ -298,6 +305,10 @@ targets: [compiled]
     assert gen["prompts"] == 4 and gen["equal"] == 4, gen
     decode = steps["speed"]["metrics"]["timings"]["decode (per token)"]
     assert decode["iterations"] >= 3 and decode["timer"] == "host clock around each step"  # (CUDA: events)
+    # select shows each decoder's greedy generations beside its speed (the table and report.md)
+    rows = {r["name"]: r for r in steps["pick"]["metrics"]["candidates"]}
+    assert rows["compiled"]["generation"]["equal"] == rows["compiled"]["generation"]["prompts"] == 3
+    assert "3/3 identical" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_graphs_rank_and_peak_rules(tmp_path):

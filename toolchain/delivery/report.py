@@ -66,7 +66,8 @@ def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
 
 
 SELECT_HEADER = ["candidate", "runtime", "result", "median ms", "p90 ms", "CoV", "throughput", "TFLOP/s (% of peak)",
-                 "peak MB", "compile s (build)", "first call s", "max abs", "smallest atol that passes", "why"]
+                 "peak MB", "compile s (build)", "first call s", "max abs", "smallest atol that passes",
+                 "greedy generation", "why"]
 
 
 def _tflops(r: dict) -> str:
@@ -79,6 +80,11 @@ def _tflops(r: dict) -> str:
     return ", ".join(out) or "-"
 
 
+def _generation(g: dict | None) -> str:
+    """`20/20 identical` for a candidate whose greedy generations were compared, else `-`."""
+    return f"{g['equal']}/{g['prompts']} identical" if g and g.get("prompts") else "-"
+
+
 def select_rows(step: StepResult) -> list[list[str]]:
     rows = []
     for r in step.metrics.get("candidates", []):
@@ -87,7 +93,7 @@ def select_rows(step: StepResult) -> list[list[str]]:
                      _fmt(r.get("p90_ms")), "-" if cov is None else f"{100 * cov:.1f}%",
                      f"{_fmt(r.get('throughput'))} {r.get('throughput_unit', '')}".strip(), _tflops(r),
                      _fmt(r.get("peak_memory_mb")), _fmt(r.get("build_compile_s")), _fmt(r.get("first_call_s")),
-                     _fmt(r.get("max_abs")), _fmt(r.get("min_atol_to_pass")),
+                     _fmt(r.get("max_abs")), _fmt(r.get("min_atol_to_pass")), _generation(r.get("generation")),
                      r["why"].replace("|", "\\|")])
     return rows
 

@@ -118,7 +118,10 @@ def _row(bench: dict, parity: dict, rank_by: str = "forward") -> dict:
            "memory_kind": bench["memory_kind"], "load_s": bench.get("load_seconds"),
            "first_call_s": sum(first) if first else None, "compile_stats": bench.get("compile"),
            "timings": bench["timings"], "parity": parity["outputs"], "warnings": bench["warnings"],
-           "measured_peak_tflops": bench.get("measured_peak_tflops")}
+           "measured_peak_tflops": bench.get("measured_peak_tflops"),
+           # greedy generation against the reference (LMs), as validate reports it: the evidence that a
+           # decoder which wins on speed also writes the same text
+           "generation": parity.get("generation"), "top1_agreement": parity.get("top1_agreement")}
     if not parity["passed"]:
         row.update(status="failed parity", why="failed parity: " + "; ".join(parity["failures"]))
     elif errors:
