@@ -93,6 +93,10 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
                 "work_seconds": round(r.work_seconds, 3),
                 "worker": r.record.get("timings", {}).get("worker") if r.status in ("built", "not run") else None,
                 "device": step.device,
+                # where the step's outputs came from in this build: built here, the local store, a remote cache
+                "source": {"built": "built", "not run": "built", "cached": (r.origin or {}).get("source", "local")
+                           }.get(r.status),
+                "remote": r.origin,
                 "gate": {"passed": not r.gate_failures, "failures": r.gate_failures}
                 if step.stage.has_gate else None,
             })
@@ -107,7 +111,7 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
         "recipe": {"name": recipe.name, "file": str(recipe.path), "description": recipe.data.get("description")},
         "status": "failed" if failed else "passed",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "store": str(store.root), "environment": env, "variants": out_variants,
+        "store": str(store.root), "remote": store.remote_summary(), "environment": env, "variants": out_variants,
     }
 
 

@@ -46,6 +46,8 @@ class StepResult:
     seconds: float  # wall time of the step in this build (lookup, inputs, worker, commit)
     gate_failures: list[str] = field(default_factory=list)
     work_seconds: float = 0.0  # time inside the stage's `run` (0 when it did not run in this build)
+    # where a cached record came from: the store's `origin` ({"source": "remote", "url", ...}), else None
+    origin: dict | None = None
 
 
 class Executor(abc.ABC):
@@ -199,7 +201,7 @@ class LocalExecutor(Executor):
             if step.key in self.done:  # same step in an earlier variant of this build
                 r = self.done[step.key]
                 results[step.name] = StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record,
-                                                0.0, r.gate_failures)
+                                                0.0, r.gate_failures, origin=r.origin)
                 continue
             broken = [src for src in step.inputs.values() if results[src].status in ("failed", "skipped")]
             if broken:
@@ -248,6 +250,8 @@ class LocalExecutor(Executor):
             if step.key in self.store.dropped:
                 reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
                 self.console.warn(f"{step.name}: {reason}; building it again")
+            elif self.store.rejection(step.key):
+                reason = f"its remote cache entry was refused ({self.store.rejection(step.key)})"
             elif not forced and reason != keydiff.FIRST:
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
@@ -267,8 +271,11 @@ class LocalExecutor(Executor):
             failures = step.stage.gate(metrics)
         if status in ("built", "not run"):
             work_seconds = record.get("timings", {}).get("work_seconds") or 0.0
+        origin = self.store.origin(step.key) if status == "cached" else None
+        if origin:
+            reason = f"found in the remote cache {origin['url']}"
         return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
-                          work_seconds)
+                          work_seconds, origin)
 
     def _slot(self, step: Step) -> tuple[str, str]:
         return (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device)
