@@ -346,7 +346,9 @@ def _cache_remote(args, console: Console) -> int:
     for key in keys:
         if store.lookup(key) is not None:
             here += 1
-        elif cached.lookup(key) is None and not remote.stats.rejected.get(key) and not remote.stats.errors:
+            continue
+        errors = len(remote.stats.errors)
+        if cached.lookup(key) is None and key not in remote.stats.rejected and len(remote.stats.errors) == errors:
             missing += 1
     s = remote.stats
     console.print(f"pulled from {remote.url}: {s.hits} entries ({_human(s.bytes_down)} in {s.seconds_down:.1f} s), "
