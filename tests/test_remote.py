@@ -6,6 +6,7 @@ concurrent uploaders cannot corrupt anything, and push / pull / ls / gc work rem
 One tiny real recipe is built once into store A with --remote (the module's `warm` fixture);
 every test starts from that warm remote (copied server-side when a test tampers with it)."""
 import hashlib
+import shutil
 import json
 import subprocess
 import sys
@@ -275,3 +276,30 @@ def test_four_concurrent_builds_with_separate_stores(s3, tmp_path):
     _check_remote_consistent(s3, "four", SimpleNamespace(steps=steps))
     for i in range(4):
         assert run_cli("cache", "verify", "--store", tmp_path / f"store-{i}").returncode == 0
+
+
+def test_killed_pull_leaves_the_local_store_consistent(warm, s3, tmp_path):
+    """SIGKILL in the middle of downloads (once a file is arriving in the store's tmp/): never a
+    record without its verified objects, and the next pull finishes the job."""
+    import signal
+
+    store = tmp_path / "store"
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "toolchain", "cache", "pull", "--store", str(store), "--remote",
+                              s3.url("warm")], env={**_env(), **s3.env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not any((store / "tmp").glob("*-pull-*/*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert p.poll() is None, "the pull ended before a download could be interrupted"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        verify = run_cli("cache", "verify", "--store", store)
+        assert verify.returncode == 0, verify.stderr
+        shutil.rmtree(store / "actions")  # start over and with no objects, so that every attempt downloads
+        (store / "actions").mkdir()
+        shutil.rmtree(store / "objects")
+        (store / "objects").mkdir()
+    pull = run_cli("cache", "pull", "--store", store, "--remote", s3.url("warm"), env=s3.env)
+    assert pull.returncode == 0 and "3 entries" in pull.stderr, pull.stderr
+    assert run_cli("cache", "verify", "--store", store).returncode == 0
