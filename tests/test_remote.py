@@ -75,6 +75,7 @@ def test_empty_store_with_a_warm_remote_builds_nothing(warm, s3, tmp_path):
     unique = {o["sha256"]: o["size"] for s in warm.steps.values() for o in s["outputs"].values()}
     assert m["remote"]["bytes_downloaded"] == sum(unique.values())  # each object once
     assert "0 built, 3 cached" in res.stderr and "3 hits" in res.stderr
+    assert "cached (remote)" in (out / "report.md").read_text()
     assert files_of(out) == warm.files  # byte-identical deliveries
     assert run_cli("cache", "verify", "--store", tmp_path / "store-b").returncode == 0
     # and the next build is served by the local store alone

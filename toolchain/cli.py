@@ -198,7 +198,7 @@ def summary(build, console: Console, seconds: float, output) -> None:
     from toolchain.delivery.report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
 
     for v in build.variants:
-        rows = [[s.name, s.kind, s.status, s.key[:12],
+        rows = [[s.name, s.kind, s.shown_status, s.key[:12],
                  f"{s.build_seconds:.1f}" if s.build_seconds is not None else "-",
                  _gate_word(s)] for s in v.steps]
         console.table(f"steps {v.label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)

@@ -201,13 +201,20 @@ class StepResult:
     metrics: dict  # the stage's own metrics (select's table, quantize's footprint, ...)
     parity: ParityResult | None = None
     latency: LatencyResult | None = None
+    source: str | None = None  # built | local | remote (a cached step: which store it came from)
+
+    @property
+    def shown_status(self) -> str:
+        """The status with where a cached step came from, when that was a remote cache."""
+        return f"{self.status} (remote)" if self.source == "remote" else self.status
 
     @classmethod
     def read(cls, s: dict) -> "StepResult":
         m = s.get("metrics") or {}
         gate = s.get("gate")
         step = cls(s["name"], s["kind"], s["status"], s["key"], s.get("build_seconds"), gate is not None,
-                   bool(gate is None or gate["passed"]), list((gate or {}).get("failures", [])), m.get("not_run"), m)
+                   bool(gate is None or gate["passed"]), list((gate or {}).get("failures", [])), m.get("not_run"), m,
+                   source=s.get("source"))
         if not step.not_run and s["kind"] == "validate" and m:
             step.parity = ParityResult.read(m, step.failures)
         if not step.not_run and s["kind"] == "benchmark" and m:
