@@ -79,8 +79,10 @@ def test_empty_store_with_a_warm_remote_builds_nothing(warm, s3, tmp_path):
     assert files_of(out) == warm.files  # byte-identical deliveries
     assert run_cli("cache", "verify", "--store", tmp_path / "store-b").returncode == 0
     # and the next build is served by the local store alone
-    again = build(warm.recipe, tmp_path / "store-b", out, s3.url("warm"), s3)
+    again = run_cli("build", warm.recipe, "--store", tmp_path / "store-b", "-o", out,  # the remote from the env
+                    env={**s3.env, "TOOLCHAIN_REMOTE": s3.url("warm"), "TOOLCHAIN_REMOTE_READ_ONLY": "1"})
     assert again.returncode == 0, again.stderr
+    assert f"remote cache {s3.url('warm')}" in again.stderr and "read-only" in again.stderr
     assert {s["source"] for s in steps_of(out).values()} == {"local"}
 
 

@@ -286,6 +286,13 @@ def _cache_remote(args, console: Console) -> int:
     if not url:
         raise UsageError(f"`toolchain cache {args.cache_cmd}` needs --remote s3://bucket/prefix (or TOOLCHAIN_REMOTE)")
     remote = _remote(args, console, url)
+    try:
+        return _cache_remote_cmd(args, console, remote)
+    except remote.errors as exc:
+        raise remote.unavailable(exc, f"running `toolchain cache {args.cache_cmd}`") from None
+
+
+def _cache_remote_cmd(args, console: Console, remote) -> int:
     if args.cache_cmd == "ls":
         rows, total = [], 0
         for key, modified, _ in remote.records():

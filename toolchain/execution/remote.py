@@ -117,6 +117,12 @@ class RemoteCache:
         except Exception as exc:  # a malformed endpoint URL, an unreadable profile
             raise UsageError(f"cannot set up the remote cache {self.url}: {exc}") from None
         self.endpoint = self.client.meta.endpoint_url
+        from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3UploadFailedError
+
+        # what talking to the remote can raise once boto3's retries are spent (anything else is a bug
+        # of ours, or the local disk's OSError, and is not dressed up as a network problem)
+        self.errors = (BotoCoreError, ClientError, RetriesExceededError, S3DownloadFailedError, S3UploadFailedError)
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
 
     # -- names ----------------------------------------------------------------------------------
@@ -146,6 +152,9 @@ class RemoteCache:
         from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
         where = f"the remote cache {self.url} (endpoint {self.endpoint})"
+        cause = exc.__cause__ or exc.__context__  # s3transfer wraps the S3 answer in its own error
+        if not isinstance(exc, ClientError) and isinstance(cause, ClientError):
+            exc = cause
         code = self._code(exc) if isinstance(exc, ClientError) else ""
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             why = (f"no AWS credentials were found for {where}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -168,7 +177,7 @@ class RemoteCache:
         no such bucket): a misconfigured cache is an error, never a silent cold build."""
         try:
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key("actions") + "/", MaxKeys=1)
-        except Exception as exc:
+        except self.errors as exc:
             raise self.unavailable(exc, "listing its records") from None
 
     # -- records --------------------------------------------------------------------------------
@@ -380,7 +389,7 @@ class RemoteCachedStore(ArtifactStore):
         before = self.remote.stats.bytes_down
         try:
             record = self.remote.fetch(self.local, key)
-        except Exception as exc:  # the network failed after boto3's retries: warn, build here
+        except self.remote.errors as exc:  # the network failed after boto3's retries: warn, build here
             error = self.remote.unavailable(exc, f"downloading the entry {key[:12]}")
             self.remote.stats.errors.append(str(error))
             self.console.warn(f"{error}; the step is built here instead")
@@ -400,7 +409,7 @@ class RemoteCachedStore(ArtifactStore):
     def push(self, record: dict) -> str | None:
         try:
             return self.remote.upload(self.local, record)
-        except Exception as exc:  # the build's result is good here; the upload is reported as failed
+        except self.remote.errors as exc:  # the build's result is good here; the upload is reported as failed
             error = self.remote.unavailable(exc, f"uploading the entry {record['key'][:12]}")
             self.remote.stats.errors.append(str(error))
             self.console.warn(f"{error}; the step's result is in the local store only")
