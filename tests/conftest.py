@@ -123,10 +123,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 class S3Server:
-    def __init__(self, endpoint: str, env: dict):
+    def __init__(self, endpoint: str, env: dict, reader_env: dict):
         import boto3
 
-        self.endpoint, self.env, self.bucket = endpoint, env, S3_BUCKET
+        self.endpoint, self.env, self.reader_env, self.bucket = endpoint, env, reader_env, S3_BUCKET
         self.client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
@@ -147,9 +147,9 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """One real S3 server for the test session: SeaweedFS on free ports, credentials of its
-    `mini` user, the bucket made at start. Tests use it through the standard AWS variables
-    (`s3.env`, AWS_ENDPOINT_URL included) and separate prefixes."""
+    """One real S3 server for the test session: SeaweedFS on free ports, the bucket made at start,
+    two identities: `s3.env` may read and write, `s3.reader_env` only read and list. Tests use it
+    through the standard AWS variables (AWS_ENDPOINT_URL included) and separate prefixes."""
     import time
 
     weed = weed_binary()
@@ -166,11 +166,17 @@ def s3(tmp_path_factory):
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_CONFIG_FILE": str(folder / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-credentials")}
     (folder / "data").mkdir()
+    reader_env = {**env, "AWS_ACCESS_KEY_ID": "toolchain-reader", "AWS_SECRET_ACCESS_KEY": "toolchain-reader-secret"}
+    identities = [{"name": name, "credentials": [{"accessKey": e["AWS_ACCESS_KEY_ID"],
+                                                  "secretKey": e["AWS_SECRET_ACCESS_KEY"]}], "actions": actions}
+                  for name, e, actions in (("writer", env, ["Admin", "Read", "List", "Tagging", "Write"]),
+                                           ("reader", reader_env, ["Read", "List"]))]
+    (folder / "s3.json").write_text(json.dumps({"identities": identities}))
     log = open(folder / "weed.log", "w")
     proc = subprocess.Popen([str(weed), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             "-webdav=false", "-admin.ui=false", *(f"-{k}={v}" for k, v in ports.items())],
+                             "-webdav=false", "-admin.ui=false", f"-s3.config={folder / 's3.json'}", *(f"-{k}={v}" for k, v in ports.items())],
                             env={**os.environ, **env, "S3_BUCKET": S3_BUCKET}, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(endpoint, env)
+    server = S3Server(endpoint, env, reader_env)
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -146,6 +146,23 @@ def test_read_only_build_uploads_nothing(warm, s3, tmp_path):
     assert "read-only, nothing uploaded" in res.stderr
 
 
+def test_read_only_credentials(warm, s3, tmp_path):
+    """Credentials that may only read: --remote-read-only builds from the cache; without the flag
+    the build still finishes, and each refused upload is reported, naming the fix."""
+    out = tmp_path / "out"
+    res = run_cli("build", warm.recipe, "--store", tmp_path / "store", "-o", out, "--remote", s3.url("warm"),
+                  "--remote-read-only", env=s3.reader_env)
+    assert res.returncode == 0, res.stderr
+    assert {s["source"] for s in steps_of(out).values()} == {"remote"}
+    res = run_cli("build", warm.recipe, "--store", warm.store, "-o", out, "--remote", s3.url("denied"),
+                  "--rebuild", "validate", env=s3.reader_env)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "refused the credentials" in res.stderr and "--remote-read-only" in res.stderr, res.stderr
+    assert "in the local store only" in res.stderr
+    assert s3.keys("denied") == {}
+    assert len(json.loads((out / "manifest.json").read_text())["remote"]["errors"]) == 1
+
+
 def test_record_is_written_once(warm, s3, monkeypatch):
     from toolchain.console import Console
     from toolchain.execution.remote import RemoteCache
