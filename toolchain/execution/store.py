@@ -168,8 +168,9 @@ class Issue:
 class ArtifactStore(abc.ABC):
     """What executors and builds need from a store: action records by key, content-addressed
     objects, per-key locks, work folders, and the key history that explains rebuilds. `Store`
-    (a local folder) implements it; a remote store (S3) would implement the same operations,
-    keeping the same promise: a record is written last, and only through `commit`."""
+    (a local folder) implements it, and `remote.RemoteCachedStore` (the local store with an S3
+    cache behind it) too, keeping the same promise: a record is written last, and only after
+    every object it names is in place and verified."""
 
     root: Path
     dropped: dict[str, str]  # key -> why its broken entry was removed by `lookup` (this process)
