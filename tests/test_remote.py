@@ -323,3 +323,25 @@ def test_killed_pull_leaves_the_local_store_consistent(warm, s3, tmp_path):
     pull = run_cli("cache", "pull", "--store", store, "--remote", s3.url("warm"), env=s3.env)
     assert pull.returncode == 0 and "3 entries" in pull.stderr, pull.stderr
     assert run_cli("cache", "verify", "--store", store).returncode == 0
+
+
+def test_network_failure_mid_build_is_a_warning_and_a_local_build(warm, s3, tmp_path, monkeypatch, capfd):
+    """Once a build is under way, a remote that stops answering (after boto3's retries) makes a
+    lookup a reported miss and an upload a reported failure; the local store works on."""
+    from toolchain.console import Console
+    from toolchain.execution.remote import RemoteCache, RemoteCachedStore
+    from toolchain.execution.store import Store
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    store = RemoteCachedStore(Store(tmp_path / "store").init(),
+                              RemoteCache(s3.url("warm"), endpoint="http://127.0.0.1:9"), Console())
+    assert store.lookup(warm.steps["export"]["key"]) is None
+    out = store.new_tmp("out")
+    (out / "f.txt").write_text("made here")
+    record = store.commit("ab" * 32, out, {})
+    assert store.local.lookup("ab" * 32) == record
+    err = capfd.readouterr().err
+    assert err.count("cannot reach the remote cache s3://toolchain-cache/warm") == 2, err
+    assert "the step is built here instead" in err and "in the local store only" in err
+    assert len(store.remote_summary()["errors"]) == 2
