@@ -79,7 +79,8 @@ def remote_summary(manifest: dict, console: Console) -> None:
     if not r:
         return
     up = ("read-only, nothing uploaded" if r["read_only"] else
-          f"{r['records_uploaded']} records uploaded ({_human(r['bytes_uploaded'])} in {r['objects_uploaded']} files)")
+          f"{r['records_uploaded']} records uploaded, {r['records_already_there']} already there "
+          f"({_human(r['bytes_uploaded'])} in {r['objects_uploaded']} files)")
     extra = "".join(f", {len(r[k])} {k}" for k in ("refused", "conflicts", "errors") if r[k])
     console.print(f"remote cache {escape(r['url'])}: {r['hits']} hits, {_human(r['bytes_downloaded'])} downloaded in "
                   f"{r['download_seconds']:.1f} s; {up}{extra}")

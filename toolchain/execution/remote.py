@@ -383,7 +383,7 @@ class RemoteCachedStore(ArtifactStore):
 
     def lookup(self, key: str) -> dict | None:
         record = self.local.lookup(key)
-        if record is not None:
+        if record is not None or key in self.remote.stats.rejected:  # (refused once: not downloaded again)
             return record
         t0 = time.perf_counter()
         before = self.remote.stats.bytes_down
