@@ -345,3 +345,41 @@ def test_network_failure_mid_build_is_a_warning_and_a_local_build(warm, s3, tmp_
     assert err.count("cannot reach the remote cache s3://toolchain-cache/warm") == 2, err
     assert "the step is built here instead" in err and "in the local store only" in err
     assert len(store.remote_summary()["errors"]) == 2
+
+
+def test_racing_writers_of_one_key_leave_one_whole_record(warm, s3, monkeypatch):
+    """Threads upload different records for the same key at the same moment: exactly one is
+    written, whole; every other writer is told and keeps its hands off."""
+    import threading
+
+    from toolchain.console import Console
+    from toolchain.execution.remote import RemoteCache
+    from toolchain.execution.store import Store
+    from toolchain.hashing import hash_value
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    store = Store(warm.store).open()
+    remote = RemoteCache(s3.url("race"), console=Console(quiet=True))
+    record = store.lookup(warm.steps["export"]["key"])
+    variants = []
+    for rel in sorted(record["outputs"]):  # each without one output: all different, all well formed
+        other = json.loads(json.dumps(record))
+        del other["outputs"][rel]
+        other["outputs_hash"] = hash_value(other["outputs"])
+        variants.append(other)
+    assert len(variants) >= 3
+    start, results = threading.Barrier(len(variants)), []
+
+    def write(r):
+        start.wait()
+        results.append((r["outputs_hash"], remote.upload(store, r)))
+    threads = [threading.Thread(target=write, args=(r,)) for r in variants]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [h for h, outcome in results if outcome == "uploaded"]
+    assert len(winners) == 1 and sorted(o for _, o in results) == ["conflict"] * (len(variants) - 1) + ["uploaded"]
+    kept, problem = remote.get_record(record["key"])
+    assert problem is None and kept["outputs_hash"] == winners[0]
