@@ -103,3 +103,21 @@ def test_killing_the_ray_worker_of_a_running_step_leaves_the_store_consistent(tm
     status = {s["name"]: s["status"] for s in json.loads(again.stdout)["variants"][0]["steps"]}
     assert status == {"load": "cached", "export": "built"}
     assert run_cli("cache", "verify", "--store", store.root).returncode == 0
+
+
+def test_ray_tasks_read_and_fill_the_remote_cache(tmp_path, cluster, s3):
+    """With --remote, each Ray task's store has the remote behind it: the steps a Ray build makes
+    are uploaded, and a second Ray build on an empty store takes every step from the remote."""
+    recipe = tiny_recipe(tmp_path, "rr", MATRIX.replace('"${matrix.opset}"', "18"))
+    url = s3.url("ray")
+    first = run_cli("build", recipe, "--store", tmp_path / "a", "-o", tmp_path / "out-a", "--remote", url,
+                    "--executor", "ray", "--ray-address", cluster, env=s3.env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    made = json.loads((tmp_path / "out-a" / "manifest.json").read_text())["variants"][0]["steps"]
+    assert len([k for k in s3.keys("ray") if "/actions/" in k]) == len(made) == 3
+    again = run_cli("build", recipe, "--store", tmp_path / "b", "-o", tmp_path / "out-b", "--remote", url,
+                    "--executor", "ray", "--ray-address", cluster, env=s3.env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    steps = json.loads((tmp_path / "out-b" / "manifest.json").read_text())["variants"][0]["steps"]
+    assert {s["source"] for s in steps} == {"remote cache"}
+    assert [s["outputs"] for s in steps] == [s["outputs"] for s in made]

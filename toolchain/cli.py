@@ -49,6 +49,43 @@ def _plans(recipe_path: str, store):
     return plans
 
 
+def _remote(args, console: Console, url: str | None = None):
+    """The remote cache named by --remote (or `url`), checked to be usable before anything runs."""
+    from toolchain.execution.remote import RemoteCache
+
+    remote = RemoteCache(url or args.remote, endpoint=getattr(args, "remote_endpoint", None),
+                         read_only=getattr(args, "remote_read_only", False), console=console)
+    remote.check()
+    return remote
+
+
+def _with_remote(args, store, console: Console):
+    """`store`, with the remote cache of --remote or $TOOLCHAIN_REMOTE behind it when one is named."""
+    if not args.remote:
+        if args.remote_read_only or args.remote_endpoint:
+            raise UsageError("--remote-read-only and --remote-endpoint need --remote s3://... (or TOOLCHAIN_REMOTE)")
+        return store
+    from toolchain.execution.remote import RemoteCachedStore
+
+    remote = _remote(args, console)
+    console.print(f"remote cache {escape(remote.url)} at {escape(remote.endpoint)}"
+                  + (" (read-only: nothing is uploaded)" if remote.read_only else ""))
+    return RemoteCachedStore(store, remote, console)
+
+
+def remote_summary(manifest: dict, console: Console) -> None:
+    """One line on what the remote cache gave and took in this build."""
+    r = manifest.get("remote")
+    if not r:
+        return
+    up = ("read-only, nothing uploaded" if r["read_only"] else
+          f"{r['records_uploaded']} records uploaded, {r['records_already_there']} already there "
+          f"({_human(r['bytes_uploaded'])} in {r['objects_uploaded']} files)")
+    extra = "".join(f", {len(r[k])} {k}" for k in ("refused", "conflicts", "errors") if r[k])
+    console.print(f"remote cache {escape(r['url'])}: {r['hits']} hits, {_human(r['bytes_downloaded'])} downloaded in "
+                  f"{r['download_seconds']:.1f} s; {up}{extra}")
+
+
 # -- commands ----------------------------------------------------------------------------------
 def cmd_check(args, console: Console) -> int:
     from toolchain.planning.plan import build_plans
@@ -119,6 +156,7 @@ def cmd_build(args, console: Console) -> int:
         check_output(Path(args.output), store)
         previous = read_lock(Path(args.output))  # what the folder held, to say what this build changes
     plans = _plans(args.recipe, store)
+    store = _with_remote(args, store, console)
     force = True if args.force else frozenset(args.rebuild or ())
     unknown = sorted(force - {n for p in plans for n in p.steps}) if force is not True else []
     if unknown:
@@ -132,6 +170,7 @@ def cmd_build(args, console: Console) -> int:
                      require_provider=args.require_provider, **_execution(args))
     result = BuildResult.from_manifest(manifest)
     summary(result, console, time.perf_counter() - t0, args.output)
+    remote_summary(manifest, console)
     if previous is not None:
         changes = lock_changes(previous, lock_document(manifest, [(p, None) for p in plans]))
         console.print(f"since the last delivery into {args.output} (its toolchain.lock): "
@@ -179,7 +218,7 @@ def summary(build, console: Console, seconds: float, output) -> None:
     from toolchain.delivery.report import LATENCY_HEADER, PARITY_HEADER, latency_rows, parity_rows
 
     for v in build.variants:
-        rows = [[s.name, s.kind, s.status, s.key[:12],
+        rows = [[s.name, s.kind, s.shown_status, s.key[:12],
                  f"{s.build_seconds:.1f}" if s.build_seconds is not None else "-",
                  _gate_word(s)] for s in v.steps]
         console.table(f"steps {v.label}".strip(), ["step", "kind", "status", "key", "build s", "gate"], rows)
@@ -208,6 +247,8 @@ def summary(build, console: Console, seconds: float, output) -> None:
 
 
 def cmd_cache(args, console: Console) -> int:
+    if args.cache_cmd in ("push", "pull") or getattr(args, "remote", None):
+        return _cache_remote(args, console)
     store = _store(args)
     if args.cache_cmd == "gc":  # a wrong argument is an error even where there is no store yet
         older = _duration(args.older_than) if args.older_than else None
@@ -257,6 +298,90 @@ def cmd_cache(args, console: Console) -> int:
                       + (f", {_human(freed['cache_bytes'])} of compiler caches" if args.compiler_caches else ""))
         return 0
     raise UsageError("usage: toolchain cache {ls,verify,gc}")
+
+
+def _cache_remote(args, console: Console) -> int:
+    """`cache push|pull`, and `cache ls|gc --remote`: the remote cache's side of the store."""
+    url = args.remote or (os.environ.get("TOOLCHAIN_REMOTE") if args.cache_cmd in ("push", "pull") else None)
+    if not url:
+        raise UsageError(f"`toolchain cache {args.cache_cmd}` needs --remote s3://bucket/prefix (or TOOLCHAIN_REMOTE)")
+    remote = _remote(args, console, url)
+    try:
+        return _cache_remote_cmd(args, console, remote)
+    except remote.errors as exc:
+        raise remote.unavailable(exc, f"running `toolchain cache {args.cache_cmd}`") from None
+
+
+def _cache_remote_cmd(args, console: Console, remote) -> int:
+    if args.cache_cmd == "ls":
+        rows, total = [], 0
+        for key, modified, _ in remote.records():
+            record, problem = remote.get_record(key)
+            uploaded = time.strftime("%Y-%m-%d %H:%M", time.localtime(modified))
+            if record is None:
+                rows.append([key[:16], "?", "?", "?", uploaded, f"broken: {problem}" if problem else "gone"])
+                continue
+            size = sum(m["size"] for m in record["outputs"].values())
+            total += size
+            rows.append([key[:16], record.get("recipe", "?"), record.get("step", "?"), record.get("kind", "?"),
+                         uploaded, _human(size)])
+        objects = list(remote.objects())
+        if args.json:
+            print(json.dumps([dict(zip(["key", "recipe", "step", "kind", "uploaded", "size"], r)) for r in rows]))
+        else:
+            console.table(f"remote cache {remote.url}", ["key", "recipe", "step", "kind", "uploaded", "size"], rows)
+            console.print(f"{len(rows)} entries, {len(objects)} files, {_human(sum(o[2] for o in objects))} of objects")
+        return 0
+    if args.cache_cmd == "gc":
+        if args.max_size or args.compiler_caches:
+            raise UsageError("--max-size and --compiler-caches are for the local store; with --remote, gc removes "
+                             "entries by age (--older-than) and unreferenced files after --grace")
+        older = _duration(args.older_than) if args.older_than else None
+        grace = _duration(args.grace, "--grace") if args.grace else None
+        freed = remote.gc(older, **({"grace_s": grace} if grace is not None else {}), dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        console.print(f"{remote.url}: {verb} {freed['records']} entries, {freed['broken']} broken records, "
+                      f"{freed['objects']} unreferenced files ({_human(freed['bytes'])})")
+        return 0
+    from toolchain.execution.remote import RemoteCachedStore
+
+    store = _store(args)
+    if args.cache_cmd == "push":
+        remote.read_only = False
+        cached = RemoteCachedStore(store.open(), remote, console)
+        counts = {"uploaded": 0, "present": 0, "conflict": 0, "failed": 0, "broken": 0}
+        for key, _, _ in store.records():
+            record = store.lookup(key)  # rehashes what changed: a damaged local entry is never pushed
+            if record is None:
+                counts["broken"] += 1
+                console.warn(f"local entry {key[:12]} is broken ({store.dropped.get(key, 'gone')}); not pushed")
+                continue
+            counts[cached.push(record) or "failed"] += 1
+        console.print(f"pushed to {remote.url}: {counts['uploaded']} records uploaded, {counts['present']} already "
+                      f"there, {counts['conflict']} kept (other records already there), {counts['failed']} failed, "
+                      f"{counts['broken']} broken local entries skipped ({_human(remote.stats.bytes_up)} uploaded)")
+        return 1 if counts["failed"] else 0
+    # pull: every record of the remote, or those of a recipe's steps
+    remote.read_only = True
+    if args.recipe:
+        keys = list(dict.fromkeys(step.key for plan in _plans(args.recipe, store) for step in plan.steps.values()))
+    else:
+        store.init()
+        keys = [key for key, _, _ in remote.records()]
+    cached = RemoteCachedStore(store, remote, console)
+    here = missing = 0
+    for key in keys:
+        if store.lookup(key) is not None:
+            here += 1
+            continue
+        errors = len(remote.stats.errors)
+        if cached.lookup(key) is None and key not in remote.stats.rejected and len(remote.stats.errors) == errors:
+            missing += 1
+    s = remote.stats
+    console.print(f"pulled from {remote.url}: {s.hits} entries ({_human(s.bytes_down)} in {s.seconds_down:.1f} s), "
+                  f"{here} already here, {missing} not in the remote cache, {len(s.rejected)} refused, "
+                  f"{len(s.errors)} failed")
+    return 1 if s.rejected or s.errors else 0
 
 
 def cmd_validate(args, console: Console) -> int:
@@ -326,10 +451,10 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _duration(text: str) -> float:
+def _duration(text: str, flag: str = "--older-than") -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
     if not m:
-        raise UsageError(f"--older-than must look like 30m, 12h, 7d or 2w, but got {text!r}")
+        raise UsageError(f"{flag} must look like 30m, 12h, 7d or 2w, but got {text!r}")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
@@ -338,6 +463,22 @@ def _size(text: str) -> int:
     if not m:
         raise UsageError(f"--max-size must look like 500M or 20G, but got {text!r}")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def remote_flags(sp, build: bool = False, env: bool = False) -> None:
+    default = os.environ.get("TOOLCHAIN_REMOTE") or None if build else None
+    sp.add_argument("--remote", metavar="S3_URL", default=default,
+                    help="remote cache s3://bucket/prefix on any S3-compatible store"
+                    + (": steps missing here are downloaded from it (every file verified), steps built are "
+                       "uploaded (default: $TOOLCHAIN_REMOTE)" if build else
+                       " (default: $TOOLCHAIN_REMOTE)" if env else ": act on it instead of the local store"))
+    sp.add_argument("--remote-endpoint", metavar="URL", help="S3 endpoint for MinIO, SeaweedFS, R2 (default: "
+                    "$AWS_ENDPOINT_URL, else AWS); credentials come from the AWS variables or profiles")
+    if build:
+        sp.add_argument("--remote-read-only", action="store_true",
+                        default=os.environ.get("TOOLCHAIN_REMOTE_READ_ONLY", "") not in ("", "0"),
+                        help="use the remote cache but upload nothing (untrusted builds, pull requests from forks; "
+                        "default: $TOOLCHAIN_REMOTE_READ_ONLY=1)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -379,6 +520,7 @@ def parser() -> argparse.ArgumentParser:
                     "nodes must reach the store at the same path")
     sp.add_argument("--require-provider", action="store_true", help="fail (exit 1) when a check cannot run because "
                     "its onnxruntime provider is not available here, instead of reporting it as not run")
+    remote_flags(sp, build=True)
     common(sp)
     sp = sub.add_parser("validate", help="CI gate: check an ONNX model folder against a reference model "
                         "(parity and latency); exit 0 passed, 1 failed, 2 wrong input")
@@ -415,8 +557,9 @@ def parser() -> argparse.ArgumentParser:
     common(sp, store=False)
     sp = sub.add_parser("cache", help="inspect and maintain the artifact store")
     csub = sp.add_subparsers(dest="cache_cmd", required=True, metavar="ACTION")
-    c = csub.add_parser("ls", help="list entries")
+    c = csub.add_parser("ls", help="list entries (of the remote cache with --remote)")
     c.add_argument("--json", action="store_true")
+    remote_flags(c)
     common(c)
     c = csub.add_parser("verify", help="rehash every file the records point at; exit 1 on corruption")
     c.add_argument("--repair", action="store_true", help="drop broken entries (they will be rebuilt)")
@@ -427,6 +570,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="say what would be removed")
     c.add_argument("--compiler-caches", action="store_true", help="also remove the compilers' caches in the store "
                    "(Inductor, TensorRT engines): the next compile on this machine is cold again")
+    c.add_argument("--grace", help="with --remote: keep unreferenced remote files younger than this (default 1h; "
+                   "a concurrent upload writes its files before its record)")
+    remote_flags(c)
+    common(c)
+    c = csub.add_parser("push", help="upload the local store's entries to a remote cache (records written once)")
+    remote_flags(c, env=True)
+    common(c)
+    c = csub.add_parser("pull", help="download a recipe's entries (or all) from a remote cache, every file verified")
+    c.add_argument("recipe", nargs="?", help="recipe whose steps to pull (default: every entry of the remote cache)")
+    remote_flags(c, env=True)
     common(c)
     sp = sub.add_parser("env", help="what this machine offers (torch, CUDA, GPUs, onnxruntime providers, ...)")
     sp.add_argument("--json", action="store_true")

@@ -93,8 +93,9 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
                 "work_seconds": round(r.work_seconds, 3),
                 "worker": r.record.get("timings", {}).get("worker") if r.status in ("built", "not run") else None,
                 "device": step.device,
-                # where it came from (built, local store) and where it was built: host, executor, GPU
-                "source": r.source or None, "ran_on": r.ran_on,
+                # where it came from (built, local store, remote cache), where it was built (host, executor,
+                # GPU) and, for a remote hit, what the download cost
+                "source": r.source or None, "ran_on": r.ran_on, "remote": r.origin,
                 "gate": {"passed": not r.gate_failures, "failures": r.gate_failures}
                 if step.stage.has_gate else None,
             })
@@ -109,7 +110,7 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
         "recipe": {"name": recipe.name, "file": str(recipe.path), "description": recipe.data.get("description")},
         "status": "failed" if failed else "passed",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "store": str(store.root), "environment": env, "variants": out_variants,
+        "store": str(store.root), "remote": store.remote_summary(), "environment": env, "variants": out_variants,
     }
 
 

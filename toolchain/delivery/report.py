@@ -137,7 +137,7 @@ def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = No
         if v.variant:
             out.append(f"\n## Variant {', '.join(f'{k}={x}' for k, x in v.variant.items())}\n")
         out.append("\n### Steps\n\n")
-        rows = [[s.name, s.kind, s.status, s.key[:12], _fmt(s.build_seconds), s.where or "-"] for s in v.steps]
+        rows = [[s.name, s.kind, s.shown_status, s.key[:12], _fmt(s.build_seconds), s.where or "-"] for s in v.steps]
         out.append(_table(["step", "kind", "status", "key", "build s", "from / ran on"], rows))
         for s in v.steps:
             if s.not_run:

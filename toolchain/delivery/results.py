@@ -201,7 +201,7 @@ class StepResult:
     metrics: dict  # the stage's own metrics (select's table, quantize's footprint, ...)
     parity: ParityResult | None = None
     latency: LatencyResult | None = None
-    source: str | None = None  # built | local store (None in manifests older than the field)
+    source: str | None = None  # built | local store | remote cache (None in manifests older than the field)
     ran_on: dict | None = None  # {host, executor, gpu, threads} of the build that made it
 
     @property
@@ -219,6 +219,11 @@ class StepResult:
             extra.append(f"{r['threads']} threads")
         made = f"{r.get('host', '?')} ({', '.join(extra)})"
         return f"built on {made}" if self.source == "built" else f"{self.source} (built on {made})"
+
+    @property
+    def shown_status(self) -> str:
+        """The status with where a cached step came from, when that was a remote cache."""
+        return f"{self.status} (remote)" if self.source == "remote cache" else self.status
 
     @classmethod
     def read(cls, s: dict) -> "StepResult":

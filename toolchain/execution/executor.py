@@ -50,11 +50,13 @@ class StepResult:
     seconds: float  # wall time of the step in this build (lookup, inputs, worker, commit)
     gate_failures: list[str] = field(default_factory=list)
     work_seconds: float = 0.0  # time inside the stage's `run` (0 when it did not run in this build)
-    # where it came from: "built" (in this build), "local store"; empty when it has no output
+    # where it came from: "built" (in this build), "local store", "remote cache"; empty when it has no output
     source: str = ""
     # where its outputs were made: {host, executor, gpu, threads} (for a step from the store: the
     # build that made it, when its record says; None for records older than this field)
     ran_on: dict | None = None
+    # where a cached record came from: the store's `origin` ({"source": "remote", "url", ...}), else None
+    origin: dict | None = None
 
 
 class Executor(abc.ABC):
@@ -101,7 +103,7 @@ class Executor(abc.ABC):
     def _copy(step: Step, r: StepResult) -> StepResult:
         """The result of the same step (same key) run earlier in this build for another plan."""
         return StepResult(step.name, step.kind, step.key, r.status, r.reason, r.record, 0.0, r.gate_failures,
-                          source=r.source, ran_on=r.ran_on)
+                          source=r.source, ran_on=r.ran_on, origin=r.origin)
 
     @staticmethod
     def _unbuilt(step: Step, status: str, reason: str) -> StepResult:
@@ -304,6 +306,8 @@ class LocalExecutor(Executor):
             if step.key in self.store.dropped:
                 reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
                 self.console.warn(f"{step.name}: {reason}; building it again")
+            elif self.store.rejection(step.key):
+                reason = f"its remote cache entry was refused ({self.store.rejection(step.key)})"
             elif not forced and reason != keydiff.FIRST:
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
@@ -324,10 +328,13 @@ class LocalExecutor(Executor):
             failures = step.stage.gate(metrics)
         if status in ("built", "not run"):
             work_seconds = record.get("timings", {}).get("work_seconds") or 0.0
-        source = {"built": "built", "cached": "local store"}.get(status, "")
+        origin = self.store.origin(step.key) if status == "cached" else None
+        if origin:
+            reason = f"found in the remote cache {origin['url']}"
+        source = {"built": "built", "cached": "remote cache" if origin else "local store"}.get(status, "")
         ran_on = record.get("timings", {}).get("ran_on") if source else None
         return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
-                          work_seconds, source, ran_on)
+                          work_seconds, source, ran_on, origin)
 
     def _env(self, step: Step, gpus: scheduler.GpuAssignment | None) -> dict[str, str]:
         """What a step's worker gets on top of the build's environment when steps run side by side."""

@@ -44,9 +44,12 @@ def _import_ray():
     return ray
 
 
-def _step_task(store_root: str, plan: Plan, name: str, inputs: dict[str, StepResult], force, require_provider: bool):
+def _step_task(store_root: str, plan: Plan, name: str, inputs: dict[str, StepResult], force, require_provider: bool,
+               remote: dict | None = None):
     """The body of a step's Ray task (on any node): the local executor's own step, in a fresh
-    worker. Returns ("ok", StepResult) or ("failed", error class name, message, exit code)."""
+    worker. Returns ("ok", StepResult) or ("failed", error class name, message, exit code).
+    `remote` ({url, endpoint, read_only}): the build's remote cache, which the task's store keeps
+    behind it exactly as the driver's does (lookups fall through to it, builds are uploaded)."""
     from toolchain.execution.store import Store
 
     step = plan.steps[name]
@@ -56,6 +59,13 @@ def _step_task(store_root: str, plan: Plan, name: str, inputs: dict[str, StepRes
                 f"toolchain code for `{step.kind}` than the build that planned it; install the same toolchain "
                 "version on every node", 3)
     store = Store(store_root).open()
+    if remote:
+        from toolchain.execution.remote import RemoteCache, RemoteCachedStore
+
+        os.environ.update(remote["aws_env"])  # the driver's credentials and endpoint, for boto3 here
+
+        store = RemoteCachedStore(store, RemoteCache(remote["url"], endpoint=remote["endpoint"],
+                                                     read_only=remote["read_only"]), Console(quiet=True))
     executor = LocalExecutor(store, Console(quiet=True), force=force, require_provider=require_provider,
                              mode="fresh")
     executor.name = "ray"
@@ -118,13 +128,23 @@ class RayExecutor(Executor):
             count = max(claim.pinned) + 1 if claim.pinned else claim.count
         return {"num_cpus": 1, "num_gpus": count, **pin}
 
+    def _remote(self) -> dict | None:
+        """The build's remote cache, as the task re-opens it on its node (None: none)."""
+        remote = getattr(self.store, "remote", None)
+        if remote is None:
+            return None
+        # the standard AWS variables of the build travel with the task: a node started without them
+        # (a local cluster, a worker pool) reaches the bucket the build was given, as the build does
+        return {"url": remote.url, "endpoint": remote.endpoint, "read_only": remote.read_only,
+                "aws_env": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+
     def _run_node(self, plan: Plan, step: Step, results: dict[str, StepResult],
                   gpus: scheduler.GpuAssignment | None) -> StepResult:
         if self.stopping.is_set():
             raise KeyboardInterrupt
         inputs = {src: results[src] for src in step.inputs.values()}
         ref = self.task.options(**self.options, **self._resources(plan, step)).remote(
-            str(self.store.root), plan, step.name, inputs, self.force, self.require_provider)
+            str(self.store.root), plan, step.name, inputs, self.force, self.require_provider, self._remote())
         self.running.add(ref)
         self.console.line(f"  {step.name}{' [' + plan.recipe.variant_id + ']' if plan.recipe.variant_id else ''} "
                           f"({step.kind}): started as a Ray task")

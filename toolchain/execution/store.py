@@ -137,6 +137,27 @@ def _safe_rel(rel: object) -> bool:
     return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
+def record_problem(record: object, key: str) -> str | None:
+    """Why a parsed record cannot be trusted as the record of `key` (None: it can). Every record
+    read back, from this store's folder or from a remote cache, passes here before any use."""
+    if (not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or record.get("key") != key
+            or record.get("algorithm") != ALGORITHM or not isinstance(record.get("outputs"), dict)):
+        return "not a valid record"
+    for rel, meta in record["outputs"].items():  # a tampered record must not steer any write
+        if (not _safe_rel(rel) or not isinstance(meta, dict) or set(meta) != {"sha256", "size"}
+                or not isinstance(meta["sha256"], str) or not _HEX64.fullmatch(meta["sha256"])
+                or type(meta["size"]) is not int):
+            return f"output entry {rel!r} is malformed"
+    if record.get("outputs_hash") != hash_value(record["outputs"]):  # edited by hand, or damaged
+        return "its outputs do not match the hash written with them"
+    return None
+
+
+def record_text(record: dict) -> str:
+    """A record as it is written, in the store's folder and in a remote cache."""
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
 @dataclass
 class Issue:
     key: str | None
@@ -147,8 +168,9 @@ class Issue:
 class ArtifactStore(abc.ABC):
     """What executors and builds need from a store: action records by key, content-addressed
     objects, per-key locks, work folders, and the key history that explains rebuilds. `Store`
-    (a local folder) implements it; a remote store (S3) would implement the same operations,
-    keeping the same promise: a record is written last, and only through `commit`."""
+    (a local folder) implements it, and `remote.RemoteCachedStore` (the local store with an S3
+    cache behind it) too, keeping the same promise: a record is written last, and only after
+    every object it names is in place and verified."""
 
     root: Path
     dropped: dict[str, str]  # key -> why its broken entry was removed by `lookup` (this process)
@@ -205,6 +227,19 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def previous_material(self, recipe: str, step: str) -> dict | None:
         """The key material of the last build of step `step` of recipe `recipe`, if any."""
+
+    def origin(self, key: str) -> dict | None:
+        """Where the record that `lookup` returned for `key` came from when it was not already in
+        this store (a remote cache: {"source": "remote", "url", "bytes", "seconds"}); None: here."""
+        return None
+
+    def rejection(self, key: str) -> str | None:
+        """Why an entry for `key` found elsewhere (a remote cache) was refused by `lookup`, if one was."""
+        return None
+
+    def remote_summary(self) -> dict | None:
+        """What a remote cache behind this store moved in this process (None: there is none)."""
+        return None
 
 
 class Store(ArtifactStore):
@@ -392,17 +427,8 @@ class Store(ArtifactStore):
             return None
         except (OSError, ValueError):
             return {"_corrupt": "unreadable JSON"}
-        if (not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or record.get("key") != key
-                or record.get("algorithm") != ALGORITHM or not isinstance(record.get("outputs"), dict)):
-            return {"_corrupt": "not a valid record"}
-        for rel, meta in record["outputs"].items():  # a tampered record must not steer any write
-            if (not _safe_rel(rel) or not isinstance(meta, dict) or set(meta) != {"sha256", "size"}
-                    or not isinstance(meta["sha256"], str) or not _HEX64.fullmatch(meta["sha256"])
-                    or type(meta["size"]) is not int):
-                return {"_corrupt": f"output entry {rel!r} is malformed"}
-        if record.get("outputs_hash") != hash_value(record["outputs"]):  # edited by hand, or damaged
-            return {"_corrupt": "its outputs do not match the hash written with them"}
-        return record
+        problem = record_problem(record, key)
+        return {"_corrupt": problem} if problem else record
 
     def lookup(self, key: str) -> dict | None:
         """The record for `key` if it and every object it names are present and intact (an object
@@ -451,32 +477,42 @@ class Store(ArtifactStore):
                     f.unlink()
                     continue
                 digest = hash_file(f)
-                size = f.stat().st_size
-                outputs[rel] = {"sha256": digest, "size": size}
-                dest = self.object_path(digest)
-                if os.path.lexists(dest):
-                    problem, damaged = self.check_object(digest)
-                    if problem is None:
-                        f.unlink()
-                        continue
-                    if damaged:
-                        self.discard_object(digest)
-                dest.parent.mkdir(exist_ok=True)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.chmod(f, 0o444)
-                os.replace(f, dest)
-                self._stamp(digest, stat_signature(os.stat(dest)))
+                outputs[rel] = {"sha256": digest, "size": f.stat().st_size}
+                self.install_object(f, digest)
             record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
             record["outputs_hash"] = hash_value(outputs)
-            path = self.record_path(key)
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n", self.tmp)
+            self.install_record(record)
         except OSError as exc:  # disk full, read-only: no record was written, so nothing half-made is visible
             raise machine_error(exc, f"saving a step's outputs in the store {self.root}") from None
-        self._remember(record)
         return record
+
+    def install_object(self, f: Path, digest: str) -> None:
+        """Move the file `f`, whose bytes the caller hashed to `digest`, into objects/ by one
+        atomic rename (`f` must be on the store's disk: in tmp/ or a work folder). An intact
+        object of that name is kept and `f` removed; a damaged one is replaced."""
+        dest = self.object_path(digest)
+        if os.path.lexists(dest):
+            problem, damaged = self.check_object(digest)
+            if problem is None:
+                f.unlink()
+                return
+            if damaged:
+                self.discard_object(digest)
+        dest.parent.mkdir(exist_ok=True)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(f, 0o444)
+        os.replace(f, dest)
+        self._stamp(digest, stat_signature(os.stat(dest)))
+
+    def install_record(self, record: dict) -> None:
+        """Write a record (atomically) once every object it names is in the store, then note its
+        key material for the explanation of later rebuilds. Raises OSError."""
+        path = self.record_path(record["key"])
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_text(path, record_text(record), self.tmp)
+        self._remember(record)
 
     def _still_linked(self, f: Path, meta: dict | None) -> bool:
         if not meta:
