@@ -49,6 +49,16 @@ def _plans(recipe_path: str, store):
     return plans
 
 
+def _list_entries(args, console: Console, title: str, rows: list, columns: dict[str, str], footer: str) -> int:
+    """`cache ls` of a store or a remote: `columns` maps each JSON key to its table heading."""
+    if args.json:
+        print(json.dumps([dict(zip(columns, r)) for r in rows]))
+    else:
+        console.table(title, list(columns.values()), rows)
+        console.print(footer)
+    return 0
+
+
 def _remote(args, console: Console, url: str | None = None):
     """The remote cache named by --remote (or `url`), checked to be usable before anything runs."""
     from toolchain.execution.remote import RemoteCache
@@ -264,12 +274,9 @@ def cmd_cache(args, console: Console) -> int:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
             rows.append([key[:16], record.get("step", "?"), record.get("kind", "?"), record.get("created", "?"),
                          used, _human(size)])
-        if args.json:
-            print(json.dumps([dict(zip(["key", "step", "kind", "created", "used", "size"], r)) for r in rows]))
-        else:
-            console.table(f"store {store.root}", ["key", "step", "kind", "created", "last used", "size"], rows)
-            console.print(f"{len(rows)} entries, {_human(store.size())} of objects")
-        return 0
+        return _list_entries(args, console, f"store {store.root}", rows,
+                             {"key": "key", "step": "step", "kind": "kind", "created": "created", "used": "last used",
+                              "size": "size"}, f"{len(rows)} entries, {_human(store.size())} of objects")
     if args.cache_cmd == "verify":
         issues = store.verify(repair=args.repair)
         stale = store.stale_tmp()
@@ -326,12 +333,9 @@ def _cache_remote_cmd(args, console: Console, remote) -> int:
             rows.append([key[:16], record.get("recipe", "?"), record.get("step", "?"), record.get("kind", "?"),
                          uploaded, _human(size)])
         objects = list(remote.objects())
-        if args.json:
-            print(json.dumps([dict(zip(["key", "recipe", "step", "kind", "uploaded", "size"], r)) for r in rows]))
-        else:
-            console.table(f"remote cache {remote.url}", ["key", "recipe", "step", "kind", "uploaded", "size"], rows)
-            console.print(f"{len(rows)} entries, {len(objects)} files, {_human(sum(o[2] for o in objects))} of objects")
-        return 0
+        return _list_entries(args, console, f"remote cache {remote.url}", rows,
+                             {c: c for c in ("key", "recipe", "step", "kind", "uploaded", "size")},
+                             f"{len(rows)} entries, {len(objects)} files, {_human(sum(o[2] for o in objects))} of objects")
     if args.cache_cmd == "gc":
         if args.max_size or args.compiler_caches:
             raise UsageError("--max-size and --compiler-caches are for the local store; with --remote, gc removes "
