@@ -105,8 +105,24 @@ def _other_key(s3, key):
     s3.client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(record).encode())
 
 
+def _forge(s3, key, change):
+    """A record changed by `change` and made self-consistent again (its outputs hash recomputed), as
+    someone who can write the bucket would do."""
+    from toolchain.hashing import hash_value
+
+    record = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    change(record)
+    record["outputs_hash"] = hash_value(record["outputs"])
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(record).encode())
+
+
+def _clash(record):
+    record["outputs"]["model.onnx/inner"] = dict(record["outputs"]["model.onnx"])
+
+
 @pytest.mark.parametrize("tamper", ["flip a byte of an object", "delete an object", "edit a record",
-                                    "record of another key"])
+                                    "record of another key", "object larger than recorded",
+                                    "forged key material", "metrics not a mapping", "clashing output names"])
 def test_tampered_remote_entry_is_refused_and_rebuilt(warm, s3, tmp_path, tamper):
     prefix = f"tamper-{tamper.replace(' ', '-')}"
     s3.copy("warm", prefix)
@@ -116,7 +132,11 @@ def test_tampered_remote_entry_is_refused_and_rebuilt(warm, s3, tmp_path, tamper
     {"flip a byte of an object": lambda: _flip(s3, obj),
      "delete an object": lambda: s3.client.delete_object(Bucket=s3.bucket, Key=obj),
      "edit a record": lambda: _edit_record(s3, rec),
-     "record of another key": lambda: _other_key(s3, rec)}[tamper]()
+     "record of another key": lambda: _other_key(s3, rec),
+     "object larger than recorded": lambda: s3.client.put_object(Bucket=s3.bucket, Key=obj, Body=b"\0" * (1 << 22)),
+     "forged key material": lambda: _forge(s3, rec, lambda r: r["key_material"].update(inputs=[["x"]])),
+     "metrics not a mapping": lambda: _forge(s3, rec, lambda r: r.update(metrics=5)),
+     "clashing output names": lambda: _forge(s3, rec, _clash)}[tamper]()
     out, store = tmp_path / "out", tmp_path / "store"
     res = build(warm.recipe, store, out, s3.url(prefix), s3)
     assert res.returncode == 0, res.stderr
@@ -229,6 +249,12 @@ def _check_remote_consistent(s3, prefix, warm):
 
 def test_push_ls_pull_and_remote_gc(warm, s3, tmp_path):
     url = s3.url("cli")
+    # a job marked untrusted writes the cache by no door: not by push, not by gc
+    untrusted = {**s3.env, "TOOLCHAIN_REMOTE_READ_ONLY": "1"}
+    for args in (("push", "--store", warm.store), ("gc", "--older-than", "0s")):
+        res = run_cli("cache", *args, "--remote", url, env=untrusted)
+        assert res.returncode == 2 and "TOOLCHAIN_REMOTE_READ_ONLY" in res.stderr, res.stderr
+    assert not s3.keys("cli")
     push = run_cli("cache", "push", "--store", warm.store, "--remote", url, env=s3.env)
     assert push.returncode == 0 and "3 records uploaded" in push.stderr, push.stderr
     _check_remote_consistent(s3, "cli", warm)

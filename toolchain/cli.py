@@ -312,6 +312,11 @@ def _cache_remote(args, console: Console) -> int:
     url = args.remote or (os.environ.get("TOOLCHAIN_REMOTE") if args.cache_cmd in ("push", "pull") else None)
     if not url:
         raise UsageError(f"`toolchain cache {args.cache_cmd}` needs --remote s3://bucket/prefix (or TOOLCHAIN_REMOTE)")
+    writes = args.cache_cmd == "push" or (args.cache_cmd == "gc" and not args.dry_run)
+    if writes and os.environ.get("TOOLCHAIN_REMOTE_READ_ONLY", "") not in ("", "0"):
+        # the variable marks an untrusted job (a fork's pull request): it must not write the cache by any door
+        raise UsageError(f"`toolchain cache {args.cache_cmd}` writes to the remote cache, but TOOLCHAIN_REMOTE_READ_ONLY "
+                         "is set: unset it in a job that is trusted to write the cache")
     remote = _remote(args, console, url)
     try:
         return _cache_remote_cmd(args, console, remote)

@@ -42,7 +42,8 @@ def explain(old: dict, new: dict, input_steps: dict[str, str] | None = None) -> 
     lines += _changes(old.get("env"), new.get("env"), "")  # package and machine facts by their own names
     if old.get("code") != new.get("code"):
         lines.append("stage code changed")
-    old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
+    # (a history entry is only an explanation: a malformed one says less, it never stops a build)
+    old_in, new_in = (m.get("inputs") if isinstance(m.get("inputs"), dict) else {} for m in (old, new))
     for role in sorted(set(old_in) | set(new_in)):
         if role not in old_in or role not in new_in:
             lines.append(f"input '{role}' {'added' if role in new_in else 'removed'}")

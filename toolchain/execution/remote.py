@@ -222,6 +222,14 @@ class RemoteCache:
                     continue  # already here, intact
                 part = tmp / digest
                 try:
+                    # the size first: a replaced object is never downloaded past what the record says
+                    remote_size = self.client.head_object(Bucket=self.bucket, Key=self.object_key(digest))["ContentLength"]
+                    if remote_size != meta["size"]:
+                        with self._lock:
+                            self.damaged.add(digest)
+                        self._reject(key, f"output {rel} in the remote cache is damaged: it has {remote_size} bytes, "
+                                     f"the record says {meta['size']}")
+                        return None
                     self.client.download_file(self.bucket, self.object_key(digest), str(part), Config=self.transfer)
                 except Exception as exc:
                     if self._missing(exc):
@@ -232,8 +240,9 @@ class RemoteCache:
                 if size != meta["size"] or found != digest:
                     with self._lock:
                         self.damaged.add(digest)
-                    self._reject(key, f"output {rel} in the remote cache is damaged: its sha256 is {found[:16]}..., "
-                                 f"not {digest[:16]}... as recorded ({size} bytes, record says {meta['size']})")
+                    what = (f"it has {size} bytes, the record says {meta['size']}" if size != meta["size"] else
+                            f"its sha256 is {found[:16]}..., not {digest[:16]}... as recorded")
+                    self._reject(key, f"output {rel} in the remote cache is damaged: {what}")
                     return None
                 fetched[digest] = part
                 got += size

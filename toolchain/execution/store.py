@@ -150,6 +150,25 @@ def record_problem(record: object, key: str) -> str | None:
             return f"output entry {rel!r} is malformed"
     if record.get("outputs_hash") != hash_value(record["outputs"]):  # edited by hand, or damaged
         return "its outputs do not match the hash written with them"
+    names = set(record["outputs"])
+    for rel in names:  # names that cannot all be files of one folder would fail delivery as a "disk" error
+        parts = rel.split("/")
+        if any(len(part.encode()) > 255 for part in parts):
+            return f"output name {rel[:60]!r}... has a part longer than 255 bytes"
+        inside = next(("/".join(parts[:i]) for i in range(1, len(parts)) if "/".join(parts[:i]) in names), None)
+        if inside:
+            return f"output {rel!r} lies inside output {inside!r}, which is a file"
+    # the key is the hash of the key material (plan.compute_keys): a record whose material does not
+    # hash to its key was edited, and its material must not steer the "why it ran" history
+    material = record.get("key_material")
+    if material is not None and (not isinstance(material, dict) or hash_value(material) != key):
+        return "its key material does not hash to its key"
+    for name in ("recipe", "step", "kind", "created"):
+        if name in record and not isinstance(record[name], str):
+            return f"its {name} is not text"
+    for name in ("metrics", "timings", "traits"):
+        if name in record and not isinstance(record[name], dict):
+            return f"its {name} is not a mapping"
     return None
 
 
