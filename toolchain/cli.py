@@ -419,6 +419,10 @@ def cmd_report(args, console: Console) -> int:
 def cmd_publish(args, console: Console) -> int:
     from toolchain.delivery import publish
 
+    try:  # the card's metadata is made by huggingface_hub, for every destination
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise UsageError("publish needs huggingface_hub: pip install 'toolchain[publish]'") from None
     out = Path(args.output_dir)
     kind, rest = publish.parse_destination(args.to)
     hub = publish.parse_hub(rest) if kind == "hf" else None
