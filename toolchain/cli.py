@@ -1,4 +1,4 @@
-"""Command line: check, plan, build, cache, env, schema.
+"""Command line: check, plan, build, validate, report, cache, publish, verify, env, schema.
 
 argparse (stdlib) keeps `check` and `plan` fast: nothing here imports torch.
 Exit codes: 0 success, 1 a validation gate failed, 2 the recipe or the command is wrong,
@@ -421,6 +421,86 @@ def cmd_report(args, console: Console) -> int:
     return 0
 
 
+def cmd_publish(args, console: Console) -> int:
+    from toolchain.delivery import publish
+
+    try:  # the card's metadata is made by huggingface_hub, for every destination
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise UsageError("publish needs huggingface_hub: pip install 'toolchain[publish]'") from None
+    out = Path(args.output_dir)
+    kind, rest = publish.parse_destination(args.to)
+    hub = publish.parse_hub(rest) if kind == "hf" else None
+    stores = [Path(args.store)] if args.store else []
+    try:
+        stores.append(Path(json.loads((out / "manifest.json").read_text())["store"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a build: prepare says so
+    dest = publish.open_destination(args.to, out, stores, console, endpoint=args.endpoint,
+                                    create_repo=args.create_repo, message=args.message)
+    bundle = publish.prepare(out, args.target, args.allow_not_run, console, store=args.store, hub=hub)
+    try:
+        outcome = dest.publish(bundle, args.dry_run)
+    finally:
+        bundle.close()
+    if args.json:
+        print(json.dumps({"destination": outcome.where, "dry_run": args.dry_run, "files": bundle.listing(),
+                          "card": bundle.card, "uploaded": outcome.uploaded, "unchanged": outcome.unchanged,
+                          "not_run": bundle.not_run, **outcome.extra}, indent=2))
+        return 0
+    if args.dry_run:
+        print(f"dry run: nothing is written to {outcome.where}\n\nfiles ({len(bundle.items)}):")
+        for f in bundle.listing():
+            mark = "upload" if f["path"] in outcome.uploaded else "same  "
+            print(f"  {mark} {f['sha256'][:16]}  {f['size']:>12,d}  {f['path']}")
+        print("\n----- README.md -----\n" + bundle.card + "----- end of README.md -----")
+        if "operations" in outcome.extra:
+            e = outcome.extra
+            print(f"\ncommit to {outcome.where} (revision {e['revision']}"
+                  + (", repository created if missing" if e["create_repo"] else "") + f"): {e['commit_message']!r}")
+            for op in e["operations"]:
+                print(f"  CommitOperationAdd(path_in_repo={op['path_in_repo']!r}, sha256={op['sha256']}, "
+                      f"size={op['size']})")
+        return 0
+    for w in bundle.not_run:
+        console.warn(f"published although not run (--allow-not-run): {w}")
+    console.print(f"published {bundle.recipe} {bundle.target} to {escape(outcome.where)}: {len(outcome.uploaded)} "
+                  f"file{'s' if len(outcome.uploaded) != 1 else ''} uploaded, {len(outcome.unchanged)} already there"
+                  + (f" ({outcome.extra['commit_url']})" if outcome.extra.get("commit_url") else ""))
+    return 0
+
+
+def cmd_verify(args, console: Console) -> int:
+    import tempfile
+
+    from toolchain.delivery import provenance, publish
+
+    kind, rest = publish.parse_destination(args.folder)
+    if kind == "hf":
+        raise UsageError(f"verify reads a folder or s3://: download {args.folder} first (`hf download {rest.split('@')[0]} "
+                         "--local-dir DIR`), then `toolchain verify DIR`")
+    with tempfile.TemporaryDirectory(prefix="toolchain-verify-") as tmp:
+        folder = Path(rest)
+        if kind == "s3":
+            dest = publish.S3Destination(rest, args.endpoint, console)
+            n = dest.download(Path(tmp))
+            console.print(f"downloaded {n} files from {escape(dest.where)}")
+            folder = Path(tmp)
+        elif not folder.is_dir():
+            raise UsageError(f"{folder} is not a folder")
+        try:
+            problems, checked = provenance.verify_folder(folder)
+        except provenance.BadProvenance as exc:
+            raise UsageError(str(exc)) from None
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.folder} against its {provenance.PROVENANCE_FILE}", file=sys.stderr)
+        return 1
+    console.print(f"{args.folder}: all {checked} files match {provenance.PROVENANCE_FILE}, none missing, none extra")
+    return 0
+
+
 def cmd_env(args, console: Console) -> int:
     from toolchain.environment import describe
 
@@ -590,6 +670,28 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", nargs="?", help="recipe whose steps to pull (default: every entry of the remote cache)")
     remote_flags(c, env=True)
     common(c)
+    sp = sub.add_parser("publish", help="ship a finished build's target with a model card and provenance to a "
+                        "folder, s3:// or hf:// (refused when its gates failed or its files changed)")
+    sp.add_argument("output_dir", metavar="OUT_DIR", help="the output folder of `toolchain build -o`")
+    sp.add_argument("--to", required=True, metavar="DEST", help="DIR or file://DIR, s3://bucket/prefix, or "
+                    "hf://org/name[@revision]")
+    sp.add_argument("--target", metavar="NAME", help="the target to publish when the build has several "
+                    "(STEP, or VARIANT_FOLDER/STEP with a matrix)")
+    sp.add_argument("--dry-run", action="store_true", help="print the files, the card and (hf://) the commit "
+                    "operations; write nothing")
+    sp.add_argument("--allow-not-run", action="store_true", help="publish although some checks did not run "
+                    "(the card says which)")
+    sp.add_argument("--create-repo", action="store_true", help="hf://: create the repository if it is missing")
+    sp.add_argument("--message", help="hf://: the commit message (default names the recipe, target and key)")
+    sp.add_argument("--endpoint", metavar="URL", help="s3://: endpoint for MinIO, SeaweedFS, R2 (default: "
+                    "$AWS_ENDPOINT_URL, else AWS)")
+    sp.add_argument("--json", action="store_true", help="print the files, card and outcome as JSON")
+    common(sp)
+    sp = sub.add_parser("verify", help="rehash a published copy against its provenance.intoto.json; exit 1 when "
+                        "a file differs, is missing or is extra")
+    sp.add_argument("folder", metavar="DIR|s3://...", help="a published folder (or a download of one), or s3://")
+    sp.add_argument("--endpoint", metavar="URL", help="s3://: endpoint (default: $AWS_ENDPOINT_URL)")
+    common(sp, store=False)
     sp = sub.add_parser("env", help="what this machine offers (torch, CUDA, GPUs, onnxruntime providers, ...)")
     sp.add_argument("--json", action="store_true")
     common(sp, store=False)
@@ -600,7 +702,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"check": cmd_check, "plan": cmd_plan, "build": cmd_build, "validate": cmd_validate, "report": cmd_report, "cache": cmd_cache,
-            "env": cmd_env, "schema": cmd_schema}
+            "publish": cmd_publish, "verify": cmd_verify, "env": cmd_env, "schema": cmd_schema}
 
 
 def _terminated(signum, frame):  # a CI timeout or `kill`: stop like Ctrl-C, workers included

@@ -78,23 +78,28 @@ class Transfer:
     errors: list[str] = field(default_factory=list)  # network errors after retries (warned)
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """(bucket, prefix without slashes at its ends) of s3://bucket/prefix."""
+def parse_url(url: str, flag: str = "--remote") -> tuple[str, str]:
+    """(bucket, prefix without slashes at its ends) of s3://bucket/prefix; `flag` names the option
+    that gave it, for the error."""
     m = _URL.fullmatch(url.strip())
     if not m:
-        raise UsageError(f"--remote must look like s3://bucket or s3://bucket/prefix, but got {url!r}")
+        raise UsageError(f"{flag} must look like s3://bucket or s3://bucket/prefix, but got {url!r}")
     prefix = (m["prefix"] or "").strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise UsageError(f"--remote {url}: the prefix must not hold empty, '.' or '..' parts")
+        raise UsageError(f"{flag} {url}: the prefix must not hold empty, '.' or '..' parts")
     return m["bucket"], prefix
 
 
 class RemoteCache:
-    """Records and objects under s3://bucket/prefix, through one boto3 client (thread-safe)."""
+    """Records and objects under s3://bucket/prefix, through one boto3 client (thread-safe).
+    `role` and `flag` name what the bucket is for in errors (`toolchain publish` opens its S3
+    destination through this class too, for the same client set-up and error wording)."""
 
     def __init__(self, url: str, endpoint: str | None = None, read_only: bool = False,
-                 console: Console | None = None):
-        self.bucket, self.prefix = parse_url(url)
+                 console: Console | None = None, role: str = "the remote cache", flag: str = "--remote",
+                 endpoint_flag: str = "--remote-endpoint"):
+        self.role, self.flag, self.endpoint_flag = role, flag, endpoint_flag
+        self.bucket, self.prefix = parse_url(url, flag)
         self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.read_only = read_only
         self.console = console or Console(quiet=True)
@@ -106,7 +111,7 @@ class RemoteCache:
             from boto3.s3.transfer import TransferConfig
             from botocore.config import Config
         except ImportError:
-            raise UsageError("--remote needs boto3: pip install 'toolchain[remote]'") from None
+            raise UsageError(f"{flag} needs boto3: pip install 'toolchain[remote]'") from None
         endpoint = endpoint or None
         custom = bool(endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         config = Config(retries=RETRIES, connect_timeout=10, read_timeout=120,
@@ -115,7 +120,7 @@ class RemoteCache:
         try:
             self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         except Exception as exc:  # a malformed endpoint URL, an unreadable profile
-            raise UsageError(f"cannot set up the remote cache {self.url}: {exc}") from None
+            raise UsageError(f"cannot set up {role} {self.url}: {exc}") from None
         self.endpoint = self.client.meta.endpoint_url
         from botocore.exceptions import BotoCoreError, ClientError
         from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError, S3UploadFailedError
@@ -151,7 +156,7 @@ class RemoteCache:
         """A clear error for what went wrong talking to the remote: what, where, how to fix."""
         from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
-        where = f"the remote cache {self.url} (endpoint {self.endpoint})"
+        where = f"{self.role} {self.url} (endpoint {self.endpoint})"
         cause = exc.__cause__ or exc.__context__  # s3transfer wraps the S3 answer in its own error
         if not isinstance(exc, ClientError) and isinstance(cause, ClientError):
             exc = cause
@@ -162,14 +167,15 @@ class RemoteCache:
         elif code in _DENIED:
             why = (f"{where} refused the credentials while {doing} ({code}). Check AWS_ACCESS_KEY_ID / "
                    "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they may read the bucket"
-                   + ("" if self.read_only else " and write it (or pass --remote-read-only)"))
+                   + ("" if self.read_only else " and write it"
+                      + (" (or pass --remote-read-only)" if self.flag == "--remote" else "")))
         elif code == "NoSuchBucket":
-            why = f"the bucket {self.bucket} does not exist at {self.endpoint}: create it, or fix --remote"
+            why = f"the bucket {self.bucket} does not exist at {self.endpoint}: create it, or fix {self.flag}"
         elif isinstance(exc, ClientError):
             why = f"{where} answered {code} while {doing}: {exc}"
         else:
             why = (f"cannot reach {where} while {doing} ({type(exc).__name__}: {exc}). Check the endpoint "
-                   "(--remote-endpoint or AWS_ENDPOINT_URL for MinIO, SeaweedFS, R2) and the network")
+                   f"({self.endpoint_flag} or AWS_ENDPOINT_URL for MinIO, SeaweedFS, R2) and the network")
         return RemoteUnavailable(why)
 
     def check(self) -> None:
