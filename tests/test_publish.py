@@ -230,3 +230,72 @@ def test_a_source_card_s_license_is_carried(tmp_path):
     from huggingface_hub import ModelCard
 
     assert ModelCard(json.loads(proc.stdout)["card"]).data.license == "apache-2.0"
+
+
+def test_a_manifest_forged_to_pass_is_refused_by_the_store(builds, published):
+    """The output folder vouches only for itself: a failing build whose manifest (and delivery
+    marker) were rewritten to say "passed" is refused, because the store's records disagree."""
+    import hashlib
+
+    forged = builds["root"] / "out-forged"
+    shutil.copytree(builds["failing"], forged)
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["status"] = "passed"
+    for v in manifest["variants"]:
+        v["status"] = "passed"
+        for s in v["steps"]:
+            if s.get("gate"):
+                s["gate"] = {"failures": [], "passed": True}
+            if s["kind"] == "validate":
+                s["metrics"]["passed"], s["metrics"]["failures"] = True, []
+                for o in s["metrics"]["outputs"].values():
+                    o["passed"] = True
+    text = json.dumps(manifest, indent=1)
+    (forged / "manifest.json").write_text(text)
+    marker = json.loads((forged / ".toolchain-output.json").read_text())
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    marker["files"]["manifest.json"].update(sha256=digest, size=len(text.encode()))
+    marker["manifest_sha256"] = digest
+    (forged / ".toolchain-output.json").write_text(json.dumps(marker))
+    before = snapshot(published)
+    proc = run_cli("publish", forged, "--to", published)
+    assert proc.returncode == 1, proc.stderr
+    assert "does not agree with the store" in proc.stderr and "gate fails on the store's record" in proc.stderr
+    assert snapshot(published) == before
+
+
+def test_verify_refuses_links_and_ignores_hub_download_metadata(builds, published):
+    copy = builds["root"] / "linked"
+    shutil.copytree(published, copy)
+    (copy / ".cache" / "huggingface").mkdir(parents=True)
+    (copy / ".cache" / "huggingface" / "model.onnx.metadata").write_text("hf download bookkeeping")
+    assert run_cli("verify", copy).returncode == 0  # what `hf download --local-dir` adds is not the model's
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").symlink_to(published / "model.onnx")  # a right copy, elsewhere
+    proc = run_cli("verify", copy)
+    assert proc.returncode == 1 and "not a regular file: model.onnx" in proc.stderr
+
+
+def test_s3_publish_keeps_other_objects_and_replaces_its_own_set(builds, s3):
+    url = s3.url("mixed")
+    s3.client.put_object(Bucket=s3.bucket, Key="mixed/README.md", Body=b"my own notes")
+    proc = run_cli("publish", builds["good"], "--to", url, env=s3.env)
+    assert proc.returncode == 2 and "no publish put there" in proc.stderr and "README.md" in proc.stderr
+    assert s3.keys("mixed") == {"mixed/README.md": len(b"my own notes")}  # untouched, nothing added
+    # a second publish of another model to the same prefix replaces the first set: nothing stale is left
+    own = s3.url("replaced")
+    assert run_cli("publish", builds["good"], "--to", own, env=s3.env).returncode == 0
+    s3.client.put_object(Bucket=s3.bucket, Key="replaced/plots/old.png", Body=b"x",
+                         Metadata={"sha256": "0" * 64})  # as if an earlier set had had it... but not listed
+    proc = run_cli("publish", builds["unchecked"], "--to", own, "--allow-not-run", env=s3.env)
+    assert proc.returncode == 2 and "plots/old.png" in proc.stderr  # not in the statement: not ours to drop
+    s3.client.delete_object(Bucket=s3.bucket, Key="replaced/plots/old.png")
+    proc = run_cli("publish", builds["unchecked"], "--to", own, "--allow-not-run", env=s3.env)
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("verify", own, env=s3.env).returncode == 0  # the earlier set's extra files are gone
+
+
+@pytest.mark.parametrize("dest", ["hf://org/na--me", "hf://org/name@..", "hf://org/name@refs/pr/1"])
+def test_hub_names_the_hub_would_refuse_are_refused_here(builds, dest):
+    proc = run_cli("publish", builds["good"], "--to", dest, "--dry-run", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "hf://" in proc.stderr, proc.stderr

@@ -65,6 +65,9 @@ def read(path: Path) -> dict[str, str]:
     return subjects
 
 
+HUB_DOWNLOAD_METADATA = ".cache/huggingface/"
+
+
 def folder_files(folder: Path) -> list[str]:
     """Every file under `folder` (relative, POSIX), symbolic links and special files included
     (they are reported as not regular by the check, never followed)."""
@@ -81,12 +84,16 @@ def verify_folder(folder: Path) -> tuple[list[str], int]:
     or is extra. BadProvenance when there is no readable statement."""
     folder = Path(folder)
     subjects = read(folder / PROVENANCE_FILE)
-    present = set(folder_files(folder)) - {PROVENANCE_FILE}
+    # `hf download --local-dir` keeps its own bookkeeping there: not part of what was published
+    present = {f for f in folder_files(folder) if not f.startswith(HUB_DOWNLOAD_METADATA)} - {PROVENANCE_FILE}
     problems = []
     for rel in sorted(subjects):
         path = folder / rel
         if rel not in present:
             problems.append(f"missing: {rel} (listed in {PROVENANCE_FILE})")
+            continue
+        if os.path.islink(path) or not path.is_file():  # a link to a right copy elsewhere is not this file
+            problems.append(f"not a regular file: {rel} (a symbolic link or a special file)")
             continue
         try:
             found = hash_file(path)

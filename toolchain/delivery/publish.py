@@ -150,6 +150,9 @@ def _changed_files(out: Path, marker: dict, manifest_outputs: dict[str, str]) ->
         if not os.path.lexists(path):
             problems.append(f"{rel} is missing")
             continue
+        if os.path.islink(path) or not path.is_file():  # the build delivers regular files only
+            problems.append(f"{rel} is no longer a regular file (a symbolic link or a special file)")
+            continue
         try:
             found = hash_file(path)
         except OSError as exc:
@@ -164,6 +167,43 @@ def _changed_files(out: Path, marker: dict, manifest_outputs: dict[str, str]) ->
         problems.append("manifest.json: the delivery marker names another manifest")
     present = set(provenance.folder_files(out)) - {DELIVERY_MARKER}
     problems += [f"{rel} was added after the build" for rel in sorted(present - set(files))]
+    return problems
+
+
+def _against_store(raw_variant: dict, store_root: Path | None) -> list[str]:
+    """What the variant's manifest claims that the store's records do not confirm, in words. The
+    output folder vouches only for itself (its marker and manifest can be rewritten together); the
+    store's records, read through its own integrity checks, are what the build really made and
+    measured: every step's outputs must be the record's, and every gate must pass on the record's
+    own metrics. (A step that did not run here has no record: it is "not run", handled apart.)"""
+    from toolchain.execution.store import Store
+    from toolchain.planning import registry
+
+    if store_root is None:
+        return ["the manifest names no store"]
+    try:
+        store = Store(store_root).open()
+    except (OSError, ToolchainError) as exc:
+        return [f"the store {store_root} cannot be opened ({str(exc).splitlines()[0]})"]
+    problems = []
+    for s in raw_variant.get("steps", []):
+        if s.get("status") not in ("built", "cached"):
+            continue
+        record = store.lookup(s["key"])
+        if record is None:
+            problems.append(f"step {s['name']}: the store {store_root} has no entry for its key {s['key'][:12]}")
+            continue
+        if {r: m["sha256"] for r, m in record["outputs"].items()} != {
+                r: m.get("sha256") for r, m in (s.get("outputs") or {}).items()}:
+            problems.append(f"step {s['name']}: its outputs in the manifest are not the ones the store recorded")
+        try:
+            stage = registry.get(s["kind"])
+        except KeyError:
+            problems.append(f"step {s['name']}: unknown kind {s['kind']!r}")
+            continue
+        failures = stage.gate(record.get("metrics") or {})
+        if failures:
+            problems.append(f"step {s['name']}: its gate fails on the store's record: {failures[0]}")
     return problems
 
 
@@ -285,6 +325,12 @@ def prepare(out: Path, target: str | None, allow_not_run: bool, console: Console
                              + f"\n    hint: build again with `toolchain build {build.file} -o {out}`")
     text, recipe = _recipe(build, raw)
     store_root = Path(store) if store else Path(build.manifest["store"]) if build.manifest.get("store") else None
+    disowned = _against_store(raw, store_root)
+    if disowned:
+        raise PublishRefused(f"refusing to publish {out}: its manifest does not agree with the store that built it, "
+                             "so nothing vouches for what it says:\n    " + "\n    ".join(disowned[:20])
+                             + "\n    hint: publish where the build ran (or pass its --store; `toolchain cache pull "
+                             "RECIPE --remote ...` fetches a shared cache's entries), or build again")
     source = _source(recipe, raw, store_root, console)
 
     items = [Item(rel, out / base / target / rel, step["outputs"][rel]["sha256"], step["outputs"][rel]["size"])
@@ -475,11 +521,45 @@ class S3Destination:
             raise
         return (head.get("Metadata") or {}).get("sha256")
 
+    def _listing(self) -> list[str]:
+        r = self.remote
+        names = []
+        for page in r.client.get_paginator("list_objects_v2").paginate(Bucket=r.bucket, Prefix=r._key("")):
+            names += [o["Key"][len(r._key("")):] for o in page.get("Contents", [])]
+        return names
+
+    def _published_before(self) -> dict[str, str]:
+        """{file: sha256} of the statement an earlier publish left under the prefix ({} when none)."""
+        r = self.remote
+        with tempfile.TemporaryDirectory(prefix="toolchain-publish-") as tmp:
+            try:
+                r.client.download_file(r.bucket, self._key(PROVENANCE_FILE), f"{tmp}/s.json", Config=r.transfer)
+            except Exception as exc:
+                if r._missing(exc):
+                    return {}
+                raise
+            try:
+                return provenance.read(Path(tmp) / "s.json")
+            except provenance.BadProvenance:
+                return {}
+
     def publish(self, bundle: Bundle, dry_run: bool) -> Outcome:
         r = self.remote
         outcome = Outcome(where=self.where)
         try:
-            r.client.list_objects_v2(Bucket=r.bucket, Prefix=r._key("") , MaxKeys=1)  # reachable, bucket there
+            present = self._listing()  # (also: reachable, and the bucket is there)
+            before = self._published_before() if PROVENANCE_FILE in present else {}
+            new = {i.rel for i in bundle.items}
+            # only an earlier publish's files (its statement lists them), or files of this set that an
+            # interrupted publish already put there, may be replaced: anything else under the prefix
+            # is someone's, and is neither overwritten nor mixed into this set
+            foreign = [k for k in present if k != PROVENANCE_FILE and k not in before
+                       and not (k in new and self._digest(k))]
+            if foreign:
+                raise UsageError(f"{self.where} holds {len(foreign)} object(s) that no publish put there "
+                                 f"({', '.join(sorted(foreign)[:5])}{', ...' if len(foreign) > 5 else ''}); refusing "
+                                 "to overwrite them or to mix this model with them: publish to an empty prefix, or "
+                                 "remove them")
             for item in bundle.items:  # the statement last
                 if self._digest(item.rel) == item.sha256:
                     outcome.unchanged.append(item.rel)
@@ -491,6 +571,12 @@ class S3Destination:
                     raise PublishRefused(f"{item.path} changed while it was published; build again")
                 r.client.upload_file(str(item.path), r.bucket, self._key(item.rel), Config=r.transfer,
                                      ExtraArgs={"Metadata": {"sha256": item.sha256}})
+            # the new statement is up: files of the earlier publish that this set no longer has go
+            stale = sorted(set(before) - new)
+            outcome.extra["removed"] = stale
+            if not dry_run:
+                for rel in stale:
+                    r.client.delete_object(Bucket=r.bucket, Key=self._key(rel))
         except r.errors as exc:
             raise r.unavailable(exc, "publishing") from None
         return outcome
@@ -516,10 +602,22 @@ class S3Destination:
 _HUB = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<rev>[^@\s]+))?")
 
 
+_BAD_REVISION = re.compile(r"\.\.|^[-/.]|[/.]$|\.lock$|^refs/|[~^:?*\[\\]|@\{")
+
+
 def parse_hub(rest: str) -> tuple[str, str | None]:
     m = _HUB.fullmatch(rest)
     if not m:
         raise UsageError(f"--to hf://{rest}: a Hub destination looks like hf://org/name or hf://org/name@revision")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # the Hub's own rules for names, rather than a copy of them
+        validate_repo_id(m["repo"])
+    except HFValidationError as exc:
+        raise UsageError(f"--to hf://{rest}: {m['repo']} is not a valid Hub repository name ({exc})") from None
+    if m["rev"] and _BAD_REVISION.search(m["rev"]):  # git's rules for a branch name
+        raise UsageError(f"--to hf://{rest}: {m['rev']!r} is not a branch name the Hub accepts (no '..', no leading "
+                         "'-' or '.', no 'refs/', no '.lock' ending)")
     return m["repo"], m["rev"]
 
 
