@@ -299,3 +299,31 @@ def test_s3_publish_keeps_other_objects_and_replaces_its_own_set(builds, s3):
 def test_hub_names_the_hub_would_refuse_are_refused_here(builds, dest):
     proc = run_cli("publish", builds["good"], "--to", dest, "--dry-run", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "hf://" in proc.stderr, proc.stderr
+
+
+def test_a_decoder_card_snippet_generates_with_the_kv_cache(tmp_path):
+    """An ONNX decoder with a KV cache gets a greedy loop that feeds back its past keys/values: run
+    from the published folder in a fresh interpreter, it must generate."""
+    from tests.conftest import TINY_DECODER, minilm_folder
+
+    recipe = tmp_path / "dec.yaml"
+    recipe.write_text(f"""name: dec
+model: {{config: {json.dumps(TINY_DECODER)}, seed: 2, tokenizer: {minilm_folder()}}}
+stages:
+  load: {{kind: load}}
+  export: {{kind: export_onnx, inputs: {{model: load}}, params: {{task: text-generation, kv_cache: true}}}}
+  parity:
+    kind: validate
+    inputs: {{candidate: export, reference: load}}
+    params: {{samples: 8, batch_size: 4, max_length: 16, generate: {{prompts: 2, new_tokens: 4}}}}
+targets: [export]
+""")
+    assert run_cli("build", recipe, "-o", tmp_path / "out", "--store", tmp_path / "store", "-q").returncode == 0
+    dest = tmp_path / "published"
+    proc = run_cli("publish", tmp_path / "out", "--to", dest)
+    assert proc.returncode == 0, proc.stderr
+    code = re.search(r"```python\n(.*?)```", (dest / "README.md").read_text(), re.S).group(1)
+    assert "past_key_values." in code
+    run = subprocess.run([sys.executable, "-c", code + "\nassert len(new) == 16\n"], cwd=dest,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr

@@ -110,7 +110,31 @@ def snippet(card: CardInput) -> str:
     tok = ["tokenizer = AutoTokenizer.from_pretrained(folder)",
            "batch = tokenizer([\"The quick brown fox jumps over the lazy dog.\"], return_tensors=\"np\")"]
     artifact = meta.get("artifact")
-    if artifact == "onnx-model":
+    if artifact == "onnx-model" and graph.get("kv_cache"):
+        provider = ORT_PROVIDERS.get(meta.get("provider") or "cpu", "CPUExecutionProvider")
+        dtype = "np.float16" if meta.get("dtype") == "float16" else "np.float32"
+        lines = ["import numpy as np", "import onnxruntime as ort", "from transformers import AutoTokenizer",
+                 *where, "tokenizer = AutoTokenizer.from_pretrained(folder)",
+                 f"session = ort.InferenceSession(f\"{{folder}}/{graph.get('file', 'model.onnx')}\", "
+                 f"providers=[{provider!r}])",
+                 "takes = {i.name for i in session.get_inputs()}",
+                 "names = [o.name for o in session.get_outputs()]",
+                 "# greedy decoding with the KV cache: each step feeds the new token and the past keys/values",
+                 f"past = {{n: np.zeros((1, {graph.get('kv_heads')}, 0, {graph.get('head_dim')}), dtype={dtype})",
+                 "        for n in takes if n.startswith(\"past_key_values.\")}",
+                 "step = tokenizer(\"The quick brown fox\", return_tensors=\"np\")[\"input_ids\"].astype(np.int64)",
+                 "done, new = 0, []",
+                 "for _ in range(16):",
+                 "    total = done + step.shape[1]",
+                 "    feed = {\"input_ids\": step, \"attention_mask\": np.ones((1, total), np.int64),",
+                 "            \"position_ids\": np.arange(done, total, dtype=np.int64)[None], **past}",
+                 "    out = dict(zip(names, session.run(None, {k: v for k, v in feed.items() if k in takes})))",
+                 "    token = int(out[\"logits\"][0, -1].argmax())",
+                 "    new.append(token)",
+                 "    past = {n.replace(\"present.\", \"past_key_values.\"): v for n, v in out.items() if n.startswith(\"present.\")}",
+                 "    done, step = total, np.array([[token]], dtype=np.int64)",
+                 "print(tokenizer.decode(new))"]
+    elif artifact == "onnx-model":
         provider = ORT_PROVIDERS.get(meta.get("provider") or "cpu", "CPUExecutionProvider")
         inputs = graph.get("inputs") or ["input_ids", "attention_mask"]
         lines = ["import numpy as np", "import onnxruntime as ort", "from transformers import AutoTokenizer",
