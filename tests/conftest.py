@@ -50,8 +50,7 @@ TINY_DECODER = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "h
               "max_position_embeddings": 256}  # a decoder that takes the MiniLM tokenizer's ids
 
 
-def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0) -> Path:
-    stages = stages or """
+TINY_STAGES = """
       load:
         kind: load
       export:
@@ -62,6 +61,10 @@ def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str
         inputs: {candidate: export, reference: load}
         params: {samples: 24, batch_size: 8, max_length: 32}
     """
+
+
+def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0) -> Path:
+    stages = stages or TINY_STAGES
     text = (f"name: {name}\n"
             f"model:\n  config: {json.dumps(TINY_BERT)}\n  seed: {seed}\n  tokenizer: {minilm_folder()}\n"
             "stages:\n" + textwrap.indent(textwrap.dedent(stages).strip(), "  ") + "\n"

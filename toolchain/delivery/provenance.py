@@ -79,6 +79,21 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def check_file(path: Path, sha256: str) -> tuple[str | None, str]:
+    """(None, "") when `path` is a regular file holding exactly `sha256`, else (why, detail): "missing",
+    "not regular" (a link to a right copy elsewhere is not this file), "unreadable" (the error), or
+    "differs" (the sha256 found)."""
+    if not os.path.lexists(path):
+        return "missing", ""
+    if os.path.islink(path) or not path.is_file():
+        return "not regular", ""
+    try:
+        found = hash_file(path)
+    except OSError as exc:
+        return "unreadable", str(exc)
+    return ("differs", found) if found != sha256 else (None, "")
+
+
 def verify_folder(folder: Path) -> tuple[list[str], int]:
     """(problems, number of files checked): each problem names one file that differs, is missing
     or is extra. BadProvenance when there is no readable statement."""
@@ -92,16 +107,13 @@ def verify_folder(folder: Path) -> tuple[list[str], int]:
         if rel not in present:
             problems.append(f"missing: {rel} (listed in {PROVENANCE_FILE})")
             continue
-        if os.path.islink(path) or not path.is_file():  # a link to a right copy elsewhere is not this file
+        kind, detail = check_file(path, subjects[rel])
+        if kind == "not regular":
             problems.append(f"not a regular file: {rel} (a symbolic link or a special file)")
-            continue
-        try:
-            found = hash_file(path)
-        except OSError as exc:
-            problems.append(f"unreadable: {rel} ({exc})")
-            continue
-        if found != subjects[rel]:
-            problems.append(f"differs: {rel} (sha256 {found[:16]}..., provenance says {subjects[rel][:16]}...)")
+        elif kind == "unreadable":
+            problems.append(f"unreadable: {rel} ({detail})")
+        elif kind == "differs":
+            problems.append(f"differs: {rel} (sha256 {detail[:16]}..., provenance says {subjects[rel][:16]}...)")
     for rel in sorted(present - set(subjects)):
         problems.append(f"extra: {rel} (not in {PROVENANCE_FILE})")
     return problems, len(subjects)

@@ -146,20 +146,12 @@ def _changed_files(out: Path, marker: dict, manifest_outputs: dict[str, str]) ->
     problems = []
     files = marker["files"]
     for rel, meta in sorted(files.items()):
-        path = out / rel
-        if not os.path.lexists(path):
-            problems.append(f"{rel} is missing")
-            continue
-        if os.path.islink(path) or not path.is_file():  # the build delivers regular files only
-            problems.append(f"{rel} is no longer a regular file (a symbolic link or a special file)")
-            continue
-        try:
-            found = hash_file(path)
-        except OSError as exc:
-            problems.append(f"{rel} cannot be read ({exc})")
-            continue
-        if found != meta["sha256"]:
-            problems.append(f"{rel} has other bytes than the build delivered")
+        kind, detail = provenance.check_file(out / rel, meta["sha256"])
+        if kind:
+            problems.append({"missing": f"{rel} is missing",
+                             "not regular": f"{rel} is no longer a regular file (a symbolic link or a special file)",
+                             "unreadable": f"{rel} cannot be read ({detail})",
+                             "differs": f"{rel} has other bytes than the build delivered"}[kind])
     for rel, digest in manifest_outputs.items():
         if files.get(rel, {}).get("sha256") != digest:
             problems.append(f"{rel}: the delivery marker and manifest.json disagree")
