@@ -63,10 +63,12 @@ TINY_STAGES = """
     """
 
 
-def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0) -> Path:
+def tiny_recipe(folder: Path, name="tiny", stages: str | None = None, extra: str = "", seed: int = 0,
+                config: dict = TINY_BERT) -> Path:
+    """A recipe of a tiny random-weight model (TINY_BERT, or TINY_DECODER) with the MiniLM tokenizer."""
     stages = stages or TINY_STAGES
     text = (f"name: {name}\n"
-            f"model:\n  config: {json.dumps(TINY_BERT)}\n  seed: {seed}\n  tokenizer: {minilm_folder()}\n"
+            f"model:\n  config: {json.dumps(config)}\n  seed: {seed}\n  tokenizer: {minilm_folder()}\n"
             "stages:\n" + textwrap.indent(textwrap.dedent(stages).strip(), "  ") + "\n"
             + textwrap.dedent(extra).strip() + "\n")
     path = folder / f"{name}.yaml"

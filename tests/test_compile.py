@@ -274,29 +274,25 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     """An `inductor` compile of a decoder decodes through toolchain's static-cache loop with the
     compiled step: validate's greedy generations equal the eager model's, and benchmark times
     per-token decode steps of the compiled step (no longer refused)."""
-    recipe = tmp_path / "decoder.yaml"
-    recipe.write_text(f"""name: decoder
-model: {{config: {json.dumps(TINY_DECODER)}, seed: 1, tokenizer: {minilm_folder()}}}
-stages:
-  load: {{kind: load}}
-  compiled: {{kind: compile, inputs: {{model: load}}, params: {{backend: inductor}}}}
-  parity:
-    kind: validate
-    inputs: {{candidate: compiled, reference: load}}
-    params: {{samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {{prompts: 4, new_tokens: 8}}}}
-  speed:
-    kind: benchmark
-    inputs: {{model: compiled}}
-    params: {{batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 6}}
-  pick:
-    kind: select
-    inputs: {{reference: load, candidates: [load, compiled]}}
-    params:
-      rank_by: decode
-      parity: {{samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {{prompts: 3, new_tokens: 6}}}}
-      benchmark: {{batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 4}}
-targets: [compiled, pick]
-""")
+    recipe = tiny_recipe(tmp_path, "decoder", """
+      load: {kind: load}
+      compiled: {kind: compile, inputs: {model: load}, params: {backend: inductor}}
+      parity:
+        kind: validate
+        inputs: {candidate: compiled, reference: load}
+        params: {samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {prompts: 4, new_tokens: 8}}
+      speed:
+        kind: benchmark
+        inputs: {model: compiled}
+        params: {batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 6}
+      pick:
+        kind: select
+        inputs: {reference: load, candidates: [load, compiled]}
+        params:
+          rank_by: decode
+          parity: {samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {prompts: 3, new_tokens: 6}}
+          benchmark: {batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 4}
+    """, extra="targets: [compiled, pick]", seed=1, config=TINY_DECODER)
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
     steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["variants"][0]["steps"]}

@@ -53,21 +53,16 @@ def test_onnx_decoder_keeps_its_kv_cache_bound_on_the_device(tmp_path, store):
     """With IO binding the ONNX decode loop feeds each step's `present.*` values back as the next
     step's past without a host copy; it must produce exactly the tokens of the plain loop (run here
     on the CPU device, which takes the same binding calls as CUDA)."""
-    import json
-
     import numpy as np
 
     from toolchain.execution.runtime.onnx_io import OrtModel
 
-    from .conftest import TINY_DECODER, minilm_folder, run_cli
+    from .conftest import TINY_DECODER, run_cli, tiny_recipe
 
-    recipe = tmp_path / "kv.yaml"
-    recipe.write_text(f"""name: kv
-model: {{config: {json.dumps(TINY_DECODER)}, seed: 2, tokenizer: {minilm_folder()}}}
-stages:
-  load: {{kind: load}}
-  export: {{kind: export_onnx, inputs: {{model: load}}, params: {{task: text-generation, kv_cache: true}}}}
-""")
+    recipe = tiny_recipe(tmp_path, "kv", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true}}
+    """, seed=2, config=TINY_DECODER)
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
     model = OrtModel(tmp_path / "out" / "export")

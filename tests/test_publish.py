@@ -295,20 +295,16 @@ def test_hub_names_the_hub_would_refuse_are_refused_here(builds, dest):
 def test_a_decoder_card_snippet_generates_with_the_kv_cache(tmp_path):
     """An ONNX decoder with a KV cache gets a greedy loop that feeds back its past keys/values: run
     from the published folder in a fresh interpreter, it must generate."""
-    from tests.conftest import TINY_DECODER, minilm_folder
+    from tests.conftest import TINY_DECODER
 
-    recipe = tmp_path / "dec.yaml"
-    recipe.write_text(f"""name: dec
-model: {{config: {json.dumps(TINY_DECODER)}, seed: 2, tokenizer: {minilm_folder()}}}
-stages:
-  load: {{kind: load}}
-  export: {{kind: export_onnx, inputs: {{model: load}}, params: {{task: text-generation, kv_cache: true}}}}
-  parity:
-    kind: validate
-    inputs: {{candidate: export, reference: load}}
-    params: {{samples: 8, batch_size: 4, max_length: 16, generate: {{prompts: 2, new_tokens: 4}}}}
-targets: [export]
-""")
+    recipe = tiny_recipe(tmp_path, "dec", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true}}
+      parity:
+        kind: validate
+        inputs: {candidate: export, reference: load}
+        params: {samples: 8, batch_size: 4, max_length: 16, generate: {prompts: 2, new_tokens: 4}}
+    """, extra="targets: [export]", seed=2, config=TINY_DECODER)
     assert run_cli("build", recipe, "-o", tmp_path / "out", "--store", tmp_path / "store", "-q").returncode == 0
     dest = tmp_path / "published"
     proc = run_cli("publish", tmp_path / "out", "--to", dest)

@@ -162,26 +162,27 @@ def _changed_files(out: Path, marker: dict, manifest_outputs: dict[str, str]) ->
     return problems
 
 
-def _against_store(raw_variant: dict, store_root: Path | None) -> list[str]:
+def _against_store(raw_variant: dict, store_root: Path | None) -> tuple[list[str], dict[str, dict]]:
     """What the variant's manifest claims that the store's records do not confirm, in words. The
     output folder vouches only for itself (its marker and manifest can be rewritten together); the
     store's records, read through its own integrity checks, are what the build really made and
     measured: every step's outputs must be the record's, and every gate must pass on the record's
-    own metrics. (A step that did not run here has no record: it is "not run", handled apart.)"""
+    own metrics. (A step that did not run here has no record: it is "not run", handled apart.)
+    Returns (problems, the records read, by key)."""
     from toolchain.execution.store import Store
     from toolchain.planning import registry
 
     if store_root is None:
-        return ["the manifest names no store"]
+        return ["the manifest names no store"], {}
     try:
         store = Store(store_root).open()
     except (OSError, ToolchainError) as exc:
-        return [f"the store {store_root} cannot be opened ({str(exc).splitlines()[0]})"]
-    problems = []
+        return [f"the store {store_root} cannot be opened ({str(exc).splitlines()[0]})"], {}
+    problems, records = [], {}
     for s in raw_variant.get("steps", []):
         if s.get("status") not in ("built", "cached"):
             continue
-        record = store.lookup(s["key"])
+        record = records[s["key"]] = store.lookup(s["key"])
         if record is None:
             problems.append(f"step {s['name']}: the store {store_root} has no entry for its key {s['key'][:12]}")
             continue
@@ -196,7 +197,7 @@ def _against_store(raw_variant: dict, store_root: Path | None) -> list[str]:
         failures = stage.gate(record.get("metrics") or {})
         if failures:
             problems.append(f"step {s['name']}: its gate fails on the store's record: {failures[0]}")
-    return problems
+    return problems, records
 
 
 def _recipe(build: results.BuildResult, raw_variant: dict) -> tuple[str, dict]:
@@ -219,8 +220,9 @@ def _recipe(build: results.BuildResult, raw_variant: dict) -> tuple[str, dict]:
     return text, match[0]
 
 
-def _source(recipe, raw_variant: dict, store_root: Path | None, console: Console) -> dict:
-    """{type, uri, sha256, files, base_model, license} of the model the build started from."""
+def _source(recipe, raw_variant: dict, records: dict[str, dict], console: Console) -> dict:
+    """{type, uri, sha256, files, base_model, license} of the model the build started from;
+    `records`: the store's records of the variant's steps, by key (`_against_store`)."""
     from toolchain.frontend import sources
 
     model = recipe.model or {}
@@ -241,21 +243,14 @@ def _source(recipe, raw_variant: dict, store_root: Path | None, console: Console
         folder = src.folder
     # the content hash the build's load step was keyed on: its record's fingerprint
     load = next((s for s in raw_variant["steps"] if s["kind"] == "load"), None)
-    record = None
-    if load is not None and store_root is not None:
-        from toolchain.execution.store import Store
-
-        try:
-            record = Store(store_root).lookup(load["key"])
-        except (OSError, ToolchainError):
-            record = None
-    if record is not None:
+    record = records.get(load["key"]) if load is not None else None
+    if record is not None and "key_material" in record:
         fp = record["key_material"]["fingerprint"]
         info["sha256"] = hash_value(fp)
         info["files"] = fp.get("files") or fp.get("tokenizer") or {}
     else:
-        console.warn(f"the store {store_root} no longer holds the load step's record, so the provenance gives no "
-                     "content hash of the source model (pass --store where the build ran to include it)")
+        console.warn("the store holds no record of the load step, so the provenance gives no content hash of the "
+                     "source model (pass --store where the build ran to include it)")
     if folder is not None and (folder / "README.md").is_file():  # the source's own card: license, base model
         from huggingface_hub import ModelCard
 
@@ -317,13 +312,13 @@ def prepare(out: Path, target: str | None, allow_not_run: bool, console: Console
                              + f"\n    hint: build again with `toolchain build {build.file} -o {out}`")
     text, recipe = _recipe(build, raw)
     store_root = Path(store) if store else Path(build.manifest["store"]) if build.manifest.get("store") else None
-    disowned = _against_store(raw, store_root)
+    disowned, records = _against_store(raw, store_root)
     if disowned:
         raise PublishRefused(f"refusing to publish {out}: its manifest does not agree with the store that built it, "
                              "so nothing vouches for what it says:\n    " + "\n    ".join(disowned[:20])
                              + "\n    hint: publish where the build ran (or pass its --store; `toolchain cache pull "
                              "RECIPE --remote ...` fetches a shared cache's entries), or build again")
-    source = _source(recipe, raw, store_root, console)
+    source = _source(recipe, raw, records, console)
 
     items = [Item(rel, out / base / target / rel, step["outputs"][rel]["sha256"], step["outputs"][rel]["size"])
              for rel in sorted(step["outputs"])]

@@ -303,11 +303,12 @@ class LocalExecutor(Executor):
                     return self._result(step, "cached", "built meanwhile by a concurrent build", record, t0)
             reason = (("--force" if self.force is True else "--rebuild") if forced
                       else keydiff.why_rebuilt(self.store, plan.recipe.full_name, step))
+            refused = self.store.rejection(step.key)
             if step.key in self.store.dropped:
                 reason = f"its store entry was broken ({self.store.dropped[step.key]}) and was removed"
                 self.console.warn(f"{step.name}: {reason}; building it again")
-            elif self.store.rejection(step.key):
-                reason = f"its remote cache entry was refused ({self.store.rejection(step.key)})"
+            elif refused:
+                reason = f"its remote cache entry was refused ({refused})"
             elif not forced and reason != keydiff.FIRST:
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)

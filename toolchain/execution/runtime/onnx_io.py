@@ -147,6 +147,7 @@ def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: 
     """Build a decoder with a KV cache from the checkpoint folder `src` into out_dir/model.onnx
     with onnxruntime-genai's model builder; returns the graph description saved in toolchain.json.
     The builder's genai_config.json is kept, so the folder also runs under onnxruntime-genai."""
+    import collections
     import os
     import subprocess
     import sys
@@ -181,12 +182,10 @@ def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: 
                            "past_key_values.* inputs and a logits output")
     config = json.loads((src / "config.json").read_text())
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
-    fused = {}
-    for n in m.graph.node:
-        fused[n.op_type] = fused.get(n.op_type, 0) + 1
+    op_types = collections.Counter(n.op_type for n in m.graph.node)
     return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": True,
             "external_data": (out_dir / (ONNX_FILE + ".data")).is_file(), "exporter": "genai", "opset": opset,
-            "nodes": len(m.graph.node), "op_types": dict(sorted(fused.items(), key=lambda kv: -kv[1])),
+            "nodes": len(m.graph.node), "op_types": dict(op_types.most_common()),
             **kv_layout(SimpleNamespace(**config))}
 
 

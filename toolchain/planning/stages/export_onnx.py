@@ -126,13 +126,13 @@ class ExportOnnx(Stage):
                 shutil.copyfile(src / name, ctx.output / name)
         write_meta(ctx.output, facts, {"graph": graph, "target": {"provider_options": p.provider_options,
                                                                   "io_binding": p.io_binding}})
-        import onnx
-
         if p.exporter != "genai":  # the builder uses onnxruntime's own operators, which onnx's checker does not know
+            import onnx
+
             ctx.progress("checking the graph")
             onnx.checker.check_model(str(ctx.output / graph["file"]), full_check=False)
         size = sum(f.stat().st_size for f in ctx.output.iterdir() if f.name.startswith("model.onnx"))
-        nodes = graph.get("nodes") or len(onnx.load(str(ctx.output / graph["file"]), load_external_data=False).graph.node)
         return {"onnx_bytes": size, "inputs": graph["inputs"][:4] + (["..."] if len(graph["inputs"]) > 4 else []),
                 "outputs": graph["outputs"][:2], "opset": graph.get("opset", p.opset), "exporter": p.exporter,
-                "nodes": nodes}
+                # the builder's node count (it read the graph anyway); a traced export is not parsed again for it
+                **({"nodes": graph["nodes"]} if "nodes" in graph else {})}
