@@ -91,6 +91,8 @@ def make_manifest(variants: list[tuple[Plan, dict[str, StepResult]]], store: Art
                 "build_seconds": r.record.get("timings", {}).get("seconds"), "seconds": round(r.seconds, 3),
                 # time inside the stage's run in this build; seconds - work_seconds is the executor's overhead
                 "work_seconds": round(r.work_seconds, 3),
+                # a built step's overhead split: prepare / worker / commit seconds, new_worker (executor.StepResult)
+                "overhead": r.phases,
                 "worker": r.record.get("timings", {}).get("worker") if r.status in ("built", "not run") else None,
                 "device": step.device,
                 # where it came from (built, local store, remote cache), where it was built (host, executor,

@@ -57,6 +57,11 @@ class StepResult:
     ran_on: dict | None = None
     # where a cached record came from: the store's `origin` ({"source": "remote", "url", ...}), else None
     origin: dict | None = None
+    # a built step's overhead (seconds - work_seconds) split: "prepare" (lookups, lock, inputs, a
+    # worker to run it), "worker" (in the worker, outside the stage's run: the spec, dropping a
+    # model it held, the result), "commit" (hashing and moving the outputs into the store);
+    # "new_worker": whether a worker process was started for it
+    phases: dict | None = None
 
 
 class Executor(abc.ABC):
@@ -313,15 +318,17 @@ class LocalExecutor(Executor):
                 self.console.print(f"  {step.name}: runs because {reason.removeprefix('not in the store: ')}")
             inputs = {role: self.store.tree(plan.steps[src].key, results[src].record)
                       for role, src in step.inputs.items()}
+            marks = {"start": t0}
             record = self._execute(plan, step, inputs, {role: results[src].record for role, src in step.inputs.items()},
-                                   gpus)
+                                   gpus, marks)
             if record.get("not_run"):  # about this machine, not the inputs: never cached
-                return self._result(step, "not run", record["metrics"]["not_run"], record, t0)
-            return self._result(step, "built", reason, record, t0)
+                return self._result(step, "not run", record["metrics"]["not_run"], record, t0, marks=marks)
+            return self._result(step, "built", reason, record, t0, marks=marks)
         finally:
             lock.release()
 
-    def _result(self, step, status, reason, record, t0, work_seconds: float = 0.0) -> StepResult:
+    def _result(self, step, status, reason, record, t0, work_seconds: float = 0.0,
+                marks: dict | None = None) -> StepResult:
         metrics = record.get("metrics", {})
         if metrics.get("not_run"):
             failures = [f"not run: {metrics['not_run']} (--require-provider)"] if self.require_provider else []
@@ -334,8 +341,14 @@ class LocalExecutor(Executor):
             reason = f"found in the remote cache {origin['url']}"
         source = {"built": "built", "cached": "remote cache" if origin else "local store"}.get(status, "")
         ran_on = record.get("timings", {}).get("ran_on") if source else None
-        return StepResult(step.name, step.kind, step.key, status, reason, record, time.perf_counter() - t0, failures,
-                          work_seconds, source, ran_on, origin)
+        now = time.perf_counter()
+        phases = None
+        if marks and "ran" in marks:
+            phases = {"prepare": round(marks["run"] - t0, 3),
+                      "worker": round(max(0.0, marks["ran"] - marks["run"] - work_seconds), 3),
+                      "commit": round(now - marks["ran"], 3), "new_worker": marks["new_worker"]}
+        return StepResult(step.name, step.kind, step.key, status, reason, record, now - t0, failures,
+                          work_seconds, source, ran_on, origin, phases)
 
     def _env(self, step: Step, gpus: scheduler.GpuAssignment | None) -> dict[str, str]:
         """What a step's worker gets on top of the build's environment when steps run side by side."""
@@ -396,7 +409,10 @@ class LocalExecutor(Executor):
                 "threads": int(threads) if threads else None}
 
     def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict],
-                 gpus: scheduler.GpuAssignment | None = None) -> dict:
+                 gpus: scheduler.GpuAssignment | None = None, marks: dict | None = None) -> dict:
+        """`marks` gets the perf_counter times at which the worker was asked to run the step ("run")
+        and answered ("ran"), and whether the worker was new (StepResult.phases)."""
+        marks = {} if marks is None else marks
         work = self.store.new_tmp(step.name)
         out = work / "out"
         out.mkdir()
@@ -414,6 +430,7 @@ class LocalExecutor(Executor):
             log_path.unlink(missing_ok=True)  # the log of an earlier run of this key
             before = self._input_objects(inputs, records)
             worker = self._take_worker(step, self._env(step, gpus), set(spec["input_keys"].values()))
+            marks["new_worker"] = not worker.last_key
             retire = True
             title = f"{step.name} ({step.kind})"
             if self.jobs > 1 and plan.recipe.variant_id:  # lines of concurrent variants say whose they are
@@ -421,7 +438,9 @@ class LocalExecutor(Executor):
             try:
                 with self.console.step(title, live=self.jobs == 1) as update:
                     try:
+                        marks["run"] = time.perf_counter()
                         event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
+                        marks["ran"] = time.perf_counter()
                     except WorkerDied as exc:
                         why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
                         event = {"code": exc.code, "why": why}
