@@ -6,7 +6,8 @@
 #   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
 #           (what the store's Inductor cache saves a second cold compile)
 #   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
-#   genai   recipes/gpu/smollm2-genai-cuda.yaml (the model builder's fp16 decoder on onnxruntime CUDA)
+#   genai   recipes/gpu/smollm2-genai-cuda.yaml (the model builder's fp16 decoder on onnxruntime CUDA),
+#           then benchmarks/gpu/genai_decode.py on its output (where the per-token time goes)
 #   cold    recipes/gpu/bert-base-cuda.yaml on an empty store (issue 11: cold build time and each
 #           step's overhead, i.e. its wall time minus the time inside the stage)
 # Needs the staged wheels (.gpu) and model packages (.gpub). Logs and results go to $OUT.
@@ -26,7 +27,7 @@ build() {  # build NAME RECIPE [extra args]: log, manifest and report under $OUT
   echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
   cp "/tmp/out-$name/report.md" "$OUT/$name-report.md" 2>/dev/null
   cp "/tmp/out-$name/manifest.json" "$OUT/$name-manifest.json" 2>/dev/null
-  rm -rf "/tmp/out-$name"
+  [ -n "${KEEP:-}" ] || rm -rf "/tmp/out-$name"
   tail -n 25 "$OUT/$name.log"
 }
 for part in "$@"; do
@@ -44,7 +45,10 @@ for part in "$@"; do
       build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
     llama) build llama recipes/gpu/llama7b-compile.yaml ;;
     cold) STORE=/tmp/store-cold-$$ build cold recipes/gpu/bert-base-cuda.yaml ;;
-    genai) build genai recipes/gpu/smollm2-genai-cuda.yaml ;;
+    genai)
+      KEEP=1 build genai recipes/gpu/smollm2-genai-cuda.yaml
+      [ -d /tmp/out-genai/genai ] && timeout 240 python benchmarks/gpu/genai_decode.py /tmp/out-genai/genai \
+        --json "$OUT/genai-decode.json" 2>&1 | tee "$OUT/genai-decode.log" ;;
   esac
 done
 python - "$OUT" <<'PY'

@@ -9,6 +9,7 @@
 set -uo pipefail
 [ -f "$HOME/gpu-env.sh" ] && source "$HOME/gpu-env.sh"
 [ -f "$HOME/models-env.sh" ] && source "$HOME/models-env.sh"
+[ -f "$HOME/bnb-env.sh" ] && source "$HOME/bnb-env.sh"  # bitsandbytes, staged apart (the device_map recipe)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RECIPE=${RECIPE:-benchmarks/gpu/recipes/two-gpu-matrix.yaml}
 DIR=/tmp/gpu-out/parallel; mkdir -p "$DIR"; LOG=$DIR/log.txt; : >"$LOG"
@@ -23,6 +24,7 @@ for JOBS in 1 2; do
   python -m toolchain build "$RECIPE" -o "/tmp/parallel-out-$JOBS" --store "/tmp/parallel-store-$JOBS" \
     --jobs "$JOBS" >>"$LOG" 2>&1 || { echo "--jobs $JOBS build failed (see $LOG)"; exit 1; }
   SECS[$JOBS]=$(python -c "print(round($(date +%s.%N) - $t0, 1))")
+  cp "/tmp/parallel-out-$JOBS/manifest.json" "$DIR/manifest-jobs$JOBS.json"
   echo "--jobs $JOBS: ${SECS[$JOBS]} s, $(python -c "print(round($VARIANTS / ${SECS[$JOBS]} * 60, 2))") variants/min" | tee -a "$LOG"
 done
 SAME=$(python - <<'PY'
@@ -40,6 +42,16 @@ RATIO=$(python -c "print(round(${SECS[1]} / ${SECS[2]}, 2))")
 echo "=== device_map over 2 GPUs with --jobs 2" | tee -a "$LOG"
 python -m toolchain build recipes/gpu/llama7b-nf4-two-gpus.yaml -o /tmp/parallel-out-nf4 --store /tmp/parallel-store-2 \
   --jobs 2 >>"$LOG" 2>&1; NF4=$?
+cp /tmp/parallel-out-nf4/manifest.json "$DIR/manifest-nf4.json" 2>/dev/null
+python - "$DIR" <<'PY' | tee -a "$LOG"
+# each step's wall time, inside-the-stage time and overhead split (manifest `overhead`), per build
+import json, pathlib, sys
+for m in sorted(pathlib.Path(sys.argv[1]).glob("manifest-*.json")):
+    for v in json.loads(m.read_text())["variants"]:
+        for s in v["steps"]:
+            print(f"{m.stem:16s} {v['folder'] or '-':10s} {s['name']:8s} {s['status']:7s} {s['seconds']:7.1f} s, "
+                  f"in stage {s['work_seconds']:7.1f} s, overhead {s.get('overhead')}, gpu {(s.get('ran_on') or {}).get('gpu')}")
+PY
 {
   echo "# --jobs on $(hostname), $(date +%F): $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)"
   echo
