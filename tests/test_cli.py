@@ -82,3 +82,43 @@ def test_check_never_touches_the_network(tmp_path):
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", tmp_path / "s", env=env)
     assert res.returncode == 2 and "Hub is not reachable" in res.stderr, res.stderr
     assert (tmp_path / "net.log").is_file()  # build asked, and was refused
+
+
+def test_shared_steps_are_counted_once_and_a_null_variant_has_one_label(tmp_path):
+    """A matrix over the SDPA kernel (null: PyTorch chooses): `load` is one step for both variants,
+    so it is counted once; the null variant is `kernel=default` in the console, the folders and
+    report.md alike."""
+    from .conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, "kernels", """
+      load: {kind: load}
+      sdpa: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: "${matrix.kernel}"}}
+      bench: {kind: benchmark, inputs: {model: sdpa}, params: {batch_size: 1, sequence_length: 8, warmup: 1, iterations: 2}}
+    """, extra="matrix: {kernel: [null, math]}\ntargets: [sdpa]")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", tmp_path / "store")
+    assert res.returncode == 0, res.stderr
+    assert "5 built, 0 cached (5 unique steps for the 6 steps of 2 variants)" in res.stderr, res.stderr
+    assert "kernel=default" in res.stderr and "kernel=None" not in res.stderr
+    assert (tmp_path / "out" / "kernel=default").is_dir()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Variant kernel=default" in report and "kernel=None" not in report
+    again = run_cli("build", recipe, "--store", tmp_path / "store")
+    assert "0 built, 5 cached" in again.stderr and "nothing delivered: no -o given" in again.stderr, again.stderr
+
+
+def test_a_reader_that_stops_reading_is_not_an_error():
+    """`toolchain env --json | head -1`: the reader closes the pipe; no traceback, no machine error."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "toolchain", "env", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and err == "", err
+
+
+def test_env_names_a_cpu_only_torch():
+    res = run_cli("env")
+    assert res.returncode == 0 and "built for None" not in res.stdout + res.stderr

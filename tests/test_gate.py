@@ -170,9 +170,62 @@ def test_baseline_gate(tmp_path, tiny_build):
 
 def test_report_plots(tmp_path, tiny_build):
     out = tiny_build / "out"
-    assert (out / "plots" / "latency-forward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![Latency distribution: forward](plots/latency-forward.png)" in (out / "report.md").read_text()
+    assert (out / "plots" / "latency-forward-b2-s16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Latency distribution: forward b2 s16](plots/latency-forward-b2-s16.png)" in (out / "report.md").read_text()
     res = run_cli("report", out, out, "-o", tmp_path / "cmp")
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "cmp" / "report.md").read_text()
-    assert "Latency side by side" in text and (tmp_path / "cmp" / "plots" / "speedup-forward.png").is_file()
+    assert "Latency side by side" in text and (tmp_path / "cmp" / "plots" / "speedup-forward-b2-s16.png").is_file()
+
+
+def test_report_never_compares_rows_of_different_shapes(tmp_path, tiny_build):
+    """Two builds timed at other batch sizes and paddings: each shape its own table, no speedup across."""
+    recipe = tiny_recipe(tmp_path, "gate", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      bench: {kind: benchmark, inputs: {model: export}, params: {batch_size: 4, sequence_length: 16, iterations: 10, padding: 0.25}}
+    """, extra="targets: [load, export]")
+    other = tmp_path / "other"
+    res = run_cli("build", recipe, "-o", other, "--store", tiny_build / "store")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("report", tiny_build / "out", other, "-o", tmp_path / "cmp")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    tables = text.split("### ")[1:]
+    heads = [t.splitlines()[0] for t in tables]
+    assert heads[0] == "forward b2 s16" and heads[1].startswith("forward b4 s16, ") and "padding" in heads[1], heads
+    assert all("nothing to compare it with" in t for t in tables[:2])
+    assert "x |" not in text.split("## Latency side by side")[1]  # no speedup column filled anywhere
+    assert not (tmp_path / "cmp" / "plots" / "speedup-forward-b2-s16.png").exists()
+
+
+def test_report_baseline_that_matches_no_row_is_an_error(tmp_path, tiny_build):
+    res = run_cli("report", tiny_build / "out", "-o", tmp_path / "cmp", "--baseline", "no such row")
+    assert res.returncode == 2 and "--baseline 'no such row' is none of the rows' labels" in res.stderr, res.stderr
+    assert "'bench'" in res.stderr and not (tmp_path / "cmp").exists()
+
+
+def test_validate_baseline_must_match_and_come_from_this_machine(tmp_path, tiny_build):
+    export, ref, store = tiny_build / "out" / "export", tiny_build / "out" / "load", tiny_build / "store"
+    common = ["--reference", ref, "--samples", "8", "--store", store, "--iterations", "5",
+              "--bench-batch-size", "2", "--sequence-length", "16"]
+    (tmp_path / "empty.json").write_text('{"checks": []}')
+    empty = run_cli("validate", export, *common, "--baseline", tmp_path / "empty.json")
+    assert empty.returncode == 2 and "matches none of this run's checks" in empty.stderr, empty.stderr
+    base = run_cli("validate", export, *common, "--json", tmp_path / "base.json")
+    assert base.returncode == 0, base.stderr
+    doc = json.loads((tmp_path / "base.json").read_text())
+    doc["manifest"]["environment"]["hardware"]["cpu"] = "Some Other CPU"
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    other = run_cli("validate", export, *common, "--baseline", tmp_path / "other.json")
+    assert other.returncode == 2 and "was measured on Some Other CPU" in other.stderr, other.stderr
+    allowed = run_cli("validate", export, *common, "--baseline", tmp_path / "other.json", "--allow-other-machine",
+                      "--max-slowdown", "1000")
+    assert allowed.returncode == 0, allowed.stderr
+    # the second run took its latency from the store; --force measures again
+    again = run_cli("validate", export, *common, "--force", "--json", tmp_path / "again.json")
+    assert again.returncode == 0, again.stderr
+    steps = {s["name"]: s for s in json.loads((tmp_path / "again.json").read_text())["manifest"]["variants"][0]["steps"]}
+    assert steps["latency"]["status"] == "built" and steps["parity"]["status"] == "built"
+    assert steps["reference"]["status"] == "cached" and steps["candidate"]["status"] == "cached"
+    assert "checks: " in again.stderr and "did not fail" not in again.stderr

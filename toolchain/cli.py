@@ -249,10 +249,20 @@ def summary(build, console: Console, seconds: float, output) -> None:
                 console.table(f"latency: {s.name} ({s.latency.runtime})", LATENCY_HEADER, latency_rows(s.latency))
                 for w in s.latency.warnings:
                     console.warn(w)
-    counts = {k: sum(1 for v in build.variants for s in v.steps if s.status == k) for k in ("built", "cached", "not run")}
-    where = f" -> {output}" if output else ""
+    # counted per unique step: a step that variants share (one key) ran, or was found, once
+    status_of: dict[str, str] = {}
+    entries = 0
+    for v in build.variants:
+        for s in v.steps:
+            entries += 1
+            if status_of.get(s.key) != "built":
+                status_of[s.key] = s.status
+    counts = {k: sum(1 for x in status_of.values() if x == k) for k in ("built", "cached", "not run")}
+    shared = (f" ({len(status_of)} unique steps for the {entries} steps of {len(build.variants)} variants)"
+              if entries > len(status_of) else "")
+    where = f" -> {output}" if output else " (nothing delivered: no -o given; the results are in the store)"
     not_run = f", {counts['not run']} not run" if counts["not run"] else ""
-    console.print(f"[bold]{build.status}[/]: {counts['built']} built, {counts['cached']} cached{not_run} "
+    console.print(f"[bold]{build.status}[/]: {counts['built']} built, {counts['cached']} cached{not_run}{shared} "
                   f"in {seconds:.1f} s{where}")
 
 
@@ -411,6 +421,9 @@ def cmd_report(args, console: Console) -> int:
     rows = benchmark_rows(builds)
     if not rows:
         raise UsageError("no benchmark results in these builds")
+    if args.baseline is not None and args.baseline not in {r["label"] for r in rows}:
+        raise UsageError(f"--baseline {args.baseline!r} is none of the rows' labels; they are: "
+                         + ", ".join(sorted({repr(r["label"]) for r in rows})))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     plots = render(rows, out / "plots", args.baseline)
@@ -513,7 +526,11 @@ def cmd_env(args, console: Console) -> int:
     rows.append(["onnxruntime", info["onnxruntime"] or "not installed"])
     rows.append(["onnxruntime providers", ", ".join(info["onnxruntime_providers"] or []) or "-"])
     tc = info["torch_cuda"]
-    rows.append(["torch CUDA", f"built for {tc['built_with']}, available: {tc['available']}" if tc else "-"])
+    if tc and tc.get("built_with"):
+        cuda = f"built for CUDA {tc['built_with']}, " + ("available" if tc["available"] else "no GPU usable here")
+    else:
+        cuda = "a CPU-only build of torch (no CUDA)" if tc else "-"
+    rows.append(["torch CUDA", cuda])
     rows.append(["GPUs", "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory']})" for g in info["gpus"]) or "none"])
     Console(quiet=False).table("environment", ["what", "value"], rows)
     return 0
@@ -634,6 +651,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", help="an earlier `--json` report: fail when parity got worse beyond tolerance "
                     "or the median latency slower than --max-slowdown (beyond the recorded noise)")
     sp.add_argument("--max-slowdown", type=float, default=10.0, metavar="PERCENT", help="default 10")
+    sp.add_argument("--allow-other-machine", action="store_true",
+                    help="compare latency with a --baseline measured on another CPU or GPU")
+    sp.add_argument("--force", action="store_true",
+                    help="measure again: run the parity and latency checks even when the store has them")
     sp.add_argument("--require-provider", action="store_true", help="fail when the provider cannot run here")
     sp.add_argument("--junit", metavar="FILE", help="write JUnit XML (one test case per check)")
     sp.add_argument("--markdown", metavar="FILE", help="write a summary for a pull-request comment")
@@ -715,9 +736,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(quiet=getattr(args, "quiet", False))
     try:
         code = COMMANDS[args.command](args, console)
+        sys.stdout.flush()  # here, so that a reader that has gone is met by the handler below
         # the work is done and reported: a SIGTERM while the interpreter shuts down changes nothing
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return code
+    except BrokenPipeError:  # `toolchain env --json | head`: the reader stopped reading, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 0
     except RecipeError as exc:
         for p in exc.problems:
             print(p.render(), file=sys.stderr)

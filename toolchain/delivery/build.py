@@ -19,6 +19,7 @@ from filelock import FileLock
 from toolchain import __version__, environment
 from toolchain.console import Console
 from toolchain.errors import ToolchainError, UsageError, machine_error
+from toolchain.frontend.recipe import variant_label
 from toolchain.execution.executor import StepResult
 from toolchain.execution.executors import open_executor
 from toolchain.hashing import hash_file
@@ -156,7 +157,7 @@ def lock_changes(old: dict, new: dict) -> list[str]:
                 if isinstance(v, dict) and isinstance(v.get("steps"), dict)}
     before, after, out = index(old), index(new), []
     for vid in sorted(set(before) | set(after)):
-        label = ",".join(f"{k}={x}" for k, x in json.loads(vid).items())
+        label = variant_label(json.loads(vid))
         where = f" [{label}]" if label else ""
         if vid not in before or vid not in after:
             out.append(f"variant{where or ' (none)'} {'added' if vid not in before else 'removed'}")

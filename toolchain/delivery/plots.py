@@ -2,14 +2,32 @@
 baseline, peak memory. One function per figure; each takes plain measurement rows."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from toolchain.delivery.results import BuildResult, StepResult, Timing
 
 
+def shape_of(measure: str, t: Timing, latency=None) -> str:
+    """What a measurement can be compared on: the measure's kind and the shape it was timed at, e.g.
+    `forward b8 s128`, `forward b8 s128, 25% padding`, `decode (per token) after 32 prompt tokens`.
+    Two rows with different keys are never put side by side (nor given a speedup over each other)."""
+    def first(x):
+        return x[0] if isinstance(x, list) and x else x
+    batch = t.batch_size if t.batch_size is not None else first(getattr(latency, "batch_size", None))
+    seq = t.sequence_length if t.sequence_length is not None else first(getattr(latency, "sequence_length", None))
+    if measure.startswith("forward"):
+        pad = t.padding_fraction if t.padding_fraction is not None else getattr(latency, "padding_fraction", 0.0)
+        shape = f"forward b{batch} s{seq}" if batch is not None and seq is not None else measure
+        return shape + (f", {pad:.0%} padding" if pad else "")
+    if measure.startswith("decode") and seq is not None:
+        return f"{measure} after {seq} prompt tokens"
+    return measure
+
+
 def benchmark_rows(builds: list[BuildResult]) -> list[dict]:
     """One row per benchmark measure across builds and variants (read through toolchain.delivery.results),
-    labelled for a legend."""
+    labelled for a legend; `measure` is the comparable key of shape_of()."""
     rows = []
     several = len({b.name for b in builds}) > 1
     for b in builds:
@@ -23,8 +41,8 @@ def benchmark_rows(builds: list[BuildResult]) -> list[dict]:
                 for t in s.latency.timings:
                     if t.error:
                         continue
-                    label = " ".join(prefix + [s.name]) + ("" if t.measure == "forward" else f" ({t.measure})")
-                    rows.append({"label": label, "measure": t.measure, "samples": t.samples_ms, "median": t.median_ms,
+                    rows.append({"label": " ".join(prefix + [s.name]), "measure": shape_of(t.measure, t, s.latency),
+                                 "samples": t.samples_ms, "median": t.median_ms,
                                  "p90": t.p90_ms, "cov": t.cov,
                                  "memory": t.peak_memory_mb if t.peak_memory_mb is not None else s.latency.peak_memory_mb,
                                  "runtime": s.latency.runtime, "device": s.latency.device_name})
@@ -33,17 +51,33 @@ def benchmark_rows(builds: list[BuildResult]) -> list[dict]:
 
 def _select_rows(step: StepResult, prefix: list[str]) -> list[dict]:
     rows = []
+    settings = step.metrics.get("benchmark_settings") or {}
     for c in step.metrics.get("candidates", []):
         for measure, raw in (c.get("timings") or {}).items():
             t = Timing.read(measure, raw)
             if t.error:
                 continue
-            label = " ".join(prefix + [f"{step.name}: {c['name']}"])
-            rows.append({"label": label + ("" if measure == "forward" else f" ({measure})"), "measure": measure,
+            if t.batch_size is None and measure.startswith("forward"):  # select times one shape
+                t.batch_size, t.sequence_length = settings.get("batch_size"), settings.get("sequence_length")
+            rows.append({"label": " ".join(prefix + [f"{step.name}: {c['name']}"]), "measure": shape_of(measure, t),
                          "samples": t.samples_ms, "median": t.median_ms, "p90": t.p90_ms, "cov": t.cov,
                          "memory": t.peak_memory_mb, "runtime": c.get("runtime"),
                          "device": step.metrics.get("device_name")})
     return rows
+
+
+def groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows by comparable key (forward shapes first), in their order."""
+    keys = sorted({r["measure"] for r in rows}, key=lambda m: (not m.startswith("forward"), m))
+    return [(k, [r for r in rows if r["measure"] == k]) for k in keys]
+
+
+def baseline_of(group: list[dict], baseline: str | None) -> dict | None:
+    """The row speedups of a group are over: the one labelled `baseline` (None when the group has no
+    such row), else the group's first."""
+    if baseline is None:
+        return group[0]
+    return next((r for r in group if r["label"] == baseline), None)
 
 
 def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[tuple[str, str]]:
@@ -60,9 +94,8 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
         return []
     folder.mkdir(parents=True, exist_ok=True)
     made = []
-    for measure in sorted({r["measure"] for r in rows}, key=lambda m: (m != "forward", m)):
-        group = [r for r in rows if r["measure"] == measure]
-        tag = "".join(ch if ch.isalnum() else "-" for ch in measure).strip("-")
+    for measure, group in groups(rows):
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", measure).strip("-")
         height = max(2.5, 0.45 * len(group) + 1.2)
 
         fig, ax = plt.subplots(figsize=(8, height))
@@ -79,8 +112,8 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
         plt.close(fig)
         made.append((title, name))
 
-        if len(group) > 1:
-            base = next((r for r in group if r["label"] == baseline), group[0])
+        base = baseline_of(group, baseline)
+        if len(group) > 1 and base is not None:
             speed = [base["median"] / r["median"] for r in group]
             fig, ax = plt.subplots(figsize=(8, height))
             bars = ax.barh([r["label"] for r in group], speed, color=["#888" if r is base else "#3a7" for r in group])
@@ -96,10 +129,12 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
             plt.close(fig)
             made.append((title, name))
 
-    mem = [r for r in rows if r["measure"] == "forward" and r["memory"]]
+    mem = [r for r in rows if r["measure"].startswith("forward") and r["memory"]]
     if mem:
         fig, ax = plt.subplots(figsize=(8, max(2.5, 0.45 * len(mem) + 1.2)))
-        bars = ax.barh([r["label"] for r in mem], [r["memory"] for r in mem], color="#57a")
+        several = len({r["measure"] for r in mem}) > 1
+        bars = ax.barh([f"{r['label']} ({r['measure']})" if several else r["label"] for r in mem],
+                       [r["memory"] for r in mem], color="#57a")
         ax.bar_label(bars, labels=[f"{r['memory']:.0f} MB" for r in mem], padding=3)
         title = "Peak memory while timing"
         ax.set_title(title)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from toolchain.delivery.results import NOT_GATED, PASSED, BuildResult, LatencyResult, ParityResult, StepResult
 from toolchain.delivery.results import fmt as _fmt
+from toolchain.frontend.recipe import variant_label
 
 
 def parity_rows(parity: ParityResult) -> list[list[str]]:
@@ -48,20 +49,27 @@ def plots_markdown(plots: list[tuple[str, str]], prefix: str = "plots/") -> str:
 
 
 def comparison_markdown(rows: list[dict], baseline: str | None = None) -> str:
-    """A table of every benchmark measure side by side, with speedups over the baseline row."""
+    """Every benchmark measure side by side, one table per comparable shape (plots.shape_of): a speedup
+    is only ever over a row of the same shape, the baseline is named per shape."""
+    from toolchain.delivery.plots import baseline_of, groups
+
     if not rows:
         return ""
-    out = ["\n## Latency side by side\n\n"]
+    out = ["\n## Latency side by side\n\nOne table per measure and shape: rows of different shapes (batch, "
+           "sequence, padding, prompt) are not compared with each other.\n"]
     header = ["variant", "runtime", "device", "median ms", "p90 ms", "CoV", "speedup", "peak MB"]
-    lines = []
-    for measure in sorted({r["measure"] for r in rows}, key=lambda m: (m != "forward", m)):
-        group = [r for r in rows if r["measure"] == measure]
-        base = next((r for r in group if r["label"] == baseline), group[0])
-        for r in group:
-            lines.append([r["label"], r["runtime"] or "-", r["device"] or "-", _fmt(r["median"]), _fmt(r["p90"]),
-                          f"{100 * r['cov']:.1f}%", f"{base['median'] / r['median']:.2f}x", _fmt(r["memory"])])
-    out.append(_table(header, lines))
-    out.append(f"\nSpeedup is the baseline's median divided by each row's median (baseline: {base['label']}).\n")
+    for measure, group in groups(rows):
+        base = baseline_of(group, baseline)
+        lines = [[r["label"], r["runtime"] or "-", r["device"] or "-", _fmt(r["median"]), _fmt(r["p90"]),
+                  f"{100 * r['cov']:.1f}%", f"{base['median'] / r['median']:.2f}x" if base and len(group) > 1 else "-",
+                  _fmt(r["memory"])] for r in group]
+        out.append(f"\n### {measure}\n\n" + _table(header, lines))
+        if len(group) == 1:
+            out.append("\nOnly one measurement at this shape: nothing to compare it with.\n")
+        elif base is None:
+            out.append(f"\nNo speedup: the baseline {baseline} was not measured at this shape.\n")
+        else:
+            out.append(f"\nSpeedup is the median of {base['label']} at this shape divided by each row's median.\n")
     return "".join(out)
 
 
@@ -135,7 +143,7 @@ def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = No
                f"onnx {env.get('onnx') or '-'}, onnxruntime {env.get('onnxruntime') or '-'}.\n")
     for v in build.variants:
         if v.variant:
-            out.append(f"\n## Variant {', '.join(f'{k}={x}' for k, x in v.variant.items())}\n")
+            out.append(f"\n## Variant {variant_label(v.variant, ', ')}\n")
         out.append("\n### Steps\n\n")
         rows = [[s.name, s.kind, s.shown_status, s.key[:12], _fmt(s.build_seconds), s.where or "-"] for s in v.steps]
         out.append(_table(["step", "kind", "status", "key", "build s", "from / ran on"], rows))

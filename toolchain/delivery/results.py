@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from toolchain.frontend.recipe import variant_label
+
 PASSED, FAILED, NOT_GATED, NOT_RUN = "passed", "failed", "not gated", "not run"
 STATUSES = (PASSED, FAILED, NOT_GATED, NOT_RUN)
 
@@ -156,6 +158,9 @@ class Timing:
     first_call_s: float | None = None
     samples_ms: list = field(default_factory=list)
     error: str | None = None
+    batch_size: int | None = None  # the shape it was timed at (forward measures)
+    sequence_length: int | None = None
+    padding_fraction: float | None = None  # share of padding tokens in that batch (builds before it: None)
 
     @classmethod
     def read(cls, measure: str, t: dict) -> "Timing":
@@ -286,7 +291,7 @@ class VariantResult:
 
     @property
     def label(self) -> str:
-        return ",".join(f"{k}={x}" for k, x in self.variant.items())
+        return variant_label(self.variant)
 
 
 @dataclass

@@ -49,6 +49,39 @@ def _ancestors(plan, name: str) -> set[str]:
     return out
 
 
+def _read_baseline(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list):
+            raise ValueError("it has no `checks` list")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--baseline {path}: not a report written by `toolchain validate --json` ({exc})") from None
+    return doc
+
+
+def _names(checks) -> str:
+    return ", ".join(sorted({f"{c.get('suite', '').rsplit('.', 1)[-1]}: {c.get('name')}" for c in checks}))
+
+
+def machine_of(manifest: dict | None) -> str:
+    """The CPU and GPUs a manifest's build ran on, e.g. `AMD EPYC (2 CPUs) + NVIDIA H100 80GB HBM3`."""
+    env = (manifest or {}).get("environment") or {}
+    hw = env.get("hardware") or {}
+    gpus = sorted(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
+    return f"{hw.get('cpu', '?')}" + (f" + {', '.join(gpus)}" if gpus else "")
+
+
+def _same_machine(baseline: dict, manifest: dict, args) -> None:
+    """A latency baseline from another CPU or GPU says nothing about this one: refused unless asked."""
+    if args.allow_other_machine:
+        return
+    then, now = machine_of(baseline.get("manifest")), machine_of(manifest)
+    if then != now:
+        raise UsageError(f"--baseline {args.baseline} was measured on {then}; this run is on {now}. Latency on "
+                         "another machine is no baseline: measure the baseline here, or pass "
+                         "--allow-other-machine to compare anyway")
+
+
 def run(args, store, console: Console) -> int:
     model = Path(args.model).resolve()
     if not model.exists():
@@ -83,15 +116,21 @@ def run(args, store, console: Console) -> int:
     plan = build_plan(recipe, hasher=store.hash_cached)
     for note in plan.notes:
         console.warn(note)
-    manifest = build([plan], store, None, console, require_provider=args.require_provider)
+    baseline = _read_baseline(args.baseline) if args.baseline else None  # a bad file fails before the work
+    # --force measures again: the checks' steps run, the model steps they read stay cached
+    force = frozenset(n for n in ("parity", "latency", "latency_reference") if n in stages) if args.force else False
+    manifest = build([plan], store, None, console, force=force, require_provider=args.require_provider)
     checks = checks_from_manifest(manifest)
-    if args.baseline:
-        try:
-            baseline = json.loads(Path(args.baseline).read_text())["checks"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"--baseline {args.baseline}: not a report written by `toolchain validate --json` "
-                             f"({exc})") from None
-        checks += compare_baseline(checks, baseline, args.max_slowdown / 100.0)
+    if baseline is not None:
+        regressions = compare_baseline(checks, baseline["checks"], args.max_slowdown / 100.0)
+        if not regressions:
+            raise UsageError(
+                f"--baseline {args.baseline} matches none of this run's checks, so nothing was compared (its "
+                f"checks: {_names(baseline['checks']) or 'none'}; this run's: {_names(c.to_dict() for c in checks)}). "
+                "Use a `--json` report of the same model and steps, measured with the same options")
+        if any(c.name.startswith("regression latency") for c in regressions):
+            _same_machine(baseline, manifest, args)
+        checks += regressions
     console.table(f"{name}: checks", ["step", "check", "result", "details"],
                   [[c.suite.rsplit(".", 1)[-1], c.name, c.status, c.message] for c in checks])
     if args.json:
@@ -102,6 +141,7 @@ def run(args, store, console: Console) -> int:
     if args.markdown:
         Path(args.markdown).write_text(markdown_summary(checks, f"toolchain validate {model.name}"))
     failed = [c for c in checks if c.status == "failed"]
-    console.print(f"[bold]{'failed' if failed else 'passed'}[/]: {len(checks) - len(failed)} of {len(checks)} "
-                  "checks did not fail" + (f"; {len(failed)} failed" if failed else ""))
+    tally = {status: sum(c.status == status for c in checks) for status in dict.fromkeys(c.status for c in checks)}
+    console.print(f"[bold]{'failed' if failed else 'passed'}[/]: {len(checks)} checks: "
+                  + ", ".join(f"{n} {status}" for status, n in tally.items()))
     return 1 if failed else 0

@@ -26,6 +26,12 @@ MAX_SUBSTITUTED_CHARS = 1 << 22  # text `${matrix.*}` may add over all variants 
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def variant_label(variant: dict, sep: str = ",") -> str:
+    """The one label of a matrix variant, everywhere (plan, folders, build output, reports):
+    `kernel=default` for a null value, which the recipe writes as `null` (let the library choose)."""
+    return sep.join(f"{k}={'default' if v is None else v}" for k, v in variant.items())
+
+
 @dataclass
 class Recipe:
     """One fully resolved variant of a recipe file."""
@@ -42,7 +48,7 @@ class Recipe:
     @property
     def variant_id(self) -> str:
         """`dtype=float16,attention=sdpa`; empty for a recipe without a matrix."""
-        return ",".join(f"{k}={'default' if v is None else v}" for k, v in self.variant.items())
+        return variant_label(self.variant)
 
     @property
     def full_name(self) -> str:

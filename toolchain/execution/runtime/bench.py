@@ -49,7 +49,7 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
                 _release(gpus)
                 continue
             t = timing.summarize(samples, batch * seq, "tokens/s")
-            t.update(batch_size=batch, sequence_length=seq, peak_memory_mb=_peak(gpus))
+            t.update(batch_size=batch, sequence_length=seq, padding_fraction=pads[-1], peak_memory_mb=_peak(gpus))
             if first is not None:
                 t["first_call_s"] = first
             flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
@@ -162,6 +162,7 @@ def _decode_timing(runner, prompt, p) -> dict:
     while len(samples) < max(p.iterations, p.decode_tokens):
         samples += runner.decode_steps(prompt[0], p.decode_tokens)
     out = timing.summarize(samples, 1, "tokens/s")
+    out.update(batch_size=1, sequence_length=int(prompt.shape[1]))  # the prompt it decodes after
     # a compiled decoder's loop does not wait for each token: its steps are timed on the GPU's
     # stream (the token rate a caller sees); the others wait for each token on the host anyway
     out["timer"] = getattr(runner, "decode_timer", lambda: "host clock around each step")()

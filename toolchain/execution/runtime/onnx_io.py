@@ -101,6 +101,7 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
             args.append(torch.zeros(batch, seq, dtype=torch.long))
             names.append("token_type_ids")
 
+    wrapper.eval()  # a new Module starts in training mode (the model is in eval already): no warning per export
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     use_external = external_data == "always" or (external_data == "auto" and size > 1.8 * 2**30)
     path = out_dir / ONNX_FILE
