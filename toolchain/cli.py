@@ -17,7 +17,7 @@ from pathlib import Path
 
 from toolchain import __version__
 from toolchain.console import Console, escape
-from toolchain.errors import RecipeError, ToolchainError, UsageError
+from toolchain.errors import RecipeError, ToolchainError, UsageError, merged
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +112,7 @@ def cmd_check(args, console: Console) -> int:
             build_plans(variants, keys=False, machine=args.this_machine, network=False)  # lints anywhere
         except RecipeError as exc:
             bad += 1
-            for p in exc.problems:
+            for p in merged(exc.problems):
                 print(p.render(), file=sys.stderr)
         else:
             if args.verbose:
@@ -744,9 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
         return 0
     except RecipeError as exc:
-        for p in exc.problems:
+        problems = merged(exc.problems)
+        for p in problems:
             print(p.render(), file=sys.stderr)
-        n = len(exc.problems)
+        n = len(problems)
         print(f"{n} problem{'s' if n != 1 else ''}; nothing was built", file=sys.stderr)
         return exc.exit_code
     except ToolchainError as exc:

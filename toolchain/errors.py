@@ -6,6 +6,7 @@ The CLI prints them without a traceback.
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 
 
@@ -32,6 +33,29 @@ class Problem:
         if self.hint:
             text += f"\n    hint: {self.hint}"
         return text
+
+
+_STAGE_MESSAGE = re.compile(r"^stage '([^']+)': (.+)$", re.S)
+
+
+def merged(problems: list[Problem]) -> list[Problem]:
+    """One problem per distinct message: the same words about several stages of one file (a recipe
+    for a GPU checked on a CPU: every stage's `device cuda needs an NVIDIA GPU`) become one line that
+    names the stages, located at the first."""
+    groups: dict[tuple, list[tuple[str, Problem]]] = {}
+    for p in problems:
+        m = _STAGE_MESSAGE.match(p.message)
+        key = (p.file, m.group(2), p.hint) if m else (p.file, p.message, p.hint, p.line, p.column)
+        groups.setdefault(key, []).append((m.group(1) if m else "", p))
+    out = []
+    for key, items in groups.items():
+        first = items[0][1]
+        if len(items) == 1:
+            out.append(first)
+        else:
+            names = ", ".join(f"'{n}'" for n, _ in items)
+            out.append(Problem(f"stages {names}: {key[1]}", first.file, first.line, first.column, first.hint))
+    return out
 
 
 class ToolchainError(Exception):

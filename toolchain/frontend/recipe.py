@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain import safeio
+from toolchain.frontend.graph import structure
 from toolchain.errors import Problem, RecipeError
 from toolchain.hashing import hash_value
 from toolchain.frontend.schema import validate
@@ -248,8 +249,12 @@ def load_recipe(path: str | Path) -> list[Recipe]:
         add(sub_problems)
         if sub_problems:  # the schema would only repeat them as type errors
             continue
-        add(validate(doc, resolved))
-        recipes.append(Recipe(path=path.resolve(), doc=doc, data=resolved, variant=combo))
+        recipe = Recipe(path=path.resolve(), doc=doc, data=resolved, variant=combo)
+        schema_problems = validate(doc, resolved)
+        add(schema_problems)
+        if schema_problems:  # the graph's own problems in the same pass (the planner reports them otherwise)
+            add(structure(recipe)[2])
+        recipes.append(recipe)
     if problems:
         raise RecipeError(problems)
     return recipes

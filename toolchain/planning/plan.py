@@ -5,8 +5,6 @@ every stage's static compatibility rules, and reports all problems at once befor
 """
 from __future__ import annotations
 
-import difflib
-import graphlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,13 +14,13 @@ from toolchain import environment
 from toolchain.planning import registry
 from toolchain.errors import RecipeError
 from toolchain.hashing import ALGORITHM, hash_file, hash_value
+from toolchain.frontend.graph import RESERVED_TARGETS, input_refs, structure
 from toolchain.frontend.recipe import Recipe
 from toolchain.safeio import UnsafeInput
 from toolchain.frontend.sources import SourceError
 from toolchain.planning.stages.base import REPORT, CheckContext, params_dict
 
 KEY_SCHEMA = 1  # bump to invalidate every key (change of key layout)
-RESERVED_TARGETS = ("plots",)  # folders of the output that a target folder must not land on
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -119,42 +117,10 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     stages = recipe.stages
     names = list(stages)
 
-    # inputs refer to existing stages, with matching artifact kinds checked after ordering
-    graph: dict[str, set[str]] = {}
-    for name, spec in stages.items():
-        deps = set()
-        for role, src, where in input_refs(spec):
-            if src not in stages:
-                guess = difflib.get_close_matches(src, names, n=1)
-                problems.append(recipe.problem(
-                    f"stage '{name}': input '{role}' names stage '{src}', which does not exist",
-                    ("stages", name) + where,
-                    hint=f"did you mean '{guess[0]}'?" if guess else f"stages: {', '.join(names)}"))
-            elif src == name:
-                problems.append(recipe.problem(f"stage '{name}' takes its own output as input",
-                                               ("stages", name) + where))
-            else:
-                deps.add(src)
-        graph[name] = deps
-    if problems:
-        raise RecipeError(problems)
-    try:
-        order = list(graphlib.TopologicalSorter(graph).static_order())
-    except graphlib.CycleError as exc:
-        cycle = exc.args[1]
-        raise RecipeError([recipe.problem(
-            f"stages form a cycle: {' -> '.join(cycle)}", ("stages", cycle[0]), key=True,
-            hint="a stage may only take inputs from stages that run before it")]) from None
-
+    # inputs refer to existing stages (artifact kinds are checked below, in order); structural
+    # problems do not stop the rules of the other stages from being checked in the same pass
+    graph, order, problems = structure(recipe)
     targets = recipe.data.get("targets")
-    for i, t in enumerate(targets or []):
-        if t not in stages:
-            guess = difflib.get_close_matches(t, names, n=1)
-            problems.append(recipe.problem(f"target '{t}' is not a stage", ("targets", i),
-                                           hint=f"did you mean '{guess[0]}'?" if guess else None))
-        elif t in RESERVED_TARGETS:
-            problems.append(recipe.problem(f"target '{t}' would be delivered into the output's own '{t}/' folder",
-                                           ("targets", i), hint=f"rename the stage '{t}'"))
     consumed = {src for deps in graph.values() for src in deps}
     if targets is None:  # the ends of the model chain: checks (validate, benchmark) do not consume
         makes_model = {n for n in names if registry.get(stages[n]["kind"]).produces != REPORT}
@@ -218,19 +184,6 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
     if keys:
         compute_keys(plan, hasher or hash_file)
     return plan
-
-
-def input_refs(spec: dict) -> list[tuple[str, str, tuple]]:
-    """(role, source step, location below the stage) of each input. A list-valued role (select's
-    `candidates`) gives one input per element, named ROLE.STEP: every input keeps a role of its
-    own, so the executor, the keys and the lock file treat it like any other."""
-    out = []
-    for role, src in (spec.get("inputs") or {}).items():
-        if isinstance(src, list):
-            out += [(f"{role}.{s}", s, ("inputs", role, i)) for i, s in enumerate(src)]
-        else:
-            out.append((role, src, ("inputs", role)))
-    return out
 
 
 def compute_keys(plan: Plan, hasher: Callable[[Path], str] | None) -> None:
