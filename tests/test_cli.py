@@ -156,3 +156,24 @@ def test_check_this_machine_says_each_problem_once(tmp_path):
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if "needs an NVIDIA GPU" in line]
     assert len(lines) == 1 and "stages 'fp32', 'fp16', 'eager32'" in lines[0], res.stderr
+
+
+def test_setup_flavours_and_torch_index():
+    """scripts/setup.sh --dry-run: the GPU flavour installs ort-gpu and never ort-cpu; --torch picks
+    PyTorch's index; a wrong value is refused before anything runs."""
+    import subprocess
+
+    def dry(*args):
+        return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--dry-run", *args],
+                              capture_output=True, text=True, timeout=60)
+    cpu = dry("--torch", "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in cpu.stdout
+    assert "ort-cpu" in cpu.stdout and "ort-gpu" not in cpu.stdout
+    gpu = dry("--gpu", "--torch", "cu130")
+    assert "whl/cu130" in gpu.stdout and "ort-gpu" in gpu.stdout and "ort-cpu" not in gpu.stdout
+    assert "--no-deps onnxruntime-genai" in gpu.stdout  # it would pull the CPU onnxruntime back in
+    default = dry()
+    assert "install torch==2.13.0\n" in default.stdout
+    bad = dry("--torch", "cuda-please")
+    assert bad.returncode == 2 and "expected default, cpu, cuNNN or an index URL" in bad.stderr and not bad.stdout
