@@ -31,7 +31,6 @@ import abc
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -47,7 +46,7 @@ from filelock import FileLock
 
 from toolchain.errors import NotAStore, StoreError, machine_error
 from toolchain.hashing import ALGORITHM, hash_file, hash_value
-from toolchain.safeio import read_chunks
+from toolchain.safeio import clone_or_copy, read_chunks
 
 RECORD_SCHEMA = 1
 MARKER = "toolchain-store"
@@ -134,29 +133,8 @@ def copy_verified(src: Path, dest: Path, digest: str, what: str) -> None:
         raise DamagedObject(digest, h.hexdigest(), what)
 
 
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int), a copy-on-write clone of a whole file
 # errors of os.link that say "not here" (another device, links not allowed or too many), not "broken"
 LINK_REFUSED = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EOPNOTSUPP, errno.ENOTSUP)
-
-
-def clone_or_copy(src: Path, dest: Path) -> str:
-    """A new file `dest` with the bytes of `src`, never sharing its inode: a copy-on-write clone
-    (reflink: btrfs, XFS, bcachefs; no new blocks until either side is written) where the file
-    system can, else a plain copy. "reflink" or "copy". A write to either file afterwards never
-    reaches the other, which a hard link could not promise."""
-    try:
-        with open(src, "rb") as fi, open(dest, "xb") as fo:
-            try:
-                fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
-                return "reflink"
-            except OSError:
-                pass  # another file system, or none that can clone: copy
-            shutil.copyfileobj(fi, fo, 1 << 20)
-    except BaseException:
-        if dest.exists():
-            dest.unlink(missing_ok=True)
-        raise
-    return "copy"
 
 
 def _same_but_ctime(a: str | None, b: str | None) -> bool:
@@ -210,6 +188,14 @@ def record_problem(record: object, key: str) -> str | None:
         if name in record and not isinstance(record[name], dict):
             return f"its {name} is not a mapping"
     return None
+
+
+def _timestamp(text) -> float | None:
+    """A record's ISO 8601 time as Unix seconds (None where it has none that parses)."""
+    try:
+        return _dt.datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def record_text(record: dict) -> str:
@@ -869,10 +855,20 @@ class Store(ArtifactStore):
             live = [k for _, k, _ in entries if k not in remove]
             while live and size_of(set(live)) > max_bytes:
                 remove.add(live.pop(0))
-        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0}
-        for key in remove:
+        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0,
+                 "entries": [], "files": []}
+
+        def named(used, key, record):  # what the user is told of each entry removed
+            objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
+            return {"key": key, "recipe": record.get("recipe"), "step": record.get("step"),
+                    "kind": record.get("kind"), "last_used": used if used != float("-inf") else None,
+                    "files": len(record["outputs"]), "bytes": sum(objs.values())}
+        for used, key, record in entries:  # least recently used first
+            if key not in remove:
+                continue
             if dry_run:
                 freed["records"] += 1
+                freed["entries"].append(named(used, key, record))
                 continue
             lock = self.lock(key)
             try:
@@ -883,6 +879,7 @@ class Store(ArtifactStore):
                 self.record_path(key).unlink(missing_ok=True)
                 self._drop_tree(key)
                 freed["records"] += 1
+                freed["entries"].append(named(used, key, record))
             finally:
                 lock.release()
         referenced, orphaned = set(), set()
@@ -900,8 +897,11 @@ class Store(ArtifactStore):
             # (unless its mtime is nonsense: far in the future)
             age = now - obj.lstat().st_mtime
             if obj.name in orphaned or age > OBJECT_GRACE_S or age < -CLOCK_SLACK_S:
+                size = obj.lstat().st_size
                 freed["objects"] += 1
-                freed["bytes"] += obj.lstat().st_size
+                freed["bytes"] += size
+                freed["files"].append({"sha256": obj.name, "bytes": size,
+                                       "of_removed_entry": obj.name in orphaned})
                 if not dry_run:
                     self.discard_object(obj.name)
         for stamp in self.verified.glob("*/*") if not dry_run else ():
@@ -937,6 +937,41 @@ class Store(ArtifactStore):
                     if not dry_run:
                         shutil.rmtree(folder, ignore_errors=True)
         return freed
+
+    def listing(self) -> dict:
+        """What `cache ls` shows: every entry (full key, recipe, step, kind, created and last used
+        as Unix seconds, its files and its bytes, each object once), then per recipe the bytes its
+        entries reference with each object counted once, and the total of distinct referenced
+        bytes; `objects_bytes` is what objects/ holds on disk (unreferenced files included)."""
+        entries, per_recipe, everything = [], {}, {}
+        for key, record, path in self.records():
+            try:
+                used = path.stat().st_mtime
+            except OSError:
+                continue
+            if not record or record.get("_corrupt"):
+                entries.append({"key": key, "recipe": None, "step": None, "kind": None, "created": None,
+                                "last_used": used, "files": None, "bytes": None, "status": "corrupt",
+                                "problem": (record or {}).get("_corrupt", "unreadable")})
+                continue
+            objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
+            recipe = record.get("recipe")
+            # per recipe, not per matrix variant: a step its variants share is recorded once, under
+            # the variant that built it first ("name[axis=value]")
+            base = recipe.split("[", 1)[0] if recipe else None
+            per_recipe.setdefault(base, [0, {}])
+            per_recipe[base][0] += 1
+            per_recipe[base][1].update(objs)
+            everything.update(objs)
+            entries.append({"key": key, "recipe": recipe, "step": record.get("step"), "kind": record.get("kind"),
+                            "created": _timestamp(record.get("created")), "last_used": used,
+                            "files": len(record["outputs"]), "bytes": sum(objs.values()), "status": "ok"})
+        entries.sort(key=lambda e: (e["recipe"] is None, e["recipe"] or "", e["step"] or "", e["key"]))
+        recipes = [{"recipe": r, "entries": n, "bytes": sum(objs.values()), "files": len(objs)}
+                   for r, (n, objs) in sorted(per_recipe.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))]
+        return {"store": str(self.root), "entries": entries, "recipes": recipes,
+                "total_bytes": sum(everything.values()), "total_files": len(everything),
+                "objects_bytes": self.size()}
 
     def size(self) -> int:
         return sum(p.lstat().st_size for p in self.objects.glob("*/*") if _HEX64.fullmatch(p.name))
