@@ -275,18 +275,22 @@ def cmd_cache(args, console: Console) -> int:
         budget = _size(args.max_size) if args.max_size else None
     store.open()  # a missing folder, or one that is not a store, is an error (exit 2), never "all fine"
     if args.cache_cmd == "ls":
-        rows = []
-        for key, record, path in store.records():
-            if not record or record.get("_corrupt"):
-                rows.append([key[:16], "?", "?", "corrupt", "-", "-"])
-                continue
-            size = sum(m["size"] for m in record["outputs"].values())
-            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-            rows.append([key[:16], record.get("step", "?"), record.get("kind", "?"), record.get("created", "?"),
-                         used, _human(size)])
-        return _list_entries(args, console, f"store {store.root}", rows,
-                             {"key": "key", "step": "step", "kind": "kind", "created": "created", "used": "last used",
-                              "size": "size"}, f"{len(rows)} entries, {_human(store.size())} of objects")
+        listing = store.listing()
+        if args.json:  # numbers as numbers (bytes, Unix seconds), keys in full
+            print(json.dumps(listing, indent=1, sort_keys=True))
+            return 0
+        stamp = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t is not None else "?"  # noqa: E731
+        rows = [[e["recipe"] or "?", e["step"] or "?", e["kind"] or "?", e["key"][:16], stamp(e["created"]),
+                 stamp(e["last_used"]), _human(e["bytes"]) if e["bytes"] is not None else e["status"]]
+                for e in listing["entries"]]
+        console.table(f"store {store.root}", ["recipe", "step", "kind", "key", "created", "last used", "size"], rows)
+        for r in listing["recipes"]:
+            console.print(f"{r['recipe'] or '(no recipe)'}: {r['entries']} entr{'ies' if r['entries'] != 1 else 'y'}, "
+                          f"{_human(r['bytes'])} in {r['files']} files (each file counted once)")
+        console.print(f"{len(listing['entries'])} entries, {_human(listing['total_bytes'])} in "
+                      f"{listing['total_files']} distinct files (a file several entries or recipes share counts "
+                      f"once); objects/ holds {_human(listing['objects_bytes'])}")
+        return 0
     if args.cache_cmd == "verify":
         issues = store.verify(repair=args.repair)
         stale = store.stale_tmp()
@@ -309,10 +313,19 @@ def cmd_cache(args, console: Console) -> int:
     if args.cache_cmd == "gc":
         freed = store.gc(older_than_s=older, max_bytes=budget, dry_run=args.dry_run,
                          compiler_caches=args.compiler_caches)
+        if args.json:  # every entry and file by full key, sizes in bytes
+            print(json.dumps({"dry_run": args.dry_run, **freed}, indent=1, sort_keys=True))
+            return 0
         verb = "would remove" if args.dry_run else "removed"
         console.print(f"{verb} {freed['records']} entries, {freed['objects']} files ({_human(freed['bytes'])}), "
                       f"{freed['trees']} folders, {freed['tmp']} temporary folders, {freed['history']} rebuild notes"
                       + (f", {_human(freed['cache_bytes'])} of compiler caches" if args.compiler_caches else ""))
+        if freed["entries"]:  # each by name, least recently used first
+            console.table(f"entries {'to remove' if args.dry_run else 'removed'}",
+                          ["recipe", "step", "key", "last used", "size"],
+                          [[e["recipe"] or "?", e["step"] or "?", e["key"][:16],
+                            time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"])) if e["last_used"] else "?",
+                            _human(e["bytes"])] for e in freed["entries"]])
         return 0
     raise UsageError("usage: toolchain cache {ls,verify,gc}")
 
@@ -677,7 +690,9 @@ def parser() -> argparse.ArgumentParser:
     c = csub.add_parser("gc", help="remove old entries, unreferenced files and leftovers of killed builds")
     c.add_argument("--older-than", help="remove entries unused for this long (e.g. 7d, 12h)")
     c.add_argument("--max-size", help="then remove least recently used entries until the store fits (e.g. 20G)")
-    c.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    c.add_argument("--dry-run", action="store_true", help="say what would be removed (each entry by name)")
+    c.add_argument("--json", action="store_true", help="print what was (or would be) removed as JSON: each "
+                   "entry (full key, recipe, step, bytes) and file, sizes in bytes")
     c.add_argument("--compiler-caches", action="store_true", help="also remove the compilers' caches in the store "
                    "(Inductor, TensorRT engines): the next compile on this machine is cold again")
     c.add_argument("--grace", help="with --remote: keep unreferenced remote files younger than this (default 1h; "

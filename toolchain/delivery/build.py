@@ -26,7 +26,7 @@ from toolchain.hashing import hash_file
 from toolchain.planning.plan import Plan, variant_folder
 from toolchain.delivery.report import render_markdown
 from toolchain.delivery.results import BuildResult
-from toolchain.execution.store import ArtifactStore, DamagedObject, Store, _pid_alive, copy_verified, stat_signature
+from toolchain.execution.store import ArtifactStore, DamagedObject, Store, _pid_alive, stat_signature
 
 MANIFEST_SCHEMA = 1
 # written last into every delivered folder: what was delivered, so that a later build replaces a
@@ -198,7 +198,7 @@ def _delivered_files(out: Path, limit: int) -> list[str] | None:
     return found
 
 
-def _delivery_problem(out: Path) -> str | None:
+def _delivery_problem(out: Path, store: ArtifactStore | None = None) -> str | None:
     """None when `out` is a folder that toolchain delivered and nobody added to since."""
     try:
         if not stat.S_ISREG(os.lstat(out / DELIVERY_MARKER).st_mode):  # never open a FIFO: it would block
@@ -220,16 +220,19 @@ def _delivery_problem(out: Path) -> str | None:
     if extra:
         return (f"holds {len(extra)} file{'s' if len(extra) != 1 else ''} that toolchain did not deliver "
                 f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
-    changed = [rel for rel, meta in files.items() if _changed(out / rel, meta)]
+    changed = [rel for rel, meta in files.items() if _changed(out / rel, meta, store)]
     if changed:
         return (f"has {len(changed)} delivered file{'s' if len(changed) != 1 else ''} changed since "
                 f"({', '.join(sorted(changed)[:5])}{', ...' if len(changed) > 5 else ''})")
     return None
 
 
-def _changed(path: Path, meta: dict) -> bool:
+def _changed(path: Path, meta: dict, store: ArtifactStore | None = None) -> bool:
     """True when a delivered file now holds other bytes (a deleted one is not a change: nothing of
-    the user's is lost by replacing it). Only a file whose stat moved since delivery is rehashed."""
+    the user's is lost by replacing it). Only a file whose stat moved since delivery is rehashed.
+    A delivered hard link of a store object has its ctime moved by every other link or unlink of
+    that object (another delivery, a tree): it is unchanged while the store still finds the object
+    intact (its own stat check, rehashing only when the bytes could have moved)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -239,6 +242,8 @@ def _changed(path: Path, meta: dict) -> bool:
     if not stat.S_ISREG(st.st_mode):
         return True
     if meta.get("stat") == stat_signature(st):
+        return False
+    if store is not None and st.st_size == meta.get("size") and store.holds_intact(meta["sha256"], st):
         return False
     try:
         return st.st_size != meta.get("size") or hash_file(path) != meta["sha256"]
@@ -266,7 +271,7 @@ def check_output(out: Path, store: ArtifactStore) -> None:
         empty = not any(os.scandir(out))
     except OSError as exc:
         raise machine_error(exc, f"reading the output folder {out}") from None
-    problem = None if empty else _delivery_problem(out)
+    problem = None if empty else _delivery_problem(out, store)
     if problem:
         raise UsageError(f"output folder {out} {problem}; refusing to overwrite it, which would delete it "
                          "whole: choose another -o, or move the folder away (or remove the extra files) first")
@@ -348,8 +353,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def deliver(manifest: dict, variants, store: ArtifactStore, out: Path) -> None:
     """Write the output folder beside its final place, then swap it in with one atomic exchange:
-    readers see the old or the new folder, never a half-written or missing one. Every byte copied
-    from the store is hashed on the way. Deliveries into one folder take turns (a lock beside it)."""
+    readers see the old or the new folder, never a half-written or missing one. Every file comes
+    from a store object verified at that moment: a hard link to it (no second copy on disk), or a
+    copy hashed on the way where links are refused. Deliveries into one folder take turns (a lock beside it)."""
     out = _output_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +369,10 @@ def deliver(manifest: dict, variants, store: ArtifactStore, out: Path) -> None:
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         (tmp / PARTIAL_SENTINEL).touch()
+        # the store objects the new folder and the one it replaces link to: removing either moves
+        # only their ctime, which keep_stamps restamps (else every build would rehash them)
+        digests = _delivered_digests(out) | {m["sha256"] for _, results in variants for r in results.values()
+                                               for m in (r.record or {}).get("outputs", {}).values()}
         try:
             files = _write_delivery(manifest, variants, store, tmp)
             marker = {"toolchain": __version__, "manifest_sha256": files["manifest.json"]["sha256"],
@@ -372,7 +382,8 @@ def deliver(manifest: dict, variants, store: ArtifactStore, out: Path) -> None:
             _swap_in(tmp, out)
         finally:
             if os.path.lexists(tmp):
-                _remove_ours(tmp)
+                with store.keep_stamps(digests):
+                    _remove_ours(tmp)
     except DamagedObject as exc:
         store.discard_object(exc.digest)
         raise
@@ -380,6 +391,18 @@ def deliver(manifest: dict, variants, store: ArtifactStore, out: Path) -> None:
         raise machine_error(exc, f"writing the output folder {out} (it was left as it was)") from None
     finally:
         lock.release()
+
+
+def _delivered_digests(out: Path) -> set[str]:
+    """The sha256s an earlier delivery's marker lists (empty where there is none to read)."""
+    try:
+        if not stat.S_ISREG(os.lstat(out / DELIVERY_MARKER).st_mode):
+            return set()
+        with open(out / DELIVERY_MARKER, encoding="utf-8") as f:
+            files = json.loads(f.read(64 << 20))["files"]
+        return {m["sha256"] for m in files.values() if isinstance(m.get("sha256"), str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _write_delivery(manifest: dict, variants, store: ArtifactStore, tmp: Path) -> dict:
@@ -391,7 +414,9 @@ def _write_delivery(manifest: dict, variants, store: ArtifactStore, tmp: Path) -
             for rel, meta in results[target].record["outputs"].items():
                 dest = base / target / rel
                 (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
-                copy_verified(store.object_path(meta["sha256"]), tmp / dest, meta["sha256"], f"{target}/{rel}")
+                # a hard link of the verified object (read-only, as the object), or a verified copy
+                # where links are refused (another file system): the same bytes, no new ones on disk
+                store.deliver_file(meta["sha256"], tmp / dest, f"{target}/{rel}")
                 files[dest.as_posix()] = {"sha256": meta["sha256"], "size": meta["size"]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     result = BuildResult.from_manifest(manifest)  # every report reads the build through this

@@ -461,6 +461,15 @@ class RemoteCachedStore(ArtifactStore):
     def discard_object(self, digest: str) -> None:
         self.local.discard_object(digest)
 
+    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
+        return self.local.deliver_file(digest, dest, what)
+
+    def keep_stamps(self, digests):
+        return self.local.keep_stamps(digests)
+
+    def holds_intact(self, digest: str, st) -> bool:
+        return self.local.holds_intact(digest, st)
+
     def verify(self, repair: bool = False, deep: bool = True) -> list[Issue]:
         return self.local.verify(repair, deep)
 

@@ -3,6 +3,7 @@
     STORE/objects/ab/<sha256>     file contents, read-only, named by their sha256
     STORE/actions/ab/<key>.json   one record per step key: what ran, on what, what it made
     STORE/trees/<key>/            a step's output folder, hard links into objects/ (derived, rebuildable)
+    (output folders)              delivered files are hard links into objects/ too, where the file system allows
     STORE/locks/<key>.lock        per-key file locks (the `filelock` library; released by the kernel
                                   if a holder dies, so a killed build never blocks the next one)
     STORE/tmp/                    work in progress; never trusted
@@ -15,11 +16,19 @@ Every write goes to tmp/ first and becomes visible through one atomic rename; th
 last, so a crash at any instant leaves at worst unreferenced objects (removed by `gc`), never a
 record that points at missing or partial files. Nothing read back is trusted blindly: a cache
 hit rehashes any object whose stat signature moved, commits replace damaged objects, and delivery
-hashes the bytes it copies.
+hands out only objects verified at that moment.
+
+Hard links share an inode, so a delivered file IS the store's object: writing it in place would
+write the store. Two defences: objects (and so their links) are read-only (0o444), so a write by
+anyone but root fails; and every use checks the object's stat signature, which any write moves
+(ctime cannot be set back), so an edited object is rehashed, found damaged, removed and rebuilt,
+never served. The store's own link and unlink of an object move only its ctime; those it restamps
+(`keep_stamps`), so that links do not cost a rehash on every build.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -37,7 +46,7 @@ from filelock import FileLock
 
 from toolchain.errors import NotAStore, StoreError, machine_error
 from toolchain.hashing import ALGORITHM, hash_file, hash_value
-from toolchain.safeio import read_chunks
+from toolchain.safeio import clone_or_copy, read_chunks
 
 RECORD_SCHEMA = 1
 MARKER = "toolchain-store"
@@ -124,6 +133,15 @@ def copy_verified(src: Path, dest: Path, digest: str, what: str) -> None:
         raise DamagedObject(digest, h.hexdigest(), what)
 
 
+# errors of os.link that say "not here" (another device, links not allowed or too many), not "broken"
+LINK_REFUSED = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _same_but_ctime(a: str | None, b: str | None) -> bool:
+    """Two stat signatures that differ at most in ctime (what a link or an unlink moves)."""
+    return bool(a and b) and a.split(":")[:4] == b.split(":")[:4]
+
+
 def stat_signature(st: os.stat_result) -> str:
     """Every stat field that moves when a file's bytes could have (ctime cannot be set back by a
     user): equal signatures prove a file unchanged since it was hashed, without rehashing it."""
@@ -170,6 +188,14 @@ def record_problem(record: object, key: str) -> str | None:
         if name in record and not isinstance(record[name], dict):
             return f"its {name} is not a mapping"
     return None
+
+
+def _timestamp(text) -> float | None:
+    """A record's ISO 8601 time as Unix seconds (None where it has none that parses)."""
+    try:
+        return _dt.datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def record_text(record: dict) -> str:
@@ -246,6 +272,21 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def previous_material(self, recipe: str, step: str) -> dict | None:
         """The key material of the last build of step `step` of recipe `recipe`, if any."""
+
+    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
+        """A new file `dest` holding the object `digest`, verified: a hard link to it where the
+        store can, else a verified copy. How: "link", "reflink" or "copy"."""
+        copy_verified(self.object_path(digest), dest, digest, what)
+        return "copy"
+
+    def keep_stamps(self, digests):
+        """A context around the store's own link/unlink of these objects (see Store.keep_stamps)."""
+        return contextlib.nullcontext()
+
+    def holds_intact(self, digest: str, st: os.stat_result) -> bool:
+        """True when `st` is the stat of a link to this store's object `digest` and the object is
+        intact (checked as a cache hit checks it)."""
+        return False
 
     def origin(self, key: str) -> dict | None:
         """Where the record that `lookup` returned for `key` came from when it was not already in
@@ -418,6 +459,81 @@ class Store(ArtifactStore):
             pass
         (self.verified / digest[:2] / digest).unlink(missing_ok=True)
 
+    def _stamped(self, digest: str) -> str | None:
+        try:
+            return (self.verified / digest[:2] / digest).read_text()
+        except OSError:
+            return None
+
+    @contextlib.contextmanager
+    def keep_stamps(self, digests):
+        """Around the store's own link or unlink of objects (a tree, a delivery, an old delivery
+        removed): each moves only the object's ctime, which would cost a full rehash at the next
+        use. An object whose stamp matched exactly before, and whose signature afterwards differs
+        in ctime alone, is restamped; anything else (a write, which moves mtime too, or a stamp
+        already stale) is left for the next check to rehash."""
+        before = {}
+        for digest in set(digests):
+            try:
+                sig = stat_signature(os.lstat(self.object_path(digest)))
+            except OSError:
+                continue
+            if self._stamped(digest) == sig:
+                before[digest] = sig
+        try:
+            yield
+        finally:
+            for digest, sig in before.items():
+                try:
+                    now = stat_signature(os.lstat(self.object_path(digest)))
+                except OSError:
+                    continue
+                if now != sig and _same_but_ctime(now, sig) and self._stamped(digest) == sig:
+                    self._stamp(digest, now)
+
+    def holds_intact(self, digest: str, st: os.stat_result) -> bool:
+        try:
+            obj = os.lstat(self.object_path(digest))
+        except OSError:
+            return False
+        return (obj.st_dev, obj.st_ino) == (st.st_dev, st.st_ino) and self.check_object(digest)[0] is None
+
+    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
+        """A new file `dest` holding the object `digest`: a hard link to it (no new bytes on disk;
+        read-only like the object) where the file system allows, else a copy-on-write clone or a
+        copy, each verified. The object is checked first (rehashed if its stat moved since it last
+        hashed right), and the link's inode must still carry that verified signature (up to the
+        ctime the link itself moves): damaged bytes raise DamagedObject and are never delivered."""
+        obj = self.object_path(digest)
+        problem, damaged = self.check_object(digest)
+        if damaged:
+            raise DamagedObject(digest, "?" * 16, what)
+        if problem:
+            raise FileNotFoundError(errno.ENOENT, f"the store's object for {what} {problem}", str(obj))
+        verified = self._stamped(digest)
+        try:
+            os.link(obj, dest)
+        except OSError as exc:
+            if exc.errno not in LINK_REFUSED:
+                raise
+            how = clone_or_copy(obj, dest)  # another device, or links refused here
+            found = hash_file(dest)
+            if found != digest:
+                dest.unlink(missing_ok=True)
+                raise DamagedObject(digest, found, what) from None
+            return how
+        now = stat_signature(os.lstat(dest))
+        if now == verified or _same_but_ctime(now, verified):
+            if now != verified:
+                self._stamp(digest, now)  # only our link moved it
+            return "link"
+        found = hash_file(dest)  # changed between the check and the link: trust only a rehash
+        if found != digest:
+            dest.unlink(missing_ok=True)
+            raise DamagedObject(digest, found, what)
+        self._stamp(digest, now)
+        return "link"
+
     def _outputs_problem(self, record: dict, rehash: bool = False, seen: dict | None = None,
                          discard: bool = True) -> str | None:
         """Why the record's outputs cannot be trusted (None: all present and intact). With
@@ -581,23 +697,27 @@ class Store(ArtifactStore):
                 return dest
             try:
                 tmp = self.new_tmp("tree")
-                for rel, meta in record["outputs"].items():
-                    target = tmp / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = self.object_path(meta["sha256"])
-                    try:
-                        os.link(src, target)
-                    except OSError as exc:
-                        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                            raise
-                        copy_verified(src, target, meta["sha256"], rel)
-                        os.chmod(target, 0o444)
-                self._drop_tree(key)  # a stale or unstamped one is a leftover
+                with self.keep_stamps(m["sha256"] for m in record["outputs"].values()):
+                    self._link_tree(tmp, record)
+                    self._drop_tree(key)  # a stale or unstamped one is a leftover
                 os.rename(tmp, dest)
                 atomic_write_text(stamp, record["outputs_hash"] + "\n", self.tmp)
             except OSError as exc:
                 raise machine_error(exc, f"preparing a step's inputs in the store {self.root}") from None
         return dest
+
+    def _link_tree(self, tmp: Path, record: dict) -> None:
+        for rel, meta in record["outputs"].items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = self.object_path(meta["sha256"])
+            try:
+                os.link(src, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                copy_verified(src, target, meta["sha256"], rel)
+                os.chmod(target, 0o444)
 
     def _tree_problem(self, key: str, record: dict) -> str | None:
         """None when the materialised tree of `key` is exactly the record's outputs."""
@@ -735,10 +855,20 @@ class Store(ArtifactStore):
             live = [k for _, k, _ in entries if k not in remove]
             while live and size_of(set(live)) > max_bytes:
                 remove.add(live.pop(0))
-        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0}
-        for key in remove:
+        freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0,
+                 "entries": [], "files": []}
+
+        def named(used, key, record):  # what the user is told of each entry removed
+            objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
+            return {"key": key, "recipe": record.get("recipe"), "step": record.get("step"),
+                    "kind": record.get("kind"), "last_used": used if used != float("-inf") else None,
+                    "files": len(record["outputs"]), "bytes": sum(objs.values())}
+        for used, key, record in entries:  # least recently used first
+            if key not in remove:
+                continue
             if dry_run:
                 freed["records"] += 1
+                freed["entries"].append(named(used, key, record))
                 continue
             lock = self.lock(key)
             try:
@@ -749,6 +879,7 @@ class Store(ArtifactStore):
                 self.record_path(key).unlink(missing_ok=True)
                 self._drop_tree(key)
                 freed["records"] += 1
+                freed["entries"].append(named(used, key, record))
             finally:
                 lock.release()
         referenced, orphaned = set(), set()
@@ -766,8 +897,11 @@ class Store(ArtifactStore):
             # (unless its mtime is nonsense: far in the future)
             age = now - obj.lstat().st_mtime
             if obj.name in orphaned or age > OBJECT_GRACE_S or age < -CLOCK_SLACK_S:
+                size = obj.lstat().st_size
                 freed["objects"] += 1
-                freed["bytes"] += obj.lstat().st_size
+                freed["bytes"] += size
+                freed["files"].append({"sha256": obj.name, "bytes": size,
+                                       "of_removed_entry": obj.name in orphaned})
                 if not dry_run:
                     self.discard_object(obj.name)
         for stamp in self.verified.glob("*/*") if not dry_run else ():
@@ -803,6 +937,41 @@ class Store(ArtifactStore):
                     if not dry_run:
                         shutil.rmtree(folder, ignore_errors=True)
         return freed
+
+    def listing(self) -> dict:
+        """What `cache ls` shows: every entry (full key, recipe, step, kind, created and last used
+        as Unix seconds, its files and its bytes, each object once), then per recipe the bytes its
+        entries reference with each object counted once, and the total of distinct referenced
+        bytes; `objects_bytes` is what objects/ holds on disk (unreferenced files included)."""
+        entries, per_recipe, everything = [], {}, {}
+        for key, record, path in self.records():
+            try:
+                used = path.stat().st_mtime
+            except OSError:
+                continue
+            if not record or record.get("_corrupt"):
+                entries.append({"key": key, "recipe": None, "step": None, "kind": None, "created": None,
+                                "last_used": used, "files": None, "bytes": None, "status": "corrupt",
+                                "problem": (record or {}).get("_corrupt", "unreadable")})
+                continue
+            objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
+            recipe = record.get("recipe")
+            # per recipe, not per matrix variant: a step its variants share is recorded once, under
+            # the variant that built it first ("name[axis=value]")
+            base = recipe.split("[", 1)[0] if recipe else None
+            per_recipe.setdefault(base, [0, {}])
+            per_recipe[base][0] += 1
+            per_recipe[base][1].update(objs)
+            everything.update(objs)
+            entries.append({"key": key, "recipe": recipe, "step": record.get("step"), "kind": record.get("kind"),
+                            "created": _timestamp(record.get("created")), "last_used": used,
+                            "files": len(record["outputs"]), "bytes": sum(objs.values()), "status": "ok"})
+        entries.sort(key=lambda e: (e["recipe"] is None, e["recipe"] or "", e["step"] or "", e["key"]))
+        recipes = [{"recipe": r, "entries": n, "bytes": sum(objs.values()), "files": len(objs)}
+                   for r, (n, objs) in sorted(per_recipe.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))]
+        return {"store": str(self.root), "entries": entries, "recipes": recipes,
+                "total_bytes": sum(everything.values()), "total_files": len(everything),
+                "objects_bytes": self.size()}
 
     def size(self) -> int:
         return sum(p.lstat().st_size for p in self.objects.glob("*/*") if _HEX64.fullmatch(p.name))

@@ -3,7 +3,6 @@ as an onnx-model artifact, so that `validate` and `benchmark` can check it."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +111,14 @@ class ImportOnnx(Stage):
         folder = folder.parent if folder.suffix == ".onnx" else folder
         model = onnx_file(folder, name)
         for f in import_files(folder, model):  # the files its key hashed
-            shutil.copyfile(f, ctx.output / f.name)
+            # A copy-on-write clone where the file system can (btrfs, XFS: no new blocks), else a
+            # copy; never a hard link. The user's folder is theirs to edit or regenerate in place
+            # (optimum and onnx rewrite model.onnx over the same inode): a link would make the
+            # store's object that same inode, so such an edit would change the bytes behind the
+            # record and behind every output folder delivered from it, and store objects are made
+            # read-only (0o444), which through a link would chmod the user's own file. A clone
+            # shares no inode, so neither side can change the other.
+            safeio.clone_or_copy(f, ctx.output / f.name)
         ours = ctx.output / "toolchain.json"
         meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)
         if meta.get("graph", {}).get("file") != model.name:
