@@ -211,3 +211,24 @@ def test_gpus_follow_cuda_visible_devices(tmp_path, monkeypatch):
     assert len(environment.gpus()) == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert environment.gpus() == ()
+
+
+def test_optimize_onnx_float16_for_the_cpu_provider_is_refused(tmp_path):
+    """fp16 on onnxruntime's CPU provider is slower than fp32 and fuses no attention: an error, not a
+    silent slowdown; the same graph for the CUDA provider plans."""
+    from .conftest import run_cli, tiny_recipe
+
+    cpu = tiny_recipe(tmp_path, "fp16cpu", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      fp16: {kind: optimize_onnx, inputs: {model: export}, params: {float16: true}}
+    """)
+    res = run_cli("check", cpu)
+    assert res.returncode == 2 and "makes the model slower on onnxruntime's CPU provider" in res.stderr, res.stderr
+    assert "fp16cpu.yaml:" in res.stderr
+    cuda = tiny_recipe(tmp_path, "fp16cuda", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {provider: cuda}}
+      fp16: {kind: optimize_onnx, inputs: {model: export}, params: {float16: true, use_gpu: true}}
+    """)
+    assert run_cli("check", cuda).returncode == 0

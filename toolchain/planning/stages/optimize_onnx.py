@@ -29,6 +29,12 @@ class OptimizeOnnx(Stage):
         t = ctx.inputs["model"]
         if ctx.params.float16 and t.get("dtype") not in (None, "float32"):
             ctx.error(f"`float16` converts a float32 graph, but this one is {t.get('dtype')}", "float16")
+        if ctx.params.float16 and t.get("provider") in (None, "cpu"):
+            ctx.error("`float16` makes the model slower on onnxruntime's CPU provider, not faster: its CPU "
+                      "kernels are float32, so the graph runs through Casts, and the CPU attention fusions "
+                      "do not apply to it", "float16",
+                      hint="export for a GPU provider (`provider: cuda` on export_onnx, `use_gpu: true` here), "
+                           "or drop `float16` (int8 on the CPU: a quantize_onnx stage)")
         if ctx.params.level == 99 and not ctx.params.use_gpu and t.get("provider") in ("cuda", "tensorrt"):
             ctx.note("level 99 without use_gpu may fuse nodes into CPU-only kernels")
 
