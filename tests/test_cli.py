@@ -13,7 +13,8 @@ EXPECT = {
     "bad_yaml": "invalid YAML", "typo_key": "did you mean 'params'", "wrong_type": "must be of type integer",
     "cycle": "cycle", "missing_input": "did you mean 'load'", "unknown_kind": "export_tflite",
     "missing_folder": "model folder not found", "hub_offline": "Hub is not reachable",
-    "pickle_weights": "only pickle weights", "duplicate_key": "duplicate key", "python_tag": "unsupported YAML",
+    "pickle_weights": "only pickle weights", "not_transformers": "it looks like a CTranslate2 model",
+    "duplicate_key": "duplicate key", "python_tag": "unsupported YAML",
 }
 
 

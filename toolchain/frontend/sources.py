@@ -183,6 +183,11 @@ def resolve(model: dict, base: Path) -> Source:
     cfg = _read_json(cfg_file, field, "model config")
     if not isinstance(cfg, dict):
         raise SourceError(f"{cfg_file} must hold a JSON object", field)
+    if not cfg.get("model_type") and not cfg.get("architectures"):
+        raise SourceError(f"{folder} is not a transformers model: its config.json names no `model_type` or "
+                          f"`architectures`{_looks_like(folder, files)}", field,
+                          hint="point at a transformers checkpoint (config.json with model_type, safetensors "
+                               "weights); other formats are not supported as sources")
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
     src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
     if cfg.get("auto_map") and not src.trust_remote_code:
@@ -199,6 +204,19 @@ def resolve(model: dict, base: Path) -> Source:
         if not pickled:
             raise SourceError(f"no weights (*.safetensors) in model folder {folder}", field)
     return src
+
+
+def _looks_like(folder: Path, files: list[Path]) -> str:
+    """`(it looks like ...)` for the model formats users meet that are not transformers folders."""
+    names = {p.name for p in files if p.parent == folder}
+    if "model.bin" in names and names & {"vocabulary.json", "vocabulary.txt", "shared_vocabulary.json",
+                                         "shared_vocabulary.txt", "source_vocabulary.json"}:
+        return " (it looks like a CTranslate2 model: model.bin with vocabulary files)"
+    if any(n.endswith(".onnx") for n in names):
+        return " (it holds ONNX files: check an ONNX export with `toolchain validate`, or an `import_onnx` stage)"
+    if any(n.endswith(".gguf") for n in names):
+        return " (it holds GGUF files: name one with `model.gguf`)"
+    return ""
 
 
 def _read_json(path: Path, field: str, what: str) -> dict:
