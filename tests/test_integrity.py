@@ -130,7 +130,7 @@ def test_flipped_byte_is_rebuilt_and_never_delivered(warm, built, tmp_path):
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
     got = steps(tmp_path / "out")
-    assert got["load"]["status"] == "cached" and got["export"]["status"] == "built"
+    assert got["load"]["status"] == "cached" and got["export"]["status"] == "built", res.stderr
     assert "damaged" in res.stderr + res.stdout
     want = steps(first)["export"]["outputs"]["model.onnx"]["sha256"]
     assert hash_file(tmp_path / "out" / "export" / "model.onnx") == want == hash_file(obj)
