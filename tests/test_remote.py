@@ -260,8 +260,13 @@ def test_push_ls_pull_and_remote_gc(warm, s3, tmp_path):
     _check_remote_consistent(s3, "cli", warm)
     ls = run_cli("cache", "ls", "--remote", url, "--json", env=s3.env)
     assert ls.returncode == 0, ls.stderr
-    rows = {r["step"]: r for r in json.loads(ls.stdout)}
-    assert set(rows) == {"load", "export", "validate"} and all(r["size"] != "?" for r in rows.values())
+    listing = json.loads(ls.stdout)  # the local listing's shape: numbers as numbers, full keys
+    rows = {r["step"]: r for r in listing["entries"]}
+    assert set(rows) == {"load", "export", "validate"} and all(isinstance(r["bytes"], int) for r in rows.values())
+    assert {r["key"] for r in rows.values()} == {s["key"] for s in warm.steps.values()}
+    assert all(isinstance(r["uploaded"], float | int) for r in rows.values())
+    unique = {o["sha256"]: o["size"] for s in warm.steps.values() for o in s["outputs"].values()}
+    assert listing["total_bytes"] == sum(unique.values()) and listing["recipes"][0]["entries"] == 3
     pull = run_cli("cache", "pull", "--store", tmp_path / "b", "--remote", url, env=s3.env)
     assert pull.returncode == 0 and "pulled from" in pull.stderr and "3 entries" in pull.stderr, pull.stderr
     assert run_cli("cache", "verify", "--store", tmp_path / "b").returncode == 0

@@ -49,16 +49,6 @@ def _plans(recipe_path: str, store):
     return plans
 
 
-def _list_entries(args, console: Console, title: str, rows: list, columns: dict[str, str], footer: str) -> int:
-    """`cache ls` of a store or a remote: `columns` maps each JSON key to its table heading."""
-    if args.json:
-        print(json.dumps([dict(zip(columns, r)) for r in rows]))
-    else:
-        console.table(title, list(columns.values()), rows)
-        console.print(footer)
-    return 0
-
-
 def _remote(args, console: Console, url: str | None = None):
     """The remote cache named by --remote (or `url`), checked to be usable before anything runs."""
     from toolchain.execution.remote import RemoteCache
@@ -348,22 +338,41 @@ def _cache_remote(args, console: Console) -> int:
 
 
 def _cache_remote_cmd(args, console: Console, remote) -> int:
-    if args.cache_cmd == "ls":
-        rows, total = [], 0
+    if args.cache_cmd == "ls":  # the same JSON shape as the local store's listing (Store.listing)
+        entries, per_recipe, everything = [], {}, {}
         for key, modified, _ in remote.records():
             record, problem = remote.get_record(key)
-            uploaded = time.strftime("%Y-%m-%d %H:%M", time.localtime(modified))
             if record is None:
-                rows.append([key[:16], "?", "?", "?", uploaded, f"broken: {problem}" if problem else "gone"])
+                entries.append({"key": key, "recipe": None, "step": None, "kind": None, "created": None,
+                                "uploaded": modified, "files": None, "bytes": None,
+                                "status": "broken" if problem else "gone", "problem": problem})
                 continue
-            size = sum(m["size"] for m in record["outputs"].values())
-            total += size
-            rows.append([key[:16], record.get("recipe", "?"), record.get("step", "?"), record.get("kind", "?"),
-                         uploaded, _human(size)])
+            objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
+            base = (record.get("recipe") or "").split("[", 1)[0] or None
+            per_recipe.setdefault(base, [0, {}])
+            per_recipe[base][0] += 1
+            per_recipe[base][1].update(objs)
+            everything.update(objs)
+            entries.append({"key": key, "recipe": record.get("recipe"), "step": record.get("step"),
+                            "kind": record.get("kind"), "created": record.get("created"), "uploaded": modified,
+                            "files": len(objs), "bytes": sum(objs.values()), "status": "ok"})
         objects = list(remote.objects())
-        return _list_entries(args, console, f"remote cache {remote.url}", rows,
-                             {c: c for c in ("key", "recipe", "step", "kind", "uploaded", "size")},
-                             f"{len(rows)} entries, {len(objects)} files, {_human(sum(o[2] for o in objects))} of objects")
+        listing = {"remote": remote.url, "entries": entries,
+                   "recipes": [{"recipe": r, "entries": n, "bytes": sum(o.values()), "files": len(o)}
+                               for r, (n, o) in sorted(per_recipe.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))],
+                   "total_bytes": sum(everything.values()), "total_files": len(everything),
+                   "objects_bytes": sum(o[2] for o in objects), "objects": len(objects)}
+        if args.json:
+            print(json.dumps(listing, indent=1, sort_keys=True))
+            return 0
+        rows = [[e["key"][:16], e["recipe"] or "?", e["step"] or "?", e["kind"] or "?",
+                 time.strftime("%Y-%m-%d %H:%M", time.localtime(e["uploaded"])),
+                 _human(e["bytes"]) if e["status"] == "ok" else f"{e['status']}: {e.get('problem') or ''}".strip(": ")]
+                for e in entries]
+        console.table(f"remote cache {remote.url}", ["key", "recipe", "step", "kind", "uploaded", "size"], rows)
+        console.print(f"{len(entries)} entries, {_human(listing['total_bytes'])} referenced (each file once), "
+                      f"{len(objects)} files, {_human(listing['objects_bytes'])} of objects")
+        return 0
     if args.cache_cmd == "gc":
         if args.max_size or args.compiler_caches:
             raise UsageError("--max-size and --compiler-caches are for the local store; with --remote, gc removes "
