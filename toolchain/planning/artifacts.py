@@ -62,6 +62,9 @@ class ArtifactFacts:
     has_tokenizer: bool = True
     config: dict | None = None  # config.json keys that plan-time rules read (architectures.CONFIG_FACTS)
     imported: bool = False  # made elsewhere (import_onnx)
+    # the pooling the source's sentence-transformers config declares (sources.sentence_transformers_pooling)
+    sentence_transformers: dict | None = None
+    pooling: dict | None = None  # an ONNX export's pooled output: {"mode": mean|cls|max, "normalize": bool}
     candidates: list | None = None  # select: the candidate steps
     unknown: bool = False  # plan time only: an input's own checks failed, nothing else is known
 

@@ -50,6 +50,7 @@ class Load(Stage):
         src = self._source(recipe)
         return ArtifactFacts(HF_MODEL, task=src.task, model_type=src.model_type, dtype=params.dtype,
                              device=params.device, source=src.type, config=src.config_facts,
+                             sentence_transformers=src.sentence_transformers,
                              has_tokenizer=src.type != "config" or src.tokenizer is not None).to_dict()
 
     def fingerprint(self, params, recipe, hasher) -> dict:
