@@ -15,11 +15,11 @@ from importlib import metadata
 from pathlib import Path
 
 from toolchain import safeio
-from toolchain.architectures import CONFIG_FACTS
+from toolchain.architectures import CONFIG_FACTS, TEXT_TYPES, VISION_TASKS, VISION_TYPES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
-                  ("Model", "feature-extraction"))
+                  ("ForImageClassification", "image-classification"), ("Model", "feature-extraction"))
 HUB_HOST = "huggingface.co"
 
 
@@ -110,6 +110,24 @@ def _task_from_architectures(archs) -> str | None:
     return None
 
 
+def _modality(src: Source, cfg: dict, field: str) -> None:
+    """Vision models get the image tasks; a model that is neither a text model (a vocabulary) nor a
+    supported vision type is refused here, at plan time, instead of failing in a stage."""
+    mt = src.model_type
+    if mt in VISION_TYPES:
+        if src.task == "feature-extraction":
+            src.task = "image-feature-extraction"
+        if src.task not in VISION_TASKS:
+            raise SourceError(f"a '{mt}' vision model takes task {' or '.join(VISION_TASKS)}, not {src.task}", field)
+        return
+    if src.task in VISION_TASKS:
+        raise SourceError(f"task {src.task} needs a vision model ({', '.join(VISION_TYPES)}), not '{mt}'", field)
+    if mt is not None and "vocab_size" not in cfg and mt not in TEXT_TYPES:
+        raise SourceError(f"model type '{mt}' is not a supported modality: its config has no `vocab_size` (not a "
+                          f"text model) and it is not a supported vision type ({', '.join(VISION_TYPES)})", field,
+                          hint="supported: text models with a vocabulary, and ViT-style vision encoders (model_type vit)")
+
+
 def resolve(model: dict, base: Path) -> Source:
     """Check a `model:` mapping and return where it points. Raises SourceError."""
     kinds = [k for k in ("path", "package", "hub", "config") if k in model]
@@ -141,6 +159,7 @@ def resolve(model: dict, base: Path) -> Source:
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
                               hint="set `model.task` or `architectures` in the config")
+        _modality(src, cfg, "config")
         if "tokenizer" in model:  # a folder, an installed package, or PACKAGE/SUBFOLDER
             tok = model["tokenizer"]
             p = base / tok
@@ -194,6 +213,7 @@ def resolve(model: dict, base: Path) -> Source:
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
     src.sentence_transformers = sentence_transformers_pooling(folder, files, field)
     src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
+    _modality(src, cfg, field)
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,
                           hint="set `model.trust_remote_code: true` only if you trust its authors")

@@ -26,7 +26,7 @@ META_FILE = "toolchain.json"
 # that make a new artifact from an old one
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
-              "chat_template.jinja")
+              "chat_template.jinja", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)

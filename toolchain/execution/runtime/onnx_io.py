@@ -74,6 +74,17 @@ class _PooledEncoder(torch.nn.Module):
         return hidden, pool(hidden, attention_mask, self.mode, self.normalize)
 
 
+class _Vision(torch.nn.Module):
+    """A vision encoder (ViT-style): pixel_values in, last_hidden_state or logits out."""
+
+    def __init__(self, model, output: str):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, pixel_values):
+        return getattr(self.model(pixel_values=pixel_values), self.output)
+
+
 class _Decoder(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -107,6 +118,8 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
     """Export `model` into out_dir/model.onnx; returns the graph description saved in toolchain.json.
     `pooling` ({"mode", "normalize"}, feature-extraction only) adds a `sentence_embedding` output."""
     model.eval()
+    if task in ("image-feature-extraction", "image-classification"):
+        return _export_vision(model, task, exporter, opset, dynamic, external_data, out_dir)
     batch, seq, past_len = 2, 8, 4
     ids = torch.randint(5, min(model.config.vocab_size, 1000), (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -176,6 +189,37 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
             "external_data": use_external, "exporter": exporter, "opset": opset,
             **({"pooling": pooling} if pooling else {}),
             **(kv_layout(model.config) if kv_cache else {})}
+
+
+def _export_vision(model, task: str, exporter: str, opset: int, dynamic: bool, external_data: str,
+                   out_dir: Path) -> dict:
+    """A vision encoder: input pixel_values (batch, channels, size, size), the batch axis dynamic
+    (the image size is the model's); output last_hidden_state or logits."""
+    cfg = model.config
+    output = "last_hidden_state" if task == "image-feature-extraction" else "logits"
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(2, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    use_external = external_data == "always" or (external_data == "auto" and size > 2 * 1024**3)
+    path = out_dir / ONNX_FILE
+    kwargs = dict(input_names=["pixel_values"], output_names=[output], opset_version=opset)
+    wrapper = _Vision(model, output)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+            torch.onnx.export(wrapper, (pixels,), str(path), dynamo=True, dynamic_shapes=shapes,
+                              external_data=use_external, **kwargs)
+        else:
+            axes = {"pixel_values": {0: "batch"}, output: {0: "batch"}} if dynamic else None
+            torch.onnx.export(wrapper, (pixels,), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+            if use_external:
+                import onnx
+
+                onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
+                                location=ONNX_FILE + ".data")
+    return {"file": ONNX_FILE, "inputs": ["pixel_values"], "outputs": [output], "kv_cache": False,
+            "external_data": use_external, "exporter": exporter, "opset": opset,
+            "image_size": int(cfg.image_size), "num_channels": int(getattr(cfg, "num_channels", 3))}
 
 
 # onnxruntime-genai's model builder writes the decoder from the checkpoint's weights with

@@ -81,8 +81,16 @@ class ExportOnnx(Stage):
         if p.provider == "tensorrt" and any(k.endswith("_cache_path") for k in p.provider_options):
             ctx.error("TensorRT engine and timing caches live in the store; drop the *_cache_path options",
                       "provider_options")
-        if p.exporter == "genai":
+        from toolchain.architectures import VISION_TASKS, is_vision
+
+        if is_vision(t) and p.exporter == "genai":
+            ctx.error(f"`exporter: genai` (onnxruntime-genai's model builder) writes text decoders; "
+                      f"'{t.get('model_type')}' is a vision model", "exporter",
+                      hint="use `exporter: dynamo` (or torchscript) for a vision encoder")
+        elif p.exporter == "genai":
             self._check_genai(ctx, task)
+        if is_vision(t) and p.task and p.task not in VISION_TASKS:
+            ctx.error(f"a vision model exports with task {' or '.join(VISION_TASKS)}, not {p.task}", "task")
         self._check_pooling(ctx, task)
         if p.exporter == "dynamo" and p.opset < 18:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
