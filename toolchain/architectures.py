@@ -11,13 +11,24 @@ BETTERTRANSFORMER_ENCODERS = tuple(t for t in ENCODER_TYPES if t != "distilbert"
 # decoders, for which BetterTransformer meant SDPA attention
 DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt", "phi", "phi3",
                  "falcon", "gpt_neox", "gptj", "bloom", "codegen", "mixtral", "starcoder2")
+# vision encoders (ViT-style: pixel_values in, patches as tokens): load, export_onnx, validate (on real
+# images) and benchmark take them; the text-only stages refuse them at plan time
+VISION_TYPES = ("vit",)
+VISION_TASKS = ("image-feature-extraction", "image-classification")
+# text models whose config class has a vocabulary size by default (config.json may leave it out)
+TEXT_TYPES = ENCODER_TYPES + DECODER_TYPES
+
+
+def is_vision(facts: dict) -> bool:
+    """Whether an artifact's facts (traits or toolchain.json) describe a vision model."""
+    return facts.get("task") in VISION_TASKS or facts.get("model_type") in VISION_TYPES
 
 # the encoder fast path's activations: name -> use_gelu flag of PyTorch's fused layer
 ENCODER_ACTIVATIONS = {"gelu": True, "relu": False}
 # config.json keys the plan-time rules read (the encoder rules, compile's sequence limit); `load`
 # passes them on where it can read them
 CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cross_attention",
-                "max_position_embeddings")
+                "max_position_embeddings", "image_size", "patch_size", "num_channels")
 
 
 def encoder_config_problems(model_type: str, cfg: dict) -> list[str]:

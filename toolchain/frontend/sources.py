@@ -15,11 +15,11 @@ from importlib import metadata
 from pathlib import Path
 
 from toolchain import safeio
-from toolchain.architectures import CONFIG_FACTS
+from toolchain.architectures import CONFIG_FACTS, TEXT_TYPES, VISION_TASKS, VISION_TYPES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
-                  ("Model", "feature-extraction"))
+                  ("ForImageClassification", "image-classification"), ("Model", "feature-extraction"))
 HUB_HOST = "huggingface.co"
 
 
@@ -49,6 +49,9 @@ class Source:
     allow_pickle: bool = False
     package: str | None = None
     package_version: str | None = None
+    # the pooling a sentence-transformers package folder declares (modules.json + its Pooling
+    # module's config.json): {"pooling": mean|cls|max|<unsupported name>, "normalize": bool}; None: none
+    sentence_transformers: dict | None = None
 
 
 def _facts(cfg: dict) -> dict:
@@ -107,6 +110,24 @@ def _task_from_architectures(archs) -> str | None:
     return None
 
 
+def _modality(src: Source, cfg: dict, field: str) -> None:
+    """Vision models get the image tasks; a model that is neither a text model (a vocabulary) nor a
+    supported vision type is refused here, at plan time, instead of failing in a stage."""
+    mt = src.model_type
+    if mt in VISION_TYPES:
+        if src.task == "feature-extraction":
+            src.task = "image-feature-extraction"
+        if src.task not in VISION_TASKS:
+            raise SourceError(f"a '{mt}' vision model takes task {' or '.join(VISION_TASKS)}, not {src.task}", field)
+        return
+    if src.task in VISION_TASKS:
+        raise SourceError(f"task {src.task} needs a vision model ({', '.join(VISION_TYPES)}), not '{mt}'", field)
+    if mt is not None and "vocab_size" not in cfg and mt not in TEXT_TYPES:
+        raise SourceError(f"model type '{mt}' is not a supported modality: its config has no `vocab_size` (not a "
+                          f"text model) and it is not a supported vision type ({', '.join(VISION_TYPES)})", field,
+                          hint="supported: text models with a vocabulary, and ViT-style vision encoders (model_type vit)")
+
+
 def resolve(model: dict, base: Path) -> Source:
     """Check a `model:` mapping and return where it points. Raises SourceError."""
     kinds = [k for k in ("path", "package", "hub", "config") if k in model]
@@ -138,6 +159,7 @@ def resolve(model: dict, base: Path) -> Source:
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
                               hint="set `model.task` or `architectures` in the config")
+        _modality(src, cfg, "config")
         if "tokenizer" in model:  # a folder, an installed package, or PACKAGE/SUBFOLDER
             tok = model["tokenizer"]
             p = base / tok
@@ -189,7 +211,9 @@ def resolve(model: dict, base: Path) -> Source:
                           hint="point at a transformers checkpoint (config.json with model_type, safetensors "
                                "weights); other formats are not supported as sources")
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
+    src.sentence_transformers = sentence_transformers_pooling(folder, files, field)
     src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
+    _modality(src, cfg, field)
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,
                           hint="set `model.trust_remote_code: true` only if you trust its authors")
@@ -204,6 +228,42 @@ def resolve(model: dict, base: Path) -> Source:
         if not pickled:
             raise SourceError(f"no weights (*.safetensors) in model folder {folder}", field)
     return src
+
+
+# sentence-transformers' Pooling config keys, in the order it applies them -> our mode names
+ST_POOLING_MODES = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+                    ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
+                    ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))
+
+
+def sentence_transformers_pooling(folder: Path, files: list[Path], field: str) -> dict | None:
+    """The pooling a sentence-transformers model folder declares: modules.json lists a Pooling module
+    (its folder's config.json sets one `pooling_mode_*`) and maybe a Normalize module. None when the
+    folder has no modules.json or it names no Pooling module. Several modes at once (concatenated by
+    sentence-transformers) come back as one name joined by '+', which no export supports."""
+    modules_file = folder / "modules.json"
+    if modules_file not in files:
+        return None
+    modules = _read_json(modules_file, field, "sentence-transformers modules.json")
+    if not isinstance(modules, list):
+        raise SourceError(f"{modules_file} must hold a JSON list of modules", field)
+    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    pooling = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")), None)
+    if pooling is None:
+        return None
+    cfg_file = folder / str(pooling.get("path", "")) / "config.json"
+    if cfg_file not in files:
+        raise SourceError(f"modules.json names a Pooling module but {cfg_file} is missing", field)
+    cfg = _read_json(cfg_file, field, "sentence-transformers pooling config")
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{cfg_file} must hold a JSON object", field)
+    modes = [name for key, name in ST_POOLING_MODES if cfg.get(key)]
+    if cfg.get("pooling_mode") and not modes:  # a newer spelling: one `pooling_mode` string
+        modes = [str(cfg["pooling_mode"])]
+    # modules after pooling that the export would not reproduce (a Dense projection, ...)
+    other = [t.rsplit(".", 1)[-1] for t in types if not t.endswith((".Transformer", ".Pooling", ".Normalize"))]
+    return {"pooling": "+".join(modes) or "none", "normalize": any(t.endswith(".Normalize") for t in types),
+            "other_modules": other}
 
 
 def _looks_like(folder: Path, files: list[Path]) -> str:

@@ -26,7 +26,7 @@ META_FILE = "toolchain.json"
 # that make a new artifact from an old one
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "tokenizer.model",
-              "chat_template.jinja")
+              "chat_template.jinja", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class ArtifactFacts:
     has_tokenizer: bool = True
     config: dict | None = None  # config.json keys that plan-time rules read (architectures.CONFIG_FACTS)
     imported: bool = False  # made elsewhere (import_onnx)
+    # the pooling the source's sentence-transformers config declares (sources.sentence_transformers_pooling)
+    sentence_transformers: dict | None = None
+    pooling: dict | None = None  # an ONNX export's pooled output: {"mode": mean|cls|max, "normalize": bool}
     candidates: list | None = None  # select: the candidate steps
     unknown: bool = False  # plan time only: an input's own checks failed, nothing else is known
 

@@ -23,17 +23,24 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
     if peak == "measure" and hasattr(runner, "flops"):  # only PyTorch runners count FLOPs to compare with it
         progress("measuring the device's dense matmul peak")
         measured_peak = peak = timing.matmul_peak_tflops(getattr(runner, "dtype", "float32"), p.device)
+    vision = getattr(runner, "vision", False)
+    if vision:  # a batch of images at the model's size: no sequence axis, no padding
+        seqs, grid = [runner.image_size], len(batches) > 1
     for seq in seqs:
         for batch in batches:
-            name = f"forward b{batch} s{seq}" if grid else "forward"
+            name = (f"forward b{batch}" if vision else f"forward b{batch} s{seq}") if grid else "forward"
             ids = np.random.default_rng(p.seed).integers(5, 1000, size=(batch, seq)).astype(np.int64)
-            mask = padding_mask(batch, seq, p.padding)
+            mask = padding_mask(batch, seq, 0.0 if vision else p.padding)
             pads.append(float(1 - mask.mean()))
             _reset_peak(gpus)
             progress(f"timing {name} ({p.warmup} warm-up + {p.iterations})")
             first = None
             try:
-                fn = runner.call(ids, mask)
+                if vision:  # random pixels in the processor's range: latency does not depend on content
+                    pixels = np.random.default_rng(p.seed).uniform(-1, 1, size=(batch, 3, seq, seq))
+                    fn = runner.call_pixels(pixels.astype(np.float32))
+                else:
+                    fn = runner.call(ids, mask)
                 if getattr(runner, "compiles", False):  # torch.compile compiles on a shape's first call
                     t0 = time.perf_counter()
                     fn()
@@ -48,8 +55,13 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
                 warnings.append(f"{name}: out of device memory")
                 _release(gpus)
                 continue
-            t = timing.summarize(samples, batch * seq, "tokens/s")
-            t.update(batch_size=batch, sequence_length=seq, padding_fraction=pads[-1], peak_memory_mb=_peak(gpus))
+            if vision:
+                t = timing.summarize(samples, batch, "images/s")
+                t.update(batch_size=batch, image_size=seq, peak_memory_mb=_peak(gpus))
+            else:
+                t = timing.summarize(samples, batch * seq, "tokens/s")
+                t.update(batch_size=batch, sequence_length=seq, padding_fraction=pads[-1],
+                         peak_memory_mb=_peak(gpus))
             if first is not None:
                 t["first_call_s"] = first
             flops = getattr(runner, "flops", lambda *a: None)(batch, seq)
@@ -81,7 +93,8 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
     footprint = getattr(getattr(runner, "model", None), "get_memory_footprint", None)
     return {"runtime": runner.describe(), "device_name": hw.get("gpu") or hw.get("cpu"),
             "model_footprint_mb": footprint() / 2**20 if footprint else None,
-            "batch_size": p.batch_size, "sequence_length": p.sequence_length, "warmup": p.warmup,
+            "batch_size": p.batch_size, "warmup": p.warmup,
+            **({"image_size": runner.image_size} if vision else {"sequence_length": p.sequence_length}),
             "padding_fraction": max(pads) if pads else 0.0,
             "timer": "host clock (perf_counter) around each call" + (", CUDA-synchronised" if gpus else ""),
             "timings": timings, "peak_memory_mb": max(peaks) if peaks else None, "memory_kind": kind,

@@ -42,6 +42,49 @@ class _Encoder(torch.nn.Module):
         return getattr(out, self.output)
 
 
+SENTENCE_EMBEDDING = "sentence_embedding"
+
+
+def pool(hidden, mask, mode: str, normalize: bool):
+    """sentence-transformers' pooling of (batch, seq, hidden) over the real tokens of `mask`:
+    mean (sum / count of real tokens), cls (the first token), max (padding set to -1e9 first);
+    then L2 normalisation (x / max(|x|, 1e-12)) if asked."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "mean":
+        out = (hidden * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
+    elif mode == "cls":
+        out = hidden[:, 0]
+    elif mode == "max":
+        out = torch.where(m > 0, hidden, torch.full_like(hidden, -1e9)).max(1).values
+    else:
+        raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.nn.functional.normalize(out, p=2.0, dim=1) if normalize else out
+
+
+class _PooledEncoder(torch.nn.Module):
+    """last_hidden_state and its pooled sentence embedding, in one graph."""
+
+    def __init__(self, model, pooling: dict):
+        super().__init__()
+        self.model, self.mode, self.normalize = model, pooling["mode"], bool(pooling["normalize"])
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return hidden, pool(hidden, attention_mask, self.mode, self.normalize)
+
+
+class _Vision(torch.nn.Module):
+    """A vision encoder (ViT-style): pixel_values in, last_hidden_state or logits out."""
+
+    def __init__(self, model, output: str):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, pixel_values):
+        return getattr(self.model(pixel_values=pixel_values), self.output)
+
+
 class _Decoder(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -71,9 +114,12 @@ class _DecoderWithPast(torch.nn.Module):
 
 
 def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic: bool, external_data: str,
-           out_dir: Path, log=print) -> dict:
-    """Export `model` into out_dir/model.onnx; returns the graph description saved in toolchain.json."""
+           out_dir: Path, log=print, pooling: dict | None = None) -> dict:
+    """Export `model` into out_dir/model.onnx; returns the graph description saved in toolchain.json.
+    `pooling` ({"mode", "normalize"}, feature-extraction only) adds a `sentence_embedding` output."""
     model.eval()
+    if task in ("image-feature-extraction", "image-classification"):
+        return _export_vision(model, task, exporter, opset, dynamic, external_data, out_dir)
     batch, seq, past_len = 2, 8, 4
     ids = torch.randint(5, min(model.config.vocab_size, 1000), (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -97,6 +143,8 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
     else:
         output = "last_hidden_state" if task == "feature-extraction" else "logits"
         wrapper, outputs = _Encoder(model, output), [output]
+        if pooling:
+            wrapper, outputs = _PooledEncoder(model, pooling), [output, SENTENCE_EMBEDDING]
         if _uses_token_type_ids(model):
             args.append(torch.zeros(batch, seq, dtype=torch.long))
             names.append("token_type_ids")
@@ -128,6 +176,8 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
                 axes.update({n: {0: "batch", 2: "past_sequence"} for n in names[3:]})
                 axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
             axes.update({outputs[0]: {0: "batch", 1: "sequence"}})
+            if pooling:
+                axes[SENTENCE_EMBEDDING] = {0: "batch"}
         with torch.no_grad():
             torch.onnx.export(wrapper, tuple(args), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
         if use_external:
@@ -137,7 +187,39 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
             onnx.save_model(m, str(path), save_as_external_data=True, location=ONNX_FILE + ".data")
     return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": bool(kv_cache),
             "external_data": use_external, "exporter": exporter, "opset": opset,
+            **({"pooling": pooling} if pooling else {}),
             **(kv_layout(model.config) if kv_cache else {})}
+
+
+def _export_vision(model, task: str, exporter: str, opset: int, dynamic: bool, external_data: str,
+                   out_dir: Path) -> dict:
+    """A vision encoder: input pixel_values (batch, channels, size, size), the batch axis dynamic
+    (the image size is the model's); output last_hidden_state or logits."""
+    cfg = model.config
+    output = "last_hidden_state" if task == "image-feature-extraction" else "logits"
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(2, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    use_external = external_data == "always" or (external_data == "auto" and size > 2 * 1024**3)
+    path = out_dir / ONNX_FILE
+    kwargs = dict(input_names=["pixel_values"], output_names=[output], opset_version=opset)
+    wrapper = _Vision(model, output)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+            torch.onnx.export(wrapper, (pixels,), str(path), dynamo=True, dynamic_shapes=shapes,
+                              external_data=use_external, **kwargs)
+        else:
+            axes = {"pixel_values": {0: "batch"}, output: {0: "batch"}} if dynamic else None
+            torch.onnx.export(wrapper, (pixels,), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+            if use_external:
+                import onnx
+
+                onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
+                                location=ONNX_FILE + ".data")
+    return {"file": ONNX_FILE, "inputs": ["pixel_values"], "outputs": [output], "kv_cache": False,
+            "external_data": use_external, "exporter": exporter, "opset": opset,
+            "image_size": int(cfg.image_size), "num_channels": int(getattr(cfg, "num_channels", 3))}
 
 
 # onnxruntime-genai's model builder writes the decoder from the checkpoint's weights with

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolchain.architectures import VISION_TASKS
 from toolchain.planning.shapes import describe_shapes, shape_problem
 from toolchain.execution.runtime import compiled, models, onnx_io
 
+DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUT_BY_TASK = {"feature-extraction": "last_hidden_state", "sequence-classification": "logits",
-                  "text-generation": "logits"}
+                  "text-generation": "logits", "image-feature-extraction": "last_hidden_state",
+                  "image-classification": "logits"}
 
 
 class TorchRunner:
@@ -55,7 +58,7 @@ class TorchRunner:
         """Forward FLOPs: 2 x non-embedding parameters x tokens, plus attention scores and values
         (4 x batch x seq^2 x hidden per layer, halved for causal models); padding counted as work."""
         cfg = self.model.config
-        if getattr(self.model, "is_quantized", False):
+        if getattr(self.model, "is_quantized", False) or self.vision:  # counted for text tokens only
             return 0.0
         params = sum(p.numel() for n, p in self.model.named_parameters() if "embed" not in n)
         hidden = getattr(cfg, "hidden_size", 0)
@@ -83,6 +86,25 @@ class TorchRunner:
         out = self._run(input_ids=ids, attention_mask=mask, **kwargs)
         value = getattr(out, self.output)[:b]
         return {self.output: (value[:, :s] if value.ndim >= 3 else value).float().cpu().numpy()}
+
+    @property
+    def vision(self) -> bool:
+        return self.task in VISION_TASKS
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.image_size)
+
+    def forward_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """A vision model's output for (batch, channels, size, size) pixel values."""
+        pixels = torch.from_numpy(pixel_values).to(self.device, DTYPE_OF[self.dtype])
+        out = self._run(pixel_values=pixels)
+        return {self.output: getattr(out, self.output).float().cpu().numpy()}
+
+    def call_pixels(self, pixel_values: np.ndarray):
+        """Prepared callable for timing a vision model (pixels already on the device)."""
+        pixels = torch.from_numpy(pixel_values).to(self.device, DTYPE_OF[self.dtype])
+        return lambda: self._run(pixel_values=pixels)
 
     def _static_shape(self) -> tuple[int, int] | None:
         """(batch, sequence) of a static `inductor` compile: smaller inputs are padded up to it, so the
@@ -185,8 +207,29 @@ class OrtRunner(onnx_io.OrtModel):
         return f"ONNX {self.dtype} ({self.graph.get('exporter')} exporter, opset {self.graph.get('opset')}{opt}) on " \
                f"onnxruntime {self.sess.get_providers()[0]}{extra}"
 
+    @property
+    def vision(self) -> bool:
+        return self.task in VISION_TASKS
+
+    @property
+    def image_size(self) -> int:
+        return int(self.graph["image_size"])
+
+    def _pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        kind = self.sess.get_inputs()[0].type
+        return {"pixel_values": pixel_values.astype(np.float16 if kind == "tensor(float16)" else np.float32)}
+
+    def forward_pixels(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.sess.run(None, self._pixels(pixel_values))
+        return dict(zip([o.name for o in self.sess.get_outputs()], values))
+
+    def call_pixels(self, pixel_values: np.ndarray):
+        return self._call_feed(self._pixels(pixel_values))
+
     def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        feed = self.feed(input_ids, attention_mask)
+        return self._call_feed(self.feed(input_ids, attention_mask))
+
+    def _call_feed(self, feed: dict):
         if not self.io_binding:
             return lambda: self.sess.run(None, feed)
         # inputs copied to the device once, outputs left there: times the model, not PCIe copies

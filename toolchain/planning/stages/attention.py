@@ -41,6 +41,8 @@ class Attention(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
         refuse_compiled(ctx, what="changing its attention")
+        if ctx.refuse_vision("the `attention` stage (attention implementations and SDPA kernels of text models)"):
+            return
         dtype = t.get("dtype")
         if p.sdpa_kernel and p.implementation != "sdpa":
             ctx.error(f"`sdpa_kernel` applies to implementation sdpa, not {p.implementation}", "sdpa_kernel")

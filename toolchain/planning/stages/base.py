@@ -55,6 +55,20 @@ class CheckContext:
         self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, key=len(below) > 1,
                                                  hint=hint))
 
+    def refuse_vision(self, what: str, role: str = "model") -> bool:
+        """Refuse a vision model (ViT) as input `role` of a text-only stage; True if it refused."""
+        from toolchain.architectures import is_vision
+
+        t = self.inputs.get(role) or {}
+        if not is_vision(t):
+            return False
+        self.error(f"{what} is for text models; '{t.get('model_type')}' is a vision model "
+                   f"(task {t.get('task')})", at=("inputs", role) if role in (
+                       self.recipe.stages[self.step].get("inputs") or {}) else None,
+                   hint="vision models take load, export_onnx (dynamo or torchscript), validate on real images "
+                        "and benchmark")
+        return True
+
     def provider_note(self, provider: str | None) -> None:
         from toolchain import environment
 

@@ -50,6 +50,14 @@ class Benchmark(Stage):
         if ctx.params.padding and t.get("sdpa_kernel") == "flash" and ctx.params.device.startswith("cuda"):
             ctx.error("the model pins the SDPA flash kernel, which on CUDA takes no attention mask, so padded "
                       "batches cannot run", "padding", hint="set `padding: 0`, or pin `efficient` or `cudnn`")
+        from toolchain.architectures import is_vision
+
+        if is_vision(t) and ctx.params.padding:
+            ctx.error("`padding` masks tokens of text batches; a vision model takes whole images", "padding",
+                      hint="drop `padding` (images are timed as batches of `batch_size` at the model's image size)")
+        if is_vision(t) and isinstance(ctx.params.sequence_length, list):
+            ctx.error("a vision model is timed at its own image size: `sequence_length` does not apply",
+                      "sequence_length", hint="drop `sequence_length`; vary `batch_size` instead")
         for problem in compiled_input_problems(t, ctx.params):
             ctx.error(problem, hint="benchmark shapes the package was compiled for, or widen its ranges")
 

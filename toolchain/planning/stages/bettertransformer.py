@@ -33,6 +33,8 @@ class BetterTransformer(Stage):
         t, facts = ctx.inputs["model"], ctx.facts("model")
         ctx.device_rules(ctx.params.device)
         refuse_compiled(ctx, what="converting it")
+        if ctx.refuse_vision("BetterTransformer (the text encoder and decoder fast paths)"):
+            return
         mt = t.get("model_type")
         if t.get("bettertransformer"):
             ctx.error("the model is already BetterTransformer-converted")

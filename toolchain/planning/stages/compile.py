@@ -65,6 +65,8 @@ class Compile(Stage):
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
+        if ctx.refuse_vision("`compile` (shapes of token batches, decode loops)"):
+            return
         aot, cuda = p.backend == "aot_inductor", p.device.startswith("cuda")
         if t.get("compile"):
             ctx.error(f"the model is already compiled ({t['compile']['backend']})")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
 from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
-from toolchain.architectures import BETTERTRANSFORMER_ENCODERS
+from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES
 from toolchain.planning.stages.compile import refuse_compiled
 
 # onnxruntime-genai's model builder (`exporter: genai`): its names for our dtypes and providers
@@ -25,7 +25,23 @@ class ExportOnnxParams:
     provider: str = "cpu"
     provider_options: dict = field(default_factory=dict)
     io_binding: bool = True
+    pooling: str | None = None  # mean | cls | max | auto (from the sentence-transformers config)
+    normalize: bool | None = None  # L2-normalise the pooled embedding (None: as `auto` says, else no)
     device: str = "cpu"
+
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
+def resolve_pooling(p, facts: ArtifactFacts) -> dict | None:
+    """The pooling an export applies ({"mode", "normalize"}), `auto` read from the source's
+    sentence-transformers config; None: no pooled output. Assumes `check` passed."""
+    if not p.pooling:
+        return None
+    st = facts.sentence_transformers or {}
+    mode = st.get("pooling") if p.pooling == "auto" else p.pooling
+    normalize = p.normalize if p.normalize is not None else bool(p.pooling == "auto" and st.get("normalize"))
+    return {"mode": mode, "normalize": normalize, "from": "sentence-transformers" if p.pooling == "auto" else "recipe"}
 
 
 class ExportOnnx(Stage):
@@ -65,11 +81,54 @@ class ExportOnnx(Stage):
         if p.provider == "tensorrt" and any(k.endswith("_cache_path") for k in p.provider_options):
             ctx.error("TensorRT engine and timing caches live in the store; drop the *_cache_path options",
                       "provider_options")
-        if p.exporter == "genai":
+        from toolchain.architectures import VISION_TASKS, is_vision
+
+        if is_vision(t) and p.exporter == "genai":
+            ctx.error(f"`exporter: genai` (onnxruntime-genai's model builder) writes text decoders; "
+                      f"'{t.get('model_type')}' is a vision model", "exporter",
+                      hint="use `exporter: dynamo` (or torchscript) for a vision encoder")
+        elif p.exporter == "genai":
             self._check_genai(ctx, task)
+        if is_vision(t) and p.task and p.task not in VISION_TASKS:
+            ctx.error(f"a vision model exports with task {' or '.join(VISION_TASKS)}, not {p.task}", "task")
+        self._check_pooling(ctx, task)
         if p.exporter == "dynamo" and p.opset < 18:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
+
+    @staticmethod
+    def _check_pooling(ctx: CheckContext, task: str | None) -> None:
+        p, t = ctx.params, ctx.inputs["model"]
+        if not p.pooling:
+            if p.normalize:
+                ctx.error("`normalize` applies to a pooled sentence embedding, but no `pooling` is set", "normalize",
+                          hint="add `pooling: mean` (or cls, max, auto)")
+            return
+        config = t.get("config") or {}
+        if task == "text-generation" or t.get("model_type") in DECODER_TYPES or config.get("is_decoder"):
+            ctx.error(f"`pooling` makes sentence embeddings from an encoder's hidden states; this export is a "
+                      f"decoder ({t.get('model_type')}, task {task})", "pooling",
+                      hint="drop `pooling`, or export an encoder with task feature-extraction")
+            return
+        if task and task != "feature-extraction":
+            ctx.error(f"`pooling` applies to feature-extraction exports, but the task is {task}", "pooling",
+                      hint="set `task: feature-extraction` (the model without its head)")
+            return
+        if p.pooling != "auto":
+            return
+        st = t.get("sentence_transformers")
+        if t.get("unknown"):
+            return
+        if not st:
+            ctx.error("`pooling: auto` reads the pooling from a sentence-transformers config (modules.json and "
+                      "its Pooling module's config.json), but the model source has none", "pooling",
+                      hint="name the pooling: `pooling: mean` (or cls, max), and `normalize: true` if wanted")
+        elif st["pooling"] not in POOLING_MODES:
+            ctx.error(f"the sentence-transformers config asks for pooling '{st['pooling']}', which the export "
+                      f"does not build (it builds {', '.join(POOLING_MODES)})", "pooling")
+        elif st.get("other_modules"):
+            ctx.error(f"the sentence-transformers pipeline has modules the export does not build "
+                      f"({', '.join(st['other_modules'])}), so its embedding would differ", "pooling")
 
     @staticmethod
     def _check_genai(ctx: CheckContext, task: str | None) -> None:
@@ -102,7 +161,7 @@ class ExportOnnx(Stage):
 
     def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
         return facts.replace(artifact=ONNX_MODEL, task=params.task or facts.task, kv_cache=params.kv_cache,
-                             provider=params.provider, device=params.device)
+                             provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts))
 
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import models, onnx_io
@@ -120,7 +179,7 @@ class ExportOnnx(Stage):
             facts = self.derive(p, ArtifactFacts.from_dict(meta))
             ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
             graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
-                                   p.external_data, ctx.output, log=ctx.log)
+                                   p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from toolchain import safeio
+from toolchain.architectures import VISION_TASKS
 from toolchain.frontend import sources
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
 from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage
@@ -50,6 +51,7 @@ class Load(Stage):
         src = self._source(recipe)
         return ArtifactFacts(HF_MODEL, task=src.task, model_type=src.model_type, dtype=params.dtype,
                              device=params.device, source=src.type, config=src.config_facts,
+                             sentence_transformers=src.sentence_transformers,
                              has_tokenizer=src.type != "config" or src.tokenizer is not None).to_dict()
 
     def fingerprint(self, params, recipe, hasher) -> dict:
@@ -85,6 +87,10 @@ class Load(Stage):
         ctx.progress("saving checkpoint")
         facts = ArtifactFacts.from_dict(ctx.traits).replace(model_type=model.config.model_type)
         models.save_hf(model, tokenizer, ctx.output)
+        if src.task in VISION_TASKS:  # how its images are prepared, beside the weights (validate uses the same)
+            from toolchain.execution.runtime import images
+
+            images.processor(model.config).save_pretrained(ctx.output)
         write_meta(ctx.output, facts, {"architecture": type(model).__name__})
         models.offer(model, tokenizer, read_meta(ctx.output), "cpu")  # the next step in this worker need not read it back
         params = sum(p.numel() for p in model.parameters())

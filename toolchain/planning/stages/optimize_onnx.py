@@ -27,6 +27,8 @@ class OptimizeOnnx(Stage):
 
     def check(self, ctx: CheckContext) -> None:
         t = ctx.inputs["model"]
+        if ctx.refuse_vision("`optimize_onnx` (onnxruntime's transformer fusions for text models)"):
+            return
         if ctx.params.float16 and t.get("dtype") not in (None, "float32"):
             ctx.error(f"`float16` converts a float32 graph, but this one is {t.get('dtype')}", "float16")
         if ctx.params.float16 and t.get("provider") in (None, "cpu"):

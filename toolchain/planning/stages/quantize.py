@@ -37,6 +37,8 @@ class Quantize(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
         refuse_compiled(ctx, what="quantizing it")
+        if ctx.refuse_vision("`quantize` (bitsandbytes, checked by top-1 agreement and generation)"):
+            return
         if t.get("quantization"):
             ctx.error(f"the model is already quantized ({t['quantization']['scheme']})")
         if t.get("bettertransformer"):

@@ -55,6 +55,8 @@ class Select(Stage):
         from toolchain import environment
 
         p, ref = ctx.params, ctx.inputs["reference"]
+        if ctx.refuse_vision("`select` (parity on real text, token latency)", role="reference"):
+            return
         cands = members(ctx.inputs, "candidates")
         ctx.device_rules(p.device)
         if ref.get("compile"):

@@ -66,6 +66,24 @@ class Validate(Stage):
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
         if cand.get("task") and cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
+        from toolchain.architectures import is_vision
+        from toolchain.execution.runtime.images import is_image_source
+
+        p = ctx.params
+        images = is_image_source(p.corpus, ctx.recipe.dir)
+        if is_vision(ref) or is_vision(cand):
+            if not images:
+                ctx.error(f"a vision model is compared on real images, but `corpus` is {p.corpus!r} (text)", "corpus",
+                          hint="set `corpus: matplotlib:sample_data` (matplotlib's sample images) or a folder of "
+                               "images relative to the recipe")
+            if p.generate and generate_params(p.generate).prompts:
+                ctx.error("`generate` applies to text-generation models only", "generate")
+            self._check_corpus(ctx)
+            return
+        if images:
+            ctx.error(f"`corpus` {p.corpus!r} is a source of images, but the model is a text model", "corpus",
+                      hint="use real text: `gensim:lee_background` or a text file")
+            return
         if not ref.get("has_tokenizer", True):
             ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
                       hint="give the `config` source a `tokenizer:` folder or package")
@@ -87,6 +105,10 @@ class Validate(Stage):
             if not path.is_file():
                 ctx.error(f"corpus file not found: {path}", "corpus")
                 return
+        self._check_corpus(ctx)
+
+    def _check_corpus(self, ctx: CheckContext) -> None:
+        p = ctx.params
         try:  # its content goes into the key
             self._corpus(p, ctx.recipe)
         except ValueError as exc:  # an unknown gensim corpus
@@ -97,8 +119,17 @@ class Validate(Stage):
     def _corpus(self, params, recipe):
         """The corpus file (None: gensim is not installed here, which the run reports); found
         without importing gensim, and refused unless it is a regular file."""
+        from toolchain.execution.runtime import images
         from toolchain.execution.runtime.text import corpus_path
 
+        if images.is_image_source(params.corpus, recipe.dir):  # a list of image files
+            try:
+                files = images.image_files(params.corpus, recipe.dir)
+            except FileNotFoundError:  # matplotlib not installed here: the run reports it
+                return None
+            for f in files:
+                safeio.check_file(f)
+            return files
         try:
             path = corpus_path(params.corpus, recipe.dir)
         except FileNotFoundError:
@@ -110,6 +141,8 @@ class Validate(Stage):
         """The text compared is part of what the result depends on: a corpus file's content, not its name."""
         try:
             path = self._corpus(params, recipe)
+            if isinstance(path, list):  # images: each file's content, by name
+                return {"corpus": {f.name: hasher(f) for f in path}}
             return {"corpus": hasher(path) if path else None}
         except (OSError, ValueError) as exc:
             raise safeio.UnsafeInput(f"corpus: {exc}", getattr(exc, "hint", None), param="corpus") from None
