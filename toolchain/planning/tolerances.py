@@ -21,6 +21,14 @@ TOLERANCES = {
     "int8": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.80, "min_generation": None},
     "nf4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.60, "min_generation": None},
     "fp4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.50, "min_generation": None},
+    # onnxruntime (quantize_onnx): elementwise errors are large by design (MiniLM int8: max abs 0.4-2.3 on
+    # hidden states of magnitude up to ~10), so atol is off; the gate is the lowest per-token cosine to PyTorch
+    # (encoders) and top-1 agreement (decoders), set below what MiniLM and SmolLM2 measured on this CPU
+    # (README "Quantized ONNX"): dynamic per-channel 0.957, static QDQ (MatMul, MinMax) 0.736.
+    "int8-dynamic": {"atol": None, "rtol": 0.0, "min_cosine": 0.93, "min_top1": 0.80, "min_generation": None},
+    "int8-static-qdq": {"atol": None, "rtol": 0.0, "min_cosine": 0.60, "min_top1": 0.70, "min_generation": None},
+    "int8-static-qoperator": {"atol": None, "rtol": 0.0, "min_cosine": 0.60, "min_top1": 0.70, "min_generation": None},
+    "int4-matmulnbits": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.80, "min_generation": 0.3},
 }
 
 

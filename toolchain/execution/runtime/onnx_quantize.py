@@ -62,9 +62,10 @@ class TextReader:
         self._it = iter(self.feeds)
 
 
-def quantize(src: Path, out: Path, meta: dict, p, scheme: str, texts: list[str] | None, max_length: int,
-             progress=lambda *a, **k: None, log=print) -> dict:
-    """Quantize src's graph into out (side files copied); the metrics, with `recorded` for toolchain.json."""
+def quantize(src: Path, out: Path, meta: dict, p, scheme: str, ops: list | None, texts: list[str] | None,
+             max_length: int, progress=lambda *a, **k: None, log=print) -> dict:
+    """Quantize src's graph into out (side files copied): int8 methods quantize operator types `ops`
+    (None: onnxruntime's list). The metrics, with `recorded` for toolchain.json."""
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -76,19 +77,19 @@ def quantize(src: Path, out: Path, meta: dict, p, scheme: str, texts: list[str] 
     if p.method == "dynamic":
         progress("quantizing (dynamic int8)")
         quantize_dynamic(str(source), str(target), per_channel=p.per_channel,
-                         weight_type=QuantType[QUANT_TYPES[p.weight_type]], op_types_to_quantize=p.op_types,
+                         weight_type=QuantType[QUANT_TYPES[p.weight_type]], op_types_to_quantize=ops,
                          use_external_data_format=external)
-        recorded.update(per_channel=p.per_channel, weight_type=p.weight_type, op_types=p.op_types)
+        recorded.update(per_channel=p.per_channel, weight_type=p.weight_type, op_types=ops)
     elif p.method == "static":
         progress(f"calibrating on {len(texts)} passages and quantizing (static int8, {p.format})")
         reader = TextReader(src, texts, max_length)
         quantize_static(str(source), str(target), reader,
                         quant_format=QuantFormat.QDQ if p.format == "qdq" else QuantFormat.QOperator,
                         per_channel=p.per_channel, activation_type=QuantType[QUANT_TYPES[p.activation_type]],
-                        weight_type=QuantType[QUANT_TYPES[p.weight_type]], op_types_to_quantize=p.op_types,
+                        weight_type=QuantType[QUANT_TYPES[p.weight_type]], op_types_to_quantize=ops,
                         use_external_data_format=external)
         recorded.update(format=p.format, per_channel=p.per_channel, activation_type=p.activation_type,
-                        weight_type=p.weight_type, op_types=p.op_types,
+                        weight_type=p.weight_type, op_types=ops,
                         calibration={"passages": len(texts), "max_length": max_length, "method": "minmax",
                                      "tokens": int(sum(f["attention_mask"].sum() for f in reader.feeds))})
     else:

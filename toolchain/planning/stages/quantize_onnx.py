@@ -31,7 +31,7 @@ class CalibrationParams:
 class QuantizeOnnxParams:
     method: str = "dynamic"  # required by the schema
     format: str = "qdq"
-    per_channel: bool = False
+    per_channel: bool = True
     activation_type: str = "int8"
     weight_type: str = "int8"
     op_types: list | None = None
@@ -43,6 +43,18 @@ class QuantizeOnnxParams:
 
 def scheme(params) -> str:
     return SCHEMES[(params.method, params.format if params.method == "static" else None)]
+
+
+# static int8 quantizes MatMul nodes unless told otherwise: on MiniLM, quantizing every operator onnxruntime
+# can (Add, Softmax, LayerNorm activations too) took the mean per-token cosine to PyTorch from 0.88 to 0.73
+STATIC_OP_TYPES = ["MatMul"]
+
+
+def op_types(params) -> list | None:
+    """The operator types the int8 quantizer is given (None: onnxruntime's default list)."""
+    if params.op_types:
+        return list(params.op_types)
+    return list(STATIC_OP_TYPES) if params.method == "static" else None
 
 
 def calibration(params) -> CalibrationParams:
@@ -186,8 +198,8 @@ class QuantizeOnnx(Stage):
         cal = calibration(p)
         if p.method == "static":
             texts = onnx_quantize.calibration_texts(cal.corpus, ctx.recipe_dir, cal.samples)
-        metrics = onnx_quantize.quantize(src, ctx.output, meta, p, scheme(p), texts, cal.max_length,
+        metrics = onnx_quantize.quantize(src, ctx.output, meta, p, scheme(p), op_types(p), texts, cal.max_length,
                                          progress=ctx.progress, log=ctx.log)
-        meta["quantized"] = metrics["recorded"]
+        meta["quantized"] = metrics.pop("recorded")
         write_meta(ctx.output, facts, meta)
         return metrics
