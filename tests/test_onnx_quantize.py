@@ -121,7 +121,7 @@ def encoder_build(tmp_path_factory):
       v_impossible:
         kind: validate
         inputs: {candidate: dyn, reference: load}
-        params: {samples: 8, batch_size: 8, max_length: 32, edge_cases: false, atol: 0.0, rtol: 0.0, min_cosine: 1.0}
+        params: {samples: 8, batch_size: 8, max_length: 32, edge_cases: false, atol: 1.0e-9, rtol: 0.0, min_cosine: 1.0}
     """, extra="targets: [dyn, st]")
     out = d / "out"
     proc = run_cli("build", r, "-o", out, "--store", d / "store")
