@@ -30,6 +30,32 @@ def calibration_texts(corpus: str, recipe_dir: Path, samples: int) -> list[str]:
     return every[-samples:]
 
 
+# what an activation function (GELU as Erf or Tanh, SiLU as Sigmoid) is made of in an exported graph
+ACTIVATIONS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh", "Sigmoid", "QuickGelu"}
+
+
+def ffn_down_matmuls(model, hops: int = 3) -> list[str]:
+    """The MatMul nodes with a constant weight whose input comes from an activation function within
+    `hops` producers: the feed-forward down projections. Their inputs (GELU/SiLU outputs) have a few
+    very large values, so one per-tensor int8 scale fits them badly."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        frontier, seen = [node.input[0]], set()
+        for _ in range(hops):
+            nodes = [producer[t] for t in frontier if t in producer and t not in seen]
+            seen.update(frontier)
+            if any(n.op_type in ACTIVATIONS for n in nodes):
+                found.append(node.name)
+                break
+            frontier = [i for n in nodes for i in n.input if i and i not in consts]
+    return found
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
@@ -81,16 +107,22 @@ def quantize(src: Path, out: Path, meta: dict, p, scheme: str, ops: list | None,
                          use_external_data_format=external)
         recorded.update(per_channel=p.per_channel, weight_type=p.weight_type, op_types=ops)
     elif p.method == "static":
+        import onnx
+
         progress(f"calibrating on {len(texts)} passages and quantizing (static int8, {p.format})")
         reader = TextReader(src, texts, max_length)
+        excluded = ffn_down_matmuls(onnx.load(str(source), load_external_data=False)) if p.exclude_ffn_down else []
+        # the mean of each passage's min/max rather than the extremes over all of them: on MiniLM the mean
+        # per-token cosine rose from 0.880 to 0.917 (and to 0.987 with the down projections kept float)
         quantize_static(str(source), str(target), reader,
                         quant_format=QuantFormat.QDQ if p.format == "qdq" else QuantFormat.QOperator,
                         per_channel=p.per_channel, activation_type=QuantType[QUANT_TYPES[p.activation_type]],
                         weight_type=QuantType[QUANT_TYPES[p.weight_type]], op_types_to_quantize=ops,
-                        use_external_data_format=external)
-        recorded.update(format=p.format, per_channel=p.per_channel, activation_type=p.activation_type,
+                        nodes_to_exclude=excluded, use_external_data_format=external,
+                        extra_options={"CalibMovingAverage": True})
+        recorded.update(format=p.format, exclude_ffn_down=p.exclude_ffn_down, excluded_nodes=len(excluded), per_channel=p.per_channel, activation_type=p.activation_type,
                         weight_type=p.weight_type, op_types=ops,
-                        calibration={"passages": len(texts), "max_length": max_length, "method": "minmax",
+                        calibration={"passages": len(texts), "max_length": max_length, "method": "minmax (moving average)",
                                      "tokens": int(sum(f["attention_mask"].sum() for f in reader.feeds))})
     else:
         import onnx

@@ -35,6 +35,7 @@ class QuantizeOnnxParams:
     activation_type: str = "int8"
     weight_type: str = "int8"
     op_types: list | None = None
+    exclude_ffn_down: bool = True
     calibration: dict = field(default_factory=dict)
     block_size: int = 32
     symmetric: bool = True
@@ -103,7 +104,7 @@ class QuantizeOnnx(Stage):
         if p.method == "static" and facts.imported and facts.task is None:
             ctx.error("static int8 feeds tokenized text, but this imported graph's task (its text inputs) is unknown",
                       "method", hint="set `task` on the import_onnx stage")
-        for name in ("format", "activation_type"):
+        for name in ("format", "activation_type", "exclude_ffn_down"):
             if name in given and p.method != "static":
                 ctx.error(f"`{name}` applies to `method: static` only", name)
         if "calibration" in given and p.method != "static":
