@@ -102,6 +102,17 @@ def op_counts(folder):
     return Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
 
 
+def weight_zero_point_sizes(folder):
+    """Elements of each MatMulInteger's weight zero point (per channel: one per output column)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [int(np.size(inits[n.input[3]])) for n in m.graph.node if n.op_type == "MatMulInteger" and n.input[3] in inits]
+
+
 def steps_of(out):
     return {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["variants"][0]["steps"]}
 
@@ -148,6 +159,7 @@ def test_int8_graphs_hold_quantized_ops_and_record_the_scheme(encoder_build):
     assert (out / "dyn" / "model.onnx").is_file(), proc.stdout + proc.stderr
     dyn, st = op_counts(out / "dyn"), op_counts(out / "st")
     assert dyn["DynamicQuantizeLinear"] > 0 and dyn["MatMulInteger"] >= 12  # 2 layers x 6 weight matmuls
+    assert min(weight_zero_point_sizes(out / "dyn")) >= 32  # per channel (hidden 32, intermediate 64)
     assert st["QuantizeLinear"] > 0 and st["DequantizeLinear"] > 0 and st["MatMulInteger"] == 0
     for name, scheme in (("dyn", "int8-dynamic"), ("st", "int8-static-qdq")):
         meta = json.loads((out / name / "toolchain.json").read_text())

@@ -34,10 +34,11 @@ def calibration_texts(corpus: str, recipe_dir: Path, samples: int) -> list[str]:
 ACTIVATIONS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh", "Sigmoid", "QuickGelu"}
 
 
-def ffn_down_matmuls(model, hops: int = 3) -> list[str]:
+def ffn_down_matmuls(model, hops: int = 4) -> list[str]:
     """The MatMul nodes with a constant weight whose input comes from an activation function within
-    `hops` producers: the feed-forward down projections. Their inputs (GELU/SiLU outputs) have a few
-    very large values, so one per-tensor int8 scale fits them badly."""
+    `hops` producers: the feed-forward down projections (exact GELU puts Erf 4 producers up, SiLU puts
+    Sigmoid 3 up; a query projection is 8 or more away from the previous layer's activation). Their
+    inputs have a few very large values, so one per-tensor int8 scale fits them badly."""
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     producer = {o: n for n in model.graph.node for o in n.output}
