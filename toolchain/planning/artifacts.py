@@ -31,13 +31,16 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 @dataclass(frozen=True)
 class Quantization:
-    """bitsandbytes weights: `scheme` is int8, nf4 or fp4."""
+    """Quantized weights. bitsandbytes (an hf-model): `scheme` is int8, nf4 or fp4. onnxruntime (an
+    ONNX model, `quantize_onnx`): int8-dynamic, int8-static-qdq, int8-static-qoperator or
+    int4-matmulnbits, with the int4 `block_size`."""
 
     scheme: str
     bits: int
     method: str = "bitsandbytes"
     double_quant: bool = False
     compute_dtype: str | None = None
+    block_size: int | None = None
 
     def __str__(self) -> str:
         return self.scheme

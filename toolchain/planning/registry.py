@@ -16,6 +16,7 @@ KINDS: dict[str, str] = {
     "reverse_bettertransformer": "toolchain.planning.stages.bettertransformer:ReverseBetterTransformer",
     "import_onnx": "toolchain.planning.stages.import_onnx:ImportOnnx",
     "optimize_onnx": "toolchain.planning.stages.optimize_onnx:OptimizeOnnx",
+    "quantize_onnx": "toolchain.planning.stages.quantize_onnx:QuantizeOnnx",
     "compile": "toolchain.planning.stages.compile:Compile",
     "select": "toolchain.planning.stages.select:Select",
 }

@@ -21,6 +21,19 @@ TOLERANCES = {
     "int8": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.80, "min_generation": None},
     "nf4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.60, "min_generation": None},
     "fp4": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.50, "min_generation": None},
+    # onnxruntime (quantize_onnx): elementwise errors are large by design (MiniLM int8: max abs 0.5-0.65 on
+    # hidden states up to ~10), so atol is off; the gate is the lowest per-token cosine to PyTorch (encoders)
+    # and top-1 agreement (decoders), set below what MiniLM measured on this CPU on 64 real sentences and on
+    # the random-id edge shapes, the lower of the two (README "Quantized ONNX"): dynamic per-channel 0.957 /
+    # 0.927, static QDQ (MatMul, down projections float) 0.967 / 0.957. QOperator was not measured: it takes
+    # QDQ's gates. Decoders' int8 top-1 gates were not measured either (they follow bitsandbytes int8's 0.887).
+    "int8-dynamic": {"atol": None, "rtol": 0.0, "min_cosine": 0.90, "min_top1": 0.80, "min_generation": None},
+    "int8-static-qdq": {"atol": None, "rtol": 0.0, "min_cosine": 0.93, "min_top1": 0.80, "min_generation": None},
+    "int8-static-qoperator": {"atol": None, "rtol": 0.0, "min_cosine": 0.93, "min_top1": 0.80, "min_generation": None},
+    # SmolLM2-135M, int4 blocks of 32 (round-to-nearest, the quantizer's default algorithm): top-1 0.61 and
+    # 0 of 10 greedy generations identical over 32 tokens, logit cosine down to -0.82: as for nf4, top-1 is
+    # the gate and generation is reported, not gated
+    "int4-matmulnbits": {"atol": None, "rtol": 0.0, "min_cosine": None, "min_top1": 0.50, "min_generation": None},
 }
 
 

@@ -204,6 +204,9 @@ class OrtRunner(onnx_io.OrtModel):
     def describe(self) -> str:
         extra = ", IO binding" if self.io_binding else ""
         opt = f", optimized {self.meta['optimized']['level']}" if self.meta.get("optimized") else ""
+        q = self.meta.get("quantization")
+        if q:
+            opt += f", quantized {q['scheme']}" + (f" (block {q['block_size']})" if q.get("block_size") else "")
         return f"ONNX {self.dtype} ({self.graph.get('exporter')} exporter, opset {self.graph.get('opset')}{opt}) on " \
                f"onnxruntime {self.sess.get_providers()[0]}{extra}"
 

@@ -1,0 +1,198 @@
+"""`quantize_onnx`: plan-time refusals (no build), and real builds of tiny models through each method
+whose graphs must hold the quantized operators, whose facts and toolchain.json name the scheme, and
+whose validate gates follow that precision and can fail."""
+import json
+from collections import Counter
+
+import pytest
+
+from toolchain.errors import RecipeError
+from toolchain.frontend.recipe import load_recipe
+from toolchain.planning.plan import build_plan
+
+from .conftest import TINY_DECODER, run_cli, tiny_recipe
+
+
+def problems(path):
+    (r,) = load_recipe(path)
+    with pytest.raises(RecipeError) as e:
+        build_plan(r)
+    return e.value.problems
+
+
+def messages(path):
+    return [p.message for p in problems(path)]
+
+
+# -- plan time ------------------------------------------------------------------------------------
+def test_int4_is_for_decoders_and_int8_takes_float32(tmp_path):
+    r = tiny_recipe(tmp_path, "enc", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      q4: {kind: quantize_onnx, inputs: {model: export}, params: {method: int4}}
+      fp16: {kind: optimize_onnx, inputs: {model: export}, params: {float16: true}}
+      q8: {kind: quantize_onnx, inputs: {model: fp16}, params: {method: dynamic}}
+    """)
+    found = problems(r)
+    int4 = [p for p in found if "MatMulNBits" in p.message]
+    assert int4 and "task text-generation" in int4[0].message and int4[0].line == 9  # at `method`
+    assert any("takes a float32 graph, but this one is float16" in p.message for p in found)
+
+
+def test_requantizing_static_without_tokenizer_and_misplaced_params(tmp_path):
+    r = tiny_recipe(tmp_path, "twice", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      q8: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic}}
+      again: {kind: quantize_onnx, inputs: {model: q8}, params: {method: static, calibration: {samples: 4}}}
+      misplaced: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic, block_size: 64}}
+    """, extra="targets: [again, misplaced]")
+    msgs = messages(r)
+    assert any("already quantized (int8-dynamic)" in m for m in msgs)
+    assert any("`block_size` applies to `method: int4` only" in m for m in msgs)
+    # a config source without a tokenizer has no text to calibrate on
+    r = tmp_path / "notok.yaml"
+    r.write_text("name: notok\nmodel:\n  config: " + json.dumps({
+        "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64, "vocab_size": 100, "architectures": ["BertModel"]}) + "\n  seed: 0\n"
+        "stages:\n  load: {kind: load}\n  export: {kind: export_onnx, inputs: {model: load}}\n"
+        "  q: {kind: quantize_onnx, inputs: {model: export}, params: {method: static}}\n")
+    assert any("no tokenizer" in m for m in messages(r))
+
+
+def test_provider_combinations_are_refused_at_plan_time(tmp_path):
+    r = tiny_recipe(tmp_path, "prov", """
+      load: {kind: load}
+      cuda: {kind: export_onnx, inputs: {model: load}, params: {provider: cuda}}
+      trt: {kind: export_onnx, inputs: {model: load}, params: {provider: tensorrt}}
+      dyn_cuda: {kind: quantize_onnx, inputs: {model: cuda}, params: {method: dynamic}}
+      qop_cuda: {kind: quantize_onnx, inputs: {model: cuda}, params: {method: static, format: qoperator}}
+      dyn_trt: {kind: quantize_onnx, inputs: {model: trt}, params: {method: dynamic}}
+    """, extra="targets: [dyn_cuda, qop_cuda, dyn_trt]")
+    msgs = messages(r)
+    assert any("no DynamicQuantizeLinear kernel" in m for m in msgs)
+    assert any("no QLinearMatMul" in m for m in msgs)
+    assert any("TensorRT takes int8 only as explicit QDQ" in m for m in msgs)
+
+
+def test_scheme_is_a_fact_and_onnxruntime_keys_the_step(tmp_path):
+    r = tiny_recipe(tmp_path, "facts", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      dyn: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic}}
+      st: {kind: quantize_onnx, inputs: {model: export}, params: {method: static}}
+    """, extra="targets: [dyn, st]")
+    (recipe,) = load_recipe(r)
+    plan = build_plan(recipe)
+    steps = plan.steps
+    assert steps["dyn"].traits["quantization"]["scheme"] == "int8-dynamic"
+    assert steps["st"].traits["quantization"]["scheme"] == "int8-static-qdq"
+    from toolchain.planning import registry
+
+    stage = registry.get("quantize_onnx")
+    assert "onnxruntime" in stage.key_env({}, {"method": "int4"})
+    assert "tokenizers" in stage.key_env({}, {"method": "static"})
+    assert steps["dyn"].key != steps["st"].key
+
+
+# -- real builds ---------------------------------------------------------------------------------
+def op_counts(folder):
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
+
+
+def weight_zero_point_sizes(folder):
+    """Elements of each MatMulInteger's weight zero point (per channel: one per output column)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [int(np.size(inits[n.input[3]])) for n in m.graph.node if n.op_type == "MatMulInteger" and n.input[3] in inits]
+
+
+def steps_of(out):
+    return {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["variants"][0]["steps"]}
+
+
+@pytest.fixture(scope="module")
+def encoder_build(tmp_path_factory):
+    """A tiny BERT through dynamic and static int8, each validated with its precision's default
+    gates, plus one validate with impossible tolerances (its gate must fail the build)."""
+    d = tmp_path_factory.mktemp("ortq-enc")
+    r = tiny_recipe(d, "enc", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      dyn: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic}}
+      st: {kind: quantize_onnx, inputs: {model: export}, params: {method: static, calibration: {samples: 8, max_length: 32}}}
+      v_dyn: {kind: validate, inputs: {candidate: dyn, reference: load}, params: {samples: 16, batch_size: 8, max_length: 32}}
+      v_st: {kind: validate, inputs: {candidate: st, reference: load}, params: {samples: 16, batch_size: 8, max_length: 32}}
+      v_impossible:
+        kind: validate
+        inputs: {candidate: dyn, reference: load}
+        params: {samples: 8, batch_size: 8, max_length: 32, edge_cases: false, atol: 1.0e-9, rtol: 0.0, min_cosine: 1.0}
+    """, extra="targets: [dyn, st]")
+    out = d / "out"
+    proc = run_cli("build", r, "-o", out, "--store", d / "store")
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def decoder_build(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ortq-dec")
+    r = tiny_recipe(d, "dec", config=TINY_DECODER, stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true}}
+      q4: {kind: quantize_onnx, inputs: {model: export}, params: {method: int4, block_size: 16}}
+      v: {kind: validate, inputs: {candidate: q4, reference: load}, params: {samples: 8, batch_size: 8, max_length: 32, edge_cases: false, min_top1: 0.5, generate: {prompts: 2, new_tokens: 4, min_agreement: 0.0}}}
+    """, extra="targets: [q4]")
+    out = d / "out"
+    proc = run_cli("build", r, "-o", out, "--store", d / "store")
+    return proc, out
+
+
+@pytest.mark.slow
+def test_int8_graphs_hold_quantized_ops_and_record_the_scheme(encoder_build):
+    proc, out = encoder_build
+    assert (out / "dyn" / "model.onnx").is_file(), proc.stdout + proc.stderr
+    dyn, st = op_counts(out / "dyn"), op_counts(out / "st")
+    assert dyn["DynamicQuantizeLinear"] > 0 and dyn["MatMulInteger"] >= 12  # 2 layers x 6 weight matmuls
+    assert min(weight_zero_point_sizes(out / "dyn")) >= 32  # per channel (hidden 32, intermediate 64)
+    assert st["QuantizeLinear"] > 0 and st["DequantizeLinear"] > 0 and st["MatMulInteger"] == 0
+    for name, scheme in (("dyn", "int8-dynamic"), ("st", "int8-static-qdq")):
+        meta = json.loads((out / name / "toolchain.json").read_text())
+        assert meta["quantization"]["scheme"] == scheme and meta["quantization"]["method"] == "onnxruntime"
+        assert meta["quantized"]["onnxruntime"] and meta["quantized"]["per_channel"] is True
+    recorded = json.loads((out / "st" / "toolchain.json").read_text())["quantized"]
+    assert recorded["calibration"]["passages"] == 8 and recorded["calibration"]["tokens"] > 8
+    # the two layers' feed-forward down projections (fed by GELU) stay float MatMuls
+    assert recorded["excluded_nodes"] == 2 and st["MatMul"] >= 2
+
+
+@pytest.mark.slow
+def test_int8_default_gates_follow_the_precision_and_can_fail(encoder_build):
+    proc, out = encoder_build
+    steps = steps_of(out)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # v_impossible's gate
+    assert steps["v_dyn"]["metrics"]["precision"] == "int8-dynamic" and steps["v_dyn"]["metrics"]["passed"]
+    assert steps["v_st"]["metrics"]["precision"] == "int8-static-qdq" and steps["v_st"]["metrics"]["passed"]
+    out_dyn = steps["v_dyn"]["metrics"]["outputs"]["last_hidden_state"]
+    assert out_dyn["atol"] is None and out_dyn["min_cosine_gate"] is not None  # int8: cosine is the gate
+    bad = steps["v_impossible"]["metrics"]
+    assert not bad["passed"] and any("cosine similarity" in f for f in bad["failures"])
+
+
+@pytest.mark.slow
+def test_int4_decoder_holds_matmulnbits(decoder_build):
+    proc, out = decoder_build
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ops = op_counts(out / "q4")
+    assert ops["MatMulNBits"] >= 14  # 2 layers x 7 weight matmuls (+ lm_head)
+    meta = json.loads((out / "q4" / "toolchain.json").read_text())
+    assert meta["quantization"] == {"scheme": "int4-matmulnbits", "bits": 4, "method": "onnxruntime",
+                                    "block_size": 16, "double_quant": False, "compute_dtype": None}
+    assert meta["quantized"]["symmetric"] is True and meta["quantized"]["ops"]["MatMulNBits"] == ops["MatMulNBits"]
+    v = steps_of(out)["v"]["metrics"]
+    assert v["precision"] == "int4-matmulnbits" and "generation" in v
