@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from toolchain import safeio
-from toolchain.architectures import CONFIG_FACTS
+from toolchain.architectures import CONFIG_FACTS, is_encoder_decoder, seq2seq_task
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
@@ -52,7 +52,18 @@ class Source:
 
 
 def _facts(cfg: dict) -> dict:
-    return {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
+    facts = {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
+    if is_encoder_decoder(cfg):  # set by the config class of these types, so often absent from config.json
+        facts["is_encoder_decoder"] = True
+    return facts
+
+
+def _infer_task(cfg: dict) -> str | None:
+    """The head to build: an encoder-decoder is a seq2seq model whatever its class is called
+    (T5ForConditionalGeneration, WhisperForConditionalGeneration, BartModel)."""
+    if is_encoder_decoder(cfg):
+        return seq2seq_task(cfg)
+    return _task_from_architectures(cfg.get("architectures"))
 
 
 def package_folder(name: str) -> Path:
@@ -134,7 +145,7 @@ def resolve(model: dict, base: Path) -> Source:
             raise SourceError("`model.config` must give a `model_type` (e.g. llama, bert)", "config")
         src.type, src.config, src.seed = "config", cfg, int(model.get("seed", 0))
         src.model_type, src.config_facts = cfg["model_type"], _facts(cfg)
-        src.task = src.task or _task_from_architectures(cfg.get("architectures"))
+        src.task = src.task or _infer_task(cfg)
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
                               hint="set `model.task` or `architectures` in the config")
@@ -189,7 +200,7 @@ def resolve(model: dict, base: Path) -> Source:
                           hint="point at a transformers checkpoint (config.json with model_type, safetensors "
                                "weights); other formats are not supported as sources")
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
-    src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
+    src.task = src.task or _infer_task(cfg) or "feature-extraction"
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,
                           hint="set `model.trust_remote_code: true` only if you trust its authors")
