@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from toolchain import safeio
-from toolchain.architectures import CONFIG_FACTS, TEXT_TYPES, VISION_TASKS, VISION_TYPES
+from toolchain.architectures import CONFIG_FACTS, TEXT_TYPES, VISION_TASKS, VISION_TYPES, is_encoder_decoder, seq2seq_task
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TASK_BY_SUFFIX = (("ForCausalLM", "text-generation"), ("ForSequenceClassification", "sequence-classification"),
@@ -55,7 +55,18 @@ class Source:
 
 
 def _facts(cfg: dict) -> dict:
-    return {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
+    facts = {k: cfg[k] for k in CONFIG_FACTS if cfg.get(k) is not None}
+    if is_encoder_decoder(cfg):  # set by the config class of these types, so often absent from config.json
+        facts["is_encoder_decoder"] = True
+    return facts
+
+
+def _infer_task(cfg: dict) -> str | None:
+    """The head to build: an encoder-decoder is a seq2seq model whatever its class is called
+    (T5ForConditionalGeneration, WhisperForConditionalGeneration, BartModel)."""
+    if is_encoder_decoder(cfg):
+        return seq2seq_task(cfg)
+    return _task_from_architectures(cfg.get("architectures"))
 
 
 def package_folder(name: str) -> Path:
@@ -155,7 +166,7 @@ def resolve(model: dict, base: Path) -> Source:
             raise SourceError("`model.config` must give a `model_type` (e.g. llama, bert)", "config")
         src.type, src.config, src.seed = "config", cfg, int(model.get("seed", 0))
         src.model_type, src.config_facts = cfg["model_type"], _facts(cfg)
-        src.task = src.task or _task_from_architectures(cfg.get("architectures"))
+        src.task = src.task or _infer_task(cfg)
         if not src.task:
             raise SourceError("cannot tell which head to build for a `config` model", "config",
                               hint="set `model.task` or `architectures` in the config")
@@ -212,7 +223,7 @@ def resolve(model: dict, base: Path) -> Source:
                                "weights); other formats are not supported as sources")
     src.model_type, src.config_facts = cfg.get("model_type"), _facts(cfg)
     src.sentence_transformers = sentence_transformers_pooling(folder, files, field)
-    src.task = src.task or _task_from_architectures(cfg.get("architectures")) or "feature-extraction"
+    src.task = src.task or _infer_task(cfg) or "feature-extraction"
     _modality(src, cfg, field)
     if cfg.get("auto_map") and not src.trust_remote_code:
         raise SourceError(f"the model in {folder} needs its own Python code (config.json has auto_map)", field,

@@ -12,7 +12,8 @@ from toolchain.frontend.sources import Source
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTO_CLASS = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
               "text-generation": "AutoModelForCausalLM", "image-feature-extraction": "AutoModel",
-              "image-classification": "AutoModelForImageClassification"}
+              "image-classification": "AutoModelForImageClassification",
+              "text2text-generation": "AutoModelForSeq2SeqLM", "automatic-speech-recognition": "AutoModelForSpeechSeq2Seq"}
 
 
 def auto_class(task: str):

@@ -132,6 +132,25 @@ class RunContext:
         return {"not_run": f"provider {provider}: {why}", "provider": provider} if why else None
 
 
+def encoder_decoder(t: dict) -> bool:
+    """Whether the facts `t` of an input describe an encoder-decoder (seq2seq) model."""
+    from toolchain.architectures import SEQ2SEQ_TASKS
+
+    return bool((t.get("config") or {}).get("is_encoder_decoder")) or t.get("task") in SEQ2SEQ_TASKS
+
+
+def refuse_encoder_decoder(ctx: CheckContext, what: str, role: str = "model", hint: str | None = None) -> bool:
+    """Plan-time refusal of an encoder-decoder input by a stage that handles decoder-only or encoder
+    models only (True: refused). Its run would otherwise fail deep inside, or silently do less."""
+    t = ctx.inputs.get(role) or {}
+    if not encoder_decoder(t):
+        return False
+    ctx.error(f"{what} is not supported for encoder-decoder models ('{t.get('model_type')}', task "
+              f"{t.get('task')}): only `load`, `export_onnx`, `validate` and `benchmark` take them",
+              hint=hint or "export the loaded model with `export_onnx` and validate/benchmark that")
+    return True
+
+
 class Stage:
     kind: str = ""
     Params: type = object

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
+    encoder_decoder
 from toolchain.planning.shapes import coverage_problems, device_problem
 from toolchain.planning.stages.compile import compiler_env
 
@@ -41,6 +42,8 @@ class Benchmark(Stage):
         if ctx.params.decode_tokens and (t.get("compile") or {}).get("backend") == "aot_inductor":
             ctx.error("`decode_tokens` needs a KV cache, which an AOTInductor package does not take", "decode_tokens",
                       hint="time decode steps on an `inductor` compile of the model (a static cache, compiled step)")
+        elif encoder_decoder(t):
+            self._check_seq2seq(ctx, t)
         elif ctx.params.decode_tokens and not (t.get("task") == "text-generation"
                                                and (t["artifact"] == HF_MODEL or t.get("kv_cache"))):
             ctx.error("`decode_tokens` needs a text-generation model with a KV cache", "decode_tokens")
@@ -61,6 +64,18 @@ class Benchmark(Stage):
         for problem in compiled_input_problems(t, ctx.params):
             ctx.error(problem, hint="benchmark shapes the package was compiled for, or widen its ranges")
 
+    @staticmethod
+    def _check_seq2seq(ctx: CheckContext, t: dict) -> None:
+        """Encoder-decoders: encoder latency per shape and the decoder's per-token latency (runtime/seq2seq.py)."""
+        if ctx.params.padding:
+            ctx.error("`padding` applies to single-graph models; an encoder-decoder's encoder is timed unpadded",
+                      "padding", hint="drop `padding`")
+        if ctx.params.peak_tflops:
+            ctx.error("`peak_tflops` compares counted FLOPs, which are not counted for encoder-decoders",
+                      "peak_tflops", hint="drop `peak_tflops`")
+        if t.get("imported"):
+            ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by")
+
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import runners
         from toolchain.execution.runtime.bench import measure
@@ -71,6 +86,12 @@ class Benchmark(Stage):
         if not_run:
             return not_run
         ctx.progress("loading model")
+        if encoder_decoder(meta):
+            from toolchain.execution.runtime import seq2seq
+
+            runner = seq2seq.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
+                                         ctx.cache_dir)
+            return seq2seq.measure(runner, p, ctx.inputs["model"], ctx.progress)
         runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
                                      ctx.cache_dir)
         return measure(runner, p, meta["artifact"], ctx.progress)

@@ -5,8 +5,9 @@ import shutil
 from dataclasses import dataclass, field
 
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
-from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
-from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES
+from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage, \
+    encoder_decoder
+from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES, SEQ2SEQ_TASKS
 from toolchain.planning.stages.compile import refuse_compiled
 
 # onnxruntime-genai's model builder (`exporter: genai`): its names for our dtypes and providers
@@ -42,6 +43,11 @@ def resolve_pooling(p, facts: ArtifactFacts) -> dict | None:
     mode = st.get("pooling") if p.pooling == "auto" else p.pooling
     normalize = p.normalize if p.normalize is not None else bool(p.pooling == "auto" and st.get("normalize"))
     return {"mode": mode, "normalize": normalize, "from": "sentence-transformers" if p.pooling == "auto" else "recipe"}
+
+
+def explicit(ctx: CheckContext, name: str) -> bool:
+    """Whether the recipe itself sets param `name` of this step (in its params or the defaults)."""
+    return name in (ctx.recipe.stages[ctx.step].get("params") or {}) or name in (ctx.recipe.defaults or {})
 
 
 class ExportOnnx(Stage):
@@ -83,16 +89,19 @@ class ExportOnnx(Stage):
                       "provider_options")
         from toolchain.architectures import VISION_TASKS, is_vision
 
+        seq2seq = task in SEQ2SEQ_TASKS or encoder_decoder(t)
         if is_vision(t) and p.exporter == "genai":
             ctx.error(f"`exporter: genai` (onnxruntime-genai's model builder) writes text decoders; "
                       f"'{t.get('model_type')}' is a vision model", "exporter",
                       hint="use `exporter: dynamo` (or torchscript) for a vision encoder")
+        elif seq2seq:
+            self._check_seq2seq(ctx, task)
         elif p.exporter == "genai":
             self._check_genai(ctx, task)
         if is_vision(t) and p.task and p.task not in VISION_TASKS:
             ctx.error(f"a vision model exports with task {' or '.join(VISION_TASKS)}, not {p.task}", "task")
         self._check_pooling(ctx, task)
-        if p.exporter == "dynamo" and p.opset < 18:
+        if p.exporter == "dynamo" and p.opset < 18 and not seq2seq:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
 
@@ -131,6 +140,28 @@ class ExportOnnx(Stage):
                       f"({', '.join(st['other_modules'])}), so its embedding would differ", "pooling")
 
     @staticmethod
+    def _check_seq2seq(ctx: CheckContext, task: str | None) -> None:
+        """Encoder-decoders: encoder_model.onnx + decoder_model.onnx (with past), TorchScript-traced."""
+        p, t = ctx.params, ctx.inputs["model"]
+        if not encoder_decoder(t):
+            ctx.error(f"task {task} needs an encoder-decoder model, but '{t.get('model_type')}' is not one", "task")
+            return
+        if task not in SEQ2SEQ_TASKS:
+            ctx.error(f"an encoder-decoder model exports as {' or '.join(SEQ2SEQ_TASKS)}, not {task}", "task")
+        if explicit(ctx, "exporter") and p.exporter != "torchscript":
+            # torch.export of T5's attention (transformers 5.17, torch 2.13) fails in the FX decomposition
+            # ("Cannot view a tensor with shape [s54, s27, 4, 8] ... as (s54, s27, 32)"), and genai builds decoders
+            ctx.error(f"encoder-decoder models export with the TorchScript exporter only, not {p.exporter}",
+                      "exporter", hint="set `exporter: torchscript`, or leave `exporter` out (it then defaults "
+                                       "to torchscript for these models)")
+        if p.kv_cache:
+            ctx.error("`kv_cache` applies to text-generation; an encoder-decoder's decoder graph always takes past "
+                      "self-attention keys/values", "kv_cache", hint="drop `kv_cache`")
+        if not p.dynamic_axes:
+            ctx.error("the decoder-with-past graph of an encoder-decoder needs dynamic axes (its past grows each "
+                      "token)", "dynamic_axes", hint="drop `dynamic_axes: false`")
+
+    @staticmethod
     def _check_genai(ctx: CheckContext, task: str | None) -> None:
         """onnxruntime-genai's model builder: decoders with a KV cache, from a plain checkpoint."""
         from toolchain import environment
@@ -160,7 +191,8 @@ class ExportOnnx(Stage):
                             "exporter", hint="pip install -e '.[genai]' (onnxruntime-genai==0.18.0)")
 
     def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
-        return facts.replace(artifact=ONNX_MODEL, task=params.task or facts.task, kv_cache=params.kv_cache,
+        task = params.task or facts.task
+        return facts.replace(artifact=ONNX_MODEL, task=task, kv_cache=params.kv_cache or task in SEQ2SEQ_TASKS,
                              provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts))
 
     def run(self, ctx: RunContext) -> dict:
@@ -177,9 +209,15 @@ class ExportOnnx(Stage):
             ctx.progress("loading model")
             model, _, meta = models.load_artifact(src, p.device)
             facts = self.derive(p, ArtifactFacts.from_dict(meta))
-            ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
-            graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
-                                   p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling)
+            if facts.task in SEQ2SEQ_TASKS:
+                from toolchain.execution.runtime import seq2seq
+
+                ctx.progress(f"exporting the encoder and the decoder with past (torchscript, opset {p.opset})")
+                graph = seq2seq.export(model, facts.task, p.opset, p.external_data, ctx.output, log=ctx.log)
+            else:
+                ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
+                graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
+                                       p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
@@ -189,8 +227,13 @@ class ExportOnnx(Stage):
             import onnx
 
             ctx.progress("checking the graph")
-            onnx.checker.check_model(str(ctx.output / graph["file"]), full_check=False)
-        size = sum(f.stat().st_size for f in ctx.output.iterdir() if f.name.startswith("model.onnx"))
+            for part in graph.get("graphs", {"model": graph}).values():
+                onnx.checker.check_model(str(ctx.output / part["file"]), full_check=False)
+        size = sum(f.stat().st_size for f in ctx.output.iterdir() if ".onnx" in f.name)
+        if "graphs" in graph:
+            return {"onnx_bytes": size, "exporter": graph["exporter"], "opset": graph["opset"],
+                    "graphs": {k: {"file": g["file"], "inputs": g["inputs"][:4], "outputs": g["outputs"][:2]}
+                               for k, g in graph["graphs"].items()}}
         return {"onnx_bytes": size, "inputs": graph["inputs"][:4] + (["..."] if len(graph["inputs"]) > 4 else []),
                 "outputs": graph["outputs"][:2], "opset": graph.get("opset", p.opset), "exporter": p.exporter,
                 # the builder's node count (it read the graph anyway); a traced export is not parsed again for it

@@ -44,8 +44,33 @@ class Load(Stage):
             problem = sources.hub_problem(src)
             if problem:
                 ctx.machine_problems.append(ctx.recipe.problem(str(problem), ("model", "hub"), hint=problem.hint))
+        self._check_encoder_decoder(ctx, src)
         if not ctx.params.materialize and "config" not in ctx.recipe.model:
             ctx.error("`materialize: false` applies to `config` (random-weight) sources only", "materialize")
+
+    @staticmethod
+    def _check_encoder_decoder(ctx: CheckContext, src) -> None:
+        """Encoder-decoders load as seq2seq heads, and only the families whose export and generation
+        loop were verified (runtime/seq2seq.py); the rest are refused here, not in a stage's run."""
+        from toolchain.architectures import (SEQ2SEQ_TASKS, SUPPORTED_SPEECH_SEQ2SEQ, SUPPORTED_TEXT_SEQ2SEQ, seq2seq_task)
+
+        facts = src.config_facts or {}
+        path = ("model", "task") if "task" in ctx.recipe.model else ("model",)
+        if not facts.get("is_encoder_decoder") and src.task in SEQ2SEQ_TASKS:
+            ctx.problems.append(ctx.recipe.problem(
+                f"task {src.task} needs an encoder-decoder model, but '{src.model_type}' is not one", path))
+            return
+        if not facts.get("is_encoder_decoder"):
+            return
+        want = seq2seq_task({"model_type": src.model_type})
+        if src.task != want:
+            ctx.problems.append(ctx.recipe.problem(
+                f"'{src.model_type}' is an encoder-decoder model, which loads as task {want}, not {src.task}", path,
+                hint=f"set `model.task: {want}` or leave it out"))
+        elif src.model_type not in SUPPORTED_TEXT_SEQ2SEQ + SUPPORTED_SPEECH_SEQ2SEQ:
+            ctx.problems.append(ctx.recipe.problem(
+                f"encoder-decoder model type '{src.model_type}' is not supported (supported: "
+                f"{', '.join(SUPPORTED_TEXT_SEQ2SEQ)}; speech: {', '.join(SUPPORTED_SPEECH_SEQ2SEQ)})", ("model",)))
 
     def traits(self, params, inputs, recipe) -> dict:
         src = self._source(recipe)

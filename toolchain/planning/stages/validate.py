@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts
-from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage
+from toolchain.architectures import SEQ2SEQ_TASKS
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
+    encoder_decoder
 from toolchain.planning.tolerances import generate_params
 from toolchain.planning.shapes import coverage_problems, device_problem
 from toolchain.planning.stages.compile import compiler_env
@@ -84,11 +86,15 @@ class Validate(Stage):
             ctx.error(f"`corpus` {p.corpus!r} is a source of images, but the model is a text model", "corpus",
                       hint="use real text: `gensim:lee_background` or a text file")
             return
-        if not ref.get("has_tokenizer", True):
+        seq2seq = encoder_decoder(cand) or encoder_decoder(ref)
+        if seq2seq:
+            self._check_seq2seq(ctx, cand, ref)
+        if not ref.get("has_tokenizer", True) and ref.get("task") != "automatic-speech-recognition":
             ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
                       hint="give the `config` source a `tokenizer:` folder or package")
         p = ctx.params
-        if p.generate and cand.get("task") != "text-generation" and generate_params(p.generate).prompts:
+        if p.generate and cand.get("task") not in ("text-generation",) + SEQ2SEQ_TASKS and \
+                generate_params(p.generate).prompts:
             ctx.error("`generate` applies to text-generation models only", "generate")
         pins_flash = "flash" in (cand.get("sdpa_kernel"), ref.get("sdpa_kernel"))
         if p.batch_size > 1 and p.device.startswith("cuda") and pins_flash:
@@ -115,6 +121,17 @@ class Validate(Stage):
             ctx.error(str(exc), "corpus")
         except safeio.UnsafeInput as exc:
             ctx.error(f"corpus: {exc}", "corpus", hint=exc.hint)
+
+    @staticmethod
+    def _check_seq2seq(ctx: CheckContext, cand: dict, ref: dict) -> None:
+        """Encoder-decoders: encoder parity and greedy generation (runtime/seq2seq.py)."""
+        if not (encoder_decoder(cand) and encoder_decoder(ref)):
+            ctx.error("the candidate and the reference must both be the encoder-decoder model")
+        if cand.get("artifact") == ONNX_MODEL and cand.get("imported"):
+            ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by",
+                      at=("inputs", "candidate"), hint="validate an `export_onnx` of the model")
+        if cand.get("artifact") == AOTI_MODEL:
+            ctx.error("an encoder-decoder cannot be an AOTInductor package", at=("inputs", "candidate"))
 
     def _corpus(self, params, recipe):
         """The corpus file (None: gensim is not installed here, which the run reports); found
@@ -157,6 +174,10 @@ class Validate(Stage):
         not_run = ctx.provider_not_run("candidate")
         if not_run:
             return not_run
+        if ctx.input_meta["reference"].get("task") in SEQ2SEQ_TASKS:
+            from toolchain.execution.runtime import seq2seq
+
+            return seq2seq.run_validation(ctx)
         from toolchain.execution.runtime.validate_run import run_validation
 
         return run_validation(ctx)
