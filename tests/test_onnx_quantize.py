@@ -30,7 +30,8 @@ def test_int4_is_for_decoders_and_int8_takes_float32(tmp_path):
       load: {kind: load}
       export: {kind: export_onnx, inputs: {model: load}}
       q4: {kind: quantize_onnx, inputs: {model: export}, params: {method: int4}}
-      fp16: {kind: optimize_onnx, inputs: {model: export}, params: {float16: true}}
+      load16: {kind: load, params: {dtype: float16}}
+      fp16: {kind: export_onnx, inputs: {model: load16}}
       q8: {kind: quantize_onnx, inputs: {model: fp16}, params: {method: dynamic}}
     """)
     found = problems(r)

@@ -125,6 +125,8 @@ def _modality(src: Source, cfg: dict, field: str) -> None:
     """Vision models get the image tasks; a model that is neither a text model (a vocabulary) nor a
     supported vision type is refused here, at plan time, instead of failing in a stage."""
     mt = src.model_type
+    if is_encoder_decoder(cfg):  # text (or speech) in, text out: load's rules say which of them are covered
+        return
     if mt in VISION_TYPES:
         if src.task == "feature-extraction":
             src.task = "image-feature-extraction"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from toolchain import environment
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, relink, write_meta
-from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage, refuse_encoder_decoder
+from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage
 from toolchain.planning.stages.compile import refuse_compiled
 
 # implementation -> (distribution that provides it, lowest compute capability, highest or None)
@@ -41,9 +41,7 @@ class Attention(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
         refuse_compiled(ctx, what="changing its attention")
-        if ctx.refuse_vision("the `attention` stage (attention implementations and SDPA kernels of text models)"):
-            return
-        if refuse_encoder_decoder(ctx, "an `attention` stage"):
+        if ctx.refuse_family("the `attention` stage (attention implementations and SDPA kernels of text models)"):
             return
         dtype = t.get("dtype")
         if p.sdpa_kernel and p.implementation != "sdpa":

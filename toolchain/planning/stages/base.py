@@ -55,19 +55,26 @@ class CheckContext:
         self.problems.append(self.recipe.problem(f"stage '{self.step}': {message}", path, key=len(below) > 1,
                                                  hint=hint))
 
-    def refuse_vision(self, what: str, role: str = "model") -> bool:
-        """Refuse a vision model (ViT) as input `role` of a text-only stage; True if it refused."""
+    def refuse_family(self, what: str, role: str = "model", seq2seq_hint: str | None = None) -> bool:
+        """Refuse an input (`role`) of a model family this text-only, encoder-or-decoder stage does not
+        take: a vision model (ViT) or an encoder-decoder (T5, BART, Whisper). True if it refused: its
+        run would otherwise fail deep inside, or silently do less."""
         from toolchain.architectures import is_vision
 
         t = self.inputs.get(role) or {}
-        if not is_vision(t):
-            return False
-        self.error(f"{what} is for text models; '{t.get('model_type')}' is a vision model "
-                   f"(task {t.get('task')})", at=("inputs", role) if role in (
-                       self.recipe.stages[self.step].get("inputs") or {}) else None,
-                   hint="vision models take load, export_onnx (dynamo or torchscript), validate on real images "
-                        "and benchmark")
-        return True
+        at = ("inputs", role) if role in (self.recipe.stages[self.step].get("inputs") or {}) else None
+        if is_vision(t):
+            self.error(f"{what} is for text models; '{t.get('model_type')}' is a vision model "
+                       f"(task {t.get('task')})", at=at,
+                       hint="vision models take load, export_onnx (dynamo or torchscript), validate on real images "
+                            "and benchmark")
+            return True
+        if encoder_decoder(t):
+            self.error(f"{what} is not supported for encoder-decoder models ('{t.get('model_type')}', task "
+                       f"{t.get('task')}): only `load`, `export_onnx`, `validate` and `benchmark` take them", at=at,
+                       hint=seq2seq_hint or "export the loaded model with `export_onnx` and validate/benchmark that")
+            return True
+        return False
 
     def provider_note(self, provider: str | None) -> None:
         from toolchain import environment
@@ -137,18 +144,6 @@ def encoder_decoder(t: dict) -> bool:
     from toolchain.architectures import SEQ2SEQ_TASKS
 
     return bool((t.get("config") or {}).get("is_encoder_decoder")) or t.get("task") in SEQ2SEQ_TASKS
-
-
-def refuse_encoder_decoder(ctx: CheckContext, what: str, role: str = "model", hint: str | None = None) -> bool:
-    """Plan-time refusal of an encoder-decoder input by a stage that handles decoder-only or encoder
-    models only (True: refused). Its run would otherwise fail deep inside, or silently do less."""
-    t = ctx.inputs.get(role) or {}
-    if not encoder_decoder(t):
-        return False
-    ctx.error(f"{what} is not supported for encoder-decoder models ('{t.get('model_type')}', task "
-              f"{t.get('task')}): only `load`, `export_onnx`, `validate` and `benchmark` take them",
-              hint=hint or "export the loaded model with `export_onnx` and validate/benchmark that")
-    return True
 
 
 class Stage:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES, encoder_config_problems
 from toolchain.planning.artifacts import ArtifactFacts, read_facts
-from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage, refuse_encoder_decoder
+from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage
 from toolchain.planning.stages.compile import refuse_compiled
 
 
@@ -33,9 +33,7 @@ class BetterTransformer(Stage):
         t, facts = ctx.inputs["model"], ctx.facts("model")
         ctx.device_rules(ctx.params.device)
         refuse_compiled(ctx, what="converting it")
-        if ctx.refuse_vision("BetterTransformer (the text encoder and decoder fast paths)"):
-            return
-        if refuse_encoder_decoder(ctx, "BetterTransformer"):
+        if ctx.refuse_family("BetterTransformer (the text encoder and decoder fast paths)"):
             return
         mt = t.get("model_type")
         if t.get("bettertransformer"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS
 from toolchain.planning.shapes import GRAPH_MODES, settings, span
 from toolchain.planning.artifacts import ArtifactFacts, read_facts
-from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, CheckContext, RunContext, Stage, refuse_encoder_decoder
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, CheckContext, RunContext, Stage
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # facts a key needs wherever Inductor generates code at run time (validate, benchmark, select of an
@@ -65,11 +65,9 @@ class Compile(Stage):
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
-        if ctx.refuse_vision("`compile` (shapes of token batches, decode loops)"):
+        if ctx.refuse_family("`compile` (shapes of token batches, decode loops)"):
             return
         aot, cuda = p.backend == "aot_inductor", p.device.startswith("cuda")
-        if refuse_encoder_decoder(ctx, "`compile` (torch.compile / AOTInductor)"):
-            return
         if t.get("compile"):
             ctx.error(f"the model is already compiled ({t['compile']['backend']})")
         if p.mode == "reduce-overhead" and aot:

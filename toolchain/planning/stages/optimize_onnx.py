@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from toolchain.architectures import ENCODER_TYPES
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
-from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage, refuse_encoder_decoder
+from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage
 
 
 
@@ -27,10 +27,9 @@ class OptimizeOnnx(Stage):
 
     def check(self, ctx: CheckContext) -> None:
         t = ctx.inputs["model"]
-        if ctx.refuse_vision("`optimize_onnx` (onnxruntime's transformer fusions for text models)"):
-            return
-        if refuse_encoder_decoder(ctx, "`optimize_onnx` (onnxruntime's transformer optimizer, unverified on encoder and "
-                                       "decoder-with-past graphs)", hint="validate and benchmark the export itself"):
+        if ctx.refuse_family("`optimize_onnx` (onnxruntime's transformer fusions for text models, unverified on "
+                             "encoder and decoder-with-past graphs)",
+                             seq2seq_hint="validate and benchmark the export itself"):
             return
         if ctx.params.float16 and t.get("dtype") not in (None, "float32"):
             ctx.error(f"`float16` converts a float32 graph, but this one is {t.get('dtype')}", "float16")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from toolchain import environment
 from toolchain.planning.artifacts import ArtifactFacts, Quantization, read_meta, write_meta
-from toolchain.planning.stages.base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage, refuse_encoder_decoder
+from toolchain.planning.stages.base import HF_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 from toolchain.planning.stages.compile import refuse_compiled
 
 
@@ -37,9 +37,7 @@ class Quantize(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)
         refuse_compiled(ctx, what="quantizing it")
-        if ctx.refuse_vision("`quantize` (bitsandbytes, checked by top-1 agreement and generation)"):
-            return
-        if refuse_encoder_decoder(ctx, "bitsandbytes `quantize`"):
+        if ctx.refuse_family("`quantize` (bitsandbytes, checked by top-1 agreement and generation)"):
             return
         if t.get("quantization"):
             ctx.error(f"the model is already quantized ({t['quantization']['scheme']})")

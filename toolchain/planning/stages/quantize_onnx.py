@@ -78,6 +78,9 @@ class QuantizeOnnx(Stage):
         p, t = ctx.params, ctx.inputs["model"]
         if t.get("unknown"):
             return
+        if ctx.refuse_family("`quantize_onnx` (one text graph, gated by the text model's parity)",
+                             seq2seq_hint="validate and benchmark the float export of the encoder-decoder"):
+            return
         given = ctx.recipe.stages[ctx.step].get("params") or {}
         facts = ctx.facts("model")
         if facts.quantization:

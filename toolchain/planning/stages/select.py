@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.planning.tolerances import generate_params
-from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, refuse_encoder_decoder, members
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, members
 from toolchain.planning.stages.benchmark import Benchmark, BenchmarkParams, compiled_input_problems
 from toolchain.planning.stages.compile import compiler_env
 from toolchain.planning.stages.validate import Validate, ValidateParams, compiled_candidate_problems
@@ -55,13 +55,11 @@ class Select(Stage):
         from toolchain import environment
 
         p, ref = ctx.params, ctx.inputs["reference"]
-        if ctx.refuse_vision("`select` (parity on real text, token latency)", role="reference"):
+        if ctx.refuse_family("`select` (parity on real text, token latency)", role="reference",
+                             seq2seq_hint="validate and benchmark each export of the model with its own stages"):
             return
         cands = members(ctx.inputs, "candidates")
         ctx.device_rules(p.device)
-        if refuse_encoder_decoder(ctx, "`select`", role="reference",
-                                  hint="validate and benchmark each export of the model with its own stages"):
-            return
         if ref.get("compile"):
             ctx.error(f"the reference is compiled ({ref['compile']['backend']}); parity is measured against the "
                       "untouched model", hint="take the reference from the stage before `compile`")
