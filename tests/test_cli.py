@@ -156,7 +156,7 @@ def test_check_this_machine_says_each_problem_once(tmp_path):
     res = run_cli("check", "--this-machine", ROOT / "recipes" / "gpu" / "bert-base-cuda.yaml")
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if "needs an NVIDIA GPU" in line]
-    assert len(lines) == 1 and "stages 'fp32', 'fp16', 'eager32'" in lines[0], res.stderr
+    assert len(lines) == 1 and "stages 'fp32' (line 16), 'fp16' (line 17), 'eager32'" in lines[0], res.stderr
 
 
 def test_setup_flavours_and_torch_index():

@@ -50,6 +50,9 @@ CONFIG_FACTS = ("hidden_act", "position_embedding_type", "is_decoder", "add_cros
 def is_encoder_decoder(cfg: dict) -> bool:
     """An encoder-decoder config: `is_encoder_decoder` as config.json says it, else by `model_type`
     (T5Config and friends set it in their class, so a config.json may leave it out)."""
+    archs = cfg.get("architectures") or ()
+    if archs and all(str(a).endswith("EncoderModel") for a in archs):  # T5EncoderModel: the encoder alone
+        return False
     if cfg.get("is_encoder_decoder") is not None:
         return bool(cfg["is_encoder_decoder"])
     return cfg.get("model_type") in ENCODER_DECODER_TYPES

@@ -53,7 +53,8 @@ def merged(problems: list[Problem]) -> list[Problem]:
         if len(items) == 1:
             out.append(first)
         else:
-            names = ", ".join(f"'{n}'" for n, _ in items)
+            lines = {q.line for _, q in items}
+            names = ", ".join(f"'{n}'" + (f" (line {q.line})" if len(lines) > 1 and q.line else "") for n, q in items)
             out.append(Problem(f"stages {names}: {key[1]}", first.file, first.line, first.column, first.hint))
     return out
 

@@ -79,3 +79,10 @@ def device_problem(t: dict, device: str) -> str | None:
     if c and c["device"] != kind:
         return f"the model was compiled for {c['device']} ({c['backend']}), but this step runs on {device}"
     return None
+
+
+def grid(p) -> list[tuple[int, int]]:
+    """The (batch, sequence) shapes benchmark-style params time."""
+    batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
+    seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
+    return [(b, s) for s in seqs for b in batches]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
     encoder_decoder
-from toolchain.planning.shapes import coverage_problems, device_problem
+from toolchain.planning.shapes import coverage_problems, device_problem, grid
 from toolchain.planning.stages.compile import compiler_env
 
 
@@ -87,21 +87,14 @@ class Benchmark(Stage):
             return not_run
         ctx.progress("loading model")
         if encoder_decoder(meta):
-            from toolchain.execution.runtime import seq2seq
+            from toolchain.execution.runtime import seq2seq, seq2seq_bench
 
             runner = seq2seq.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
                                          ctx.cache_dir)
-            return seq2seq.measure(runner, p, ctx.inputs["model"], ctx.progress)
+            return seq2seq_bench.measure(runner, p, ctx.inputs["model"], ctx.progress)
         runner = runners.open_runner(ctx.inputs["model"], meta["artifact"], p.device, ctx.onnx_provider("model"),
                                      ctx.cache_dir)
         return measure(runner, p, meta["artifact"], ctx.progress)
-
-
-def grid(p) -> list[tuple[int, int]]:
-    """The (batch, sequence) shapes benchmark-style params time."""
-    batches = p.batch_size if isinstance(p.batch_size, list) else [p.batch_size]
-    seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
-    return [(b, s) for s in seqs for b in batches]
 
 
 def compiled_input_problems(t: dict, p) -> list[str]:

@@ -210,10 +210,10 @@ class ExportOnnx(Stage):
             model, _, meta = models.load_artifact(src, p.device)
             facts = self.derive(p, ArtifactFacts.from_dict(meta))
             if facts.task in SEQ2SEQ_TASKS:
-                from toolchain.execution.runtime import seq2seq
+                from toolchain.execution.runtime import seq2seq_export
 
                 ctx.progress(f"exporting the encoder and the decoder with past (torchscript, opset {p.opset})")
-                graph = seq2seq.export(model, facts.task, p.opset, p.external_data, ctx.output, log=ctx.log)
+                graph = seq2seq_export.export(model, facts.task, p.opset, p.external_data, ctx.output, log=ctx.log)
             else:
                 ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
                 graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,

@@ -175,9 +175,9 @@ class Validate(Stage):
         if not_run:
             return not_run
         if ctx.input_meta["reference"].get("task") in SEQ2SEQ_TASKS:
-            from toolchain.execution.runtime import seq2seq
+            from toolchain.execution.runtime.seq2seq_validate import run_validation as seq2seq_validation
 
-            return seq2seq.run_validation(ctx)
+            return seq2seq_validation(ctx)
         from toolchain.execution.runtime.validate_run import run_validation
 
         return run_validation(ctx)
