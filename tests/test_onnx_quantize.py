@@ -197,3 +197,22 @@ def test_int4_decoder_holds_matmulnbits(decoder_build):
     assert meta["quantized"]["symmetric"] is True and meta["quantized"]["ops"]["MatMulNBits"] == ops["MatMulNBits"]
     v = steps_of(out)["v"]["metrics"]
     assert v["precision"] == "int4-matmulnbits" and "generation" in v
+
+
+@pytest.mark.slow
+def test_external_data_is_quantized_from_a_private_copy(tmp_path):
+    """An export with external data (any model over 2 GB, every genai export) quantizes: onnx refuses
+    external data with several hard links (the store's input tree), and onnxruntime writes
+    `*-inferred.onnx` beside the model it reads: neither may touch the store."""
+    recipe = tiny_recipe(tmp_path, "ext", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {external_data: always}}
+      q8: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic}}
+    """, extra="targets: [q8]")
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", tmp_path / "store")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "q8" / "model.onnx.data").is_file()
+    assert op_counts(tmp_path / "out" / "q8")["MatMulInteger"] > 0
+    assert not list((tmp_path / "store").rglob("*-inferred.onnx"))
+    verify = run_cli("cache", "verify", "--store", tmp_path / "store")
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -22,6 +22,7 @@ from toolchain.errors import ToolchainError, UsageError, machine_error
 from toolchain.frontend.recipe import variant_label
 from toolchain.execution.executor import StepResult
 from toolchain.execution.executors import open_executor
+from toolchain.execution.onnx_files import onnx_external_data
 from toolchain.hashing import hash_file
 from toolchain.planning.plan import Plan, variant_folder
 from toolchain.delivery.report import render_markdown
@@ -411,12 +412,16 @@ def _write_delivery(manifest: dict, variants, store: ArtifactStore, tmp: Path) -
     for (plan, results), v in zip(variants, manifest["variants"]):
         base = Path(v["folder"]) if v["folder"] else Path()
         for target in plan.targets:
-            for rel, meta in results[target].record["outputs"].items():
+            outputs = results[target].record["outputs"]
+            own = onnx_external_data(store.object_path, outputs)
+            for rel, meta in outputs.items():
                 dest = base / target / rel
                 (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
                 # a hard link of the verified object (read-only, as the object), or a verified copy
-                # where links are refused (another file system): the same bytes, no new ones on disk
-                store.deliver_file(meta["sha256"], tmp / dest, f"{target}/{rel}")
+                # where links are refused (another file system): the same bytes, no new ones on disk.
+                # ONNX external data gets a file of its own: onnx.load refuses external data with
+                # several hard links (its check against hard-link attacks)
+                store.deliver_file(meta["sha256"], tmp / dest, f"{target}/{rel}", link=rel not in own)
                 files[dest.as_posix()] = {"sha256": meta["sha256"], "size": meta["size"]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     result = BuildResult.from_manifest(manifest)  # every report reads the build through this

@@ -45,6 +45,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from toolchain.errors import NotAStore, StoreError, machine_error
+from toolchain.execution.onnx_files import onnx_external_data
 from toolchain.hashing import ALGORITHM, hash_file, hash_value
 from toolchain.safeio import clone_or_copy, read_chunks
 
@@ -273,9 +274,9 @@ class ArtifactStore(abc.ABC):
     def previous_material(self, recipe: str, step: str) -> dict | None:
         """The key material of the last build of step `step` of recipe `recipe`, if any."""
 
-    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
+    def deliver_file(self, digest: str, dest: Path, what: str, link: bool = True) -> str:
         """A new file `dest` holding the object `digest`, verified: a hard link to it where the
-        store can, else a verified copy. How: "link", "reflink" or "copy"."""
+        store can and `link`, else a verified copy. How: "link", "reflink" or "copy"."""
         copy_verified(self.object_path(digest), dest, digest, what)
         return "copy"
 
@@ -498,10 +499,10 @@ class Store(ArtifactStore):
             return False
         return (obj.st_dev, obj.st_ino) == (st.st_dev, st.st_ino) and self.check_object(digest)[0] is None
 
-    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
+    def deliver_file(self, digest: str, dest: Path, what: str, link: bool = True) -> str:
         """A new file `dest` holding the object `digest`: a hard link to it (no new bytes on disk;
-        read-only like the object) where the file system allows, else a copy-on-write clone or a
-        copy, each verified. The object is checked first (rehashed if its stat moved since it last
+        read-only like the object) where the file system allows and `link`, else a copy-on-write
+        clone or a copy, each verified. The object is checked first (rehashed if its stat moved since it last
         hashed right), and what was delivered is hashed again whatever its stamp says: damaged
         bytes raise DamagedObject and are never delivered."""
         obj = self.object_path(digest)
@@ -512,11 +513,13 @@ class Store(ArtifactStore):
             raise FileNotFoundError(errno.ENOENT, f"the store's object for {what} {problem}", str(obj))
         verified = self._stamped(digest)
         try:
+            if not link:
+                raise OSError(errno.EPERM, "a file of its own asked for")
             os.link(obj, dest)
         except OSError as exc:
             if exc.errno not in LINK_REFUSED:
                 raise
-            how = clone_or_copy(obj, dest)  # another device, or links refused here
+            how = clone_or_copy(obj, dest)  # another device, links refused here, or not wanted
             found = hash_file(dest)
             if found != digest:
                 dest.unlink(missing_ok=True)
@@ -706,11 +709,14 @@ class Store(ArtifactStore):
         return dest
 
     def _link_tree(self, tmp: Path, record: dict) -> None:
+        own = onnx_external_data(self.object_path, record["outputs"])  # onnx.load refuses them linked
         for rel, meta in record["outputs"].items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             src = self.object_path(meta["sha256"])
             try:
+                if rel in own:
+                    raise OSError(errno.EPERM, "ONNX external data gets a file of its own")
                 os.link(src, target)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):

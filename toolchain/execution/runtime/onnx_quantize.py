@@ -93,12 +93,27 @@ def quantize(src: Path, out: Path, meta: dict, p, scheme: str, ops: list | None,
              max_length: int, progress=lambda *a, **k: None, log=print) -> dict:
     """Quantize src's graph into out (side files copied): int8 methods quantize operator types `ops`
     (None: onnxruntime's list). The metrics, with `recorded` for toolchain.json."""
+    import tempfile
+
+    graph = meta["graph"]
+    target = out / graph["file"]
+    # onnxruntime's quantizers write beside the model they read (`*-inferred.onnx`): they read private
+    # copies, never the store's input tree
+    scratch = tempfile.TemporaryDirectory(dir=out.parent, prefix="quantize-input-")
+    for f in src.glob(graph["file"] + "*"):
+        shutil.copyfile(f, Path(scratch.name) / f.name)
+    source = Path(scratch.name) / graph["file"]
+    try:
+        return _quantize(src, source, target, out, graph, p, scheme, ops, texts, max_length, progress)
+    finally:
+        scratch.cleanup()
+
+
+def _quantize(src: Path, source: Path, target: Path, out: Path, graph: dict, p, scheme: str, ops: list | None,
+              texts: list[str] | None, max_length: int, progress) -> dict:
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    graph = meta["graph"]
-    source = src / graph["file"]
-    target = out / graph["file"]
     external = bool(graph.get("external_data"))
     recorded: dict = {"scheme": scheme, "method": p.method, "onnxruntime": onnxruntime.__version__}
     if p.method == "dynamic":
