@@ -222,6 +222,18 @@ def test_validate_baseline_must_match_and_come_from_this_machine(tmp_path, tiny_
     allowed = run_cli("validate", export, *common, "--baseline", tmp_path / "other.json", "--allow-other-machine",
                       "--max-slowdown", "1000")
     assert allowed.returncode == 0, allowed.stderr
+    for bad in ('{"checks": [1, 2, null]}', json.dumps({**doc, "manifest": [1]}),
+                json.dumps({**doc, "checks": [{**c, "details": {**c["details"], "median_ms": float("nan")}}
+                                              if c["name"].startswith("latency") else c for c in doc["checks"]]})):
+        (tmp_path / "bad.json").write_text(bad)
+        res = run_cli("validate", export, *common, "--baseline", tmp_path / "bad.json")
+        assert res.returncode == 2 and "not a report written by `toolchain validate --json`" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    # a latency timed at another shape has no baseline: parity is still compared, latency is not
+    other_shape = [a if a != "2" else "3" for a in common]  # --bench-batch-size 3
+    res = run_cli("validate", export, *other_shape, "--baseline", tmp_path / "base.json")
+    assert res.returncode == 0 and "regression parity" in res.stdout + res.stderr, res.stderr
+    assert "regression latency" not in res.stdout + res.stderr
     # the second run took its latency from the store; --force measures again
     again = run_cli("validate", export, *common, "--force", "--json", tmp_path / "again.json")
     assert again.returncode == 0, again.stderr

@@ -36,6 +36,8 @@ def compare_baseline(current: list[Check], baseline: list[dict], max_slowdown: f
             worse = not math.isfinite(now) or now > allowed
             out.append(Check(c.suite, f"regression {c.name}", FAILED if worse else PASSED,
                              f"max abs {_fmt(now)} vs baseline {_fmt(then)} (allowed up to {_fmt(allowed)})"))
+        if c.name.startswith("latency ") and c.details.get("shape") != b.get("details", {}).get("shape"):
+            continue  # timed at another shape (batch, sequence, padding, prompt): no baseline for it
         if c.name.startswith("latency ") and "median_ms" in b.get("details", {}):
             now, then = c.details["median_ms"], b["details"]["median_ms"]
             se = math.sqrt(c.details["stdev_ms"] ** 2 / c.details["iterations"]

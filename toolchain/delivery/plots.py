@@ -5,24 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from toolchain.delivery.results import BuildResult, StepResult, Timing
-
-
-def shape_of(measure: str, t: Timing, latency=None) -> str:
-    """What a measurement can be compared on: the measure's kind and the shape it was timed at, e.g.
-    `forward b8 s128`, `forward b8 s128, 25% padding`, `decode (per token) after 32 prompt tokens`.
-    Two rows with different keys are never put side by side (nor given a speedup over each other)."""
-    def first(x):
-        return x[0] if isinstance(x, list) and x else x
-    batch = t.batch_size if t.batch_size is not None else first(getattr(latency, "batch_size", None))
-    seq = t.sequence_length if t.sequence_length is not None else first(getattr(latency, "sequence_length", None))
-    if measure.startswith("forward"):
-        pad = t.padding_fraction if t.padding_fraction is not None else getattr(latency, "padding_fraction", 0.0)
-        shape = f"forward b{batch} s{seq}" if batch is not None and seq is not None else measure
-        return shape + (f", {pad:.0%} padding" if pad else "")
-    if measure.startswith("decode") and seq is not None:
-        return f"{measure} after {seq} prompt tokens"
-    return measure
+from toolchain.delivery.results import BuildResult, StepResult, Timing, shape_of
 
 
 def benchmark_rows(builds: list[BuildResult]) -> list[dict]:

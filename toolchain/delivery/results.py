@@ -161,11 +161,29 @@ class Timing:
     batch_size: int | None = None  # the shape it was timed at (forward measures)
     sequence_length: int | None = None
     padding_fraction: float | None = None  # share of padding tokens in that batch (builds before it: None)
+    decode_tokens: int | None = None  # decode measures: tokens generated per timed run
 
     @classmethod
     def read(cls, measure: str, t: dict) -> "Timing":
         keys = {f for f in cls.__dataclass_fields__ if f != "measure"}
         return cls(measure, **{k: v for k, v in t.items() if k in keys})
+
+
+def shape_of(measure: str, t: Timing, latency=None) -> str:
+    """What a measurement can be compared on: the measure's kind and the shape it was timed at, e.g.
+    `forward b8 s128`, `forward b8 s128, 25% padding`, `decode (per token) after 32 prompt tokens`.
+    Two rows with different keys are never put side by side (nor given a speedup over each other)."""
+    def first(x):
+        return x[0] if isinstance(x, list) and x else x
+    batch = t.batch_size if t.batch_size is not None else first(getattr(latency, "batch_size", None))
+    seq = t.sequence_length if t.sequence_length is not None else first(getattr(latency, "sequence_length", None))
+    if measure.startswith("forward"):
+        pad = t.padding_fraction if t.padding_fraction is not None else getattr(latency, "padding_fraction", 0.0)
+        shape = f"forward b{batch} s{seq}" if batch is not None and seq is not None else measure
+        return shape + (f", {pad:.0%} padding" if pad else "")
+    if measure.startswith("decode") and seq is not None:
+        return f"{measure} after {seq} prompt tokens" + (f", {t.decode_tokens} generated" if t.decode_tokens else "")
+    return measure
 
 
 @dataclass
@@ -273,7 +291,7 @@ class StepResult:
                                  f"median {fmt(t.median_ms)} ms, p90 {fmt(t.p90_ms)} ms, CoV {100 * t.cov:.1f}% "
                                  f"({self.latency.runtime}); not gated without a baseline", t.median_ms / 1e3,
                                  {"median_ms": t.median_ms, "stdev_ms": t.stdev_ms, "p90_ms": t.p90_ms,
-                                  "iterations": t.iterations}))
+                                  "iterations": t.iterations, "shape": shape_of(t.measure, t, self.latency)}))
         if self.kind == "select" and self.metrics:
             out.append(Check(suite, "selection", PASSED if self.gate_passed else FAILED,
                              f"winner: {self.metrics.get('winner')}" if self.gate_passed

@@ -6,6 +6,7 @@ same planner, executor and store as `build`, so results are cached and keyed the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from toolchain.delivery.build import build
@@ -50,10 +51,25 @@ def _ancestors(plan, name: str) -> set[str]:
 
 
 def _read_baseline(path: str) -> dict:
+    """The baseline report, its shape checked: a damaged or hand-made file is a usage error (exit 2),
+    never a traceback or a gate that passes on nothing (NaN compares false with everything)."""
     try:
         doc = json.loads(Path(path).read_text())
         if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list):
             raise ValueError("it has no `checks` list")
+        if not isinstance(doc.get("manifest", {}), dict):
+            raise ValueError("its `manifest` is not an object")
+        for i, c in enumerate(doc["checks"]):
+            if not (isinstance(c, dict) and isinstance(c.get("suite"), str) and isinstance(c.get("name"), str)
+                    and isinstance(c.get("details", {}), dict)):
+                raise ValueError(f"check {i} is not an object with `suite`, `name` and `details`")
+            d = c.get("details", {})
+            for k in ("max_abs", "atol", "median_ms", "stdev_ms", "iterations"):
+                v = d.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise ValueError(f"check {i} ({c['name']}): {k} is {v!r}, not a finite number")
+            if d.get("median_ms") is not None and (d["median_ms"] <= 0 or not d.get("iterations", 0) > 0):
+                raise ValueError(f"check {i} ({c['name']}): a latency needs a positive median and iterations")
     except (OSError, ValueError) as exc:
         raise UsageError(f"--baseline {path}: not a report written by `toolchain validate --json` ({exc})") from None
     return doc
@@ -64,11 +80,15 @@ def _names(checks) -> str:
 
 
 def machine_of(manifest: dict | None) -> str:
-    """The CPU and GPUs a manifest's build ran on, e.g. `AMD EPYC (2 CPUs) + NVIDIA H100 80GB HBM3`."""
-    env = (manifest or {}).get("environment") or {}
-    hw = env.get("hardware") or {}
-    gpus = sorted(str(g.get("name", "?")) for g in env.get("gpus") or [] if isinstance(g, dict))
-    return f"{hw.get('cpu', '?')}" + (f" + {', '.join(gpus)}" if gpus else "")
+    """The CPU (model and cores) and GPUs a manifest's build ran on, e.g. `AMD EPYC, 2 cores + NVIDIA
+    H100 80GB HBM3`; `?` for what a damaged manifest does not say."""
+    env = manifest.get("environment") if isinstance(manifest, dict) else None
+    env = env if isinstance(env, dict) else {}
+    hw = env.get("hardware") if isinstance(env.get("hardware"), dict) else {}
+    gpus = env.get("gpus") if isinstance(env.get("gpus"), list) else []
+    names = sorted(str(g.get("name", "?")) for g in gpus if isinstance(g, dict))
+    cores = hw.get("usable_cpus") or hw.get("cores")
+    return f"{hw.get('cpu', '?')}" + (f", {cores} cores" if cores else "") + (f" + {', '.join(names)}" if names else "")
 
 
 def _same_machine(baseline: dict, manifest: dict, args) -> None:

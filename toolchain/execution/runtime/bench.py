@@ -175,7 +175,7 @@ def _decode_timing(runner, prompt, p) -> dict:
     while len(samples) < max(p.iterations, p.decode_tokens):
         samples += runner.decode_steps(prompt[0], p.decode_tokens)
     out = timing.summarize(samples, 1, "tokens/s")
-    out.update(batch_size=1, sequence_length=int(prompt.shape[1]))  # the prompt it decodes after
+    out.update(batch_size=1, sequence_length=int(prompt.shape[1]), decode_tokens=p.decode_tokens)  # its shape
     # a compiled decoder's loop does not wait for each token: its steps are timed on the GPU's
     # stream (the token rate a caller sees); the others wait for each token on the host anyway
     out["timer"] = getattr(runner, "decode_timer", lambda: "host clock around each step")()
