@@ -16,7 +16,8 @@ FLAVOUR=cpu TORCH=default DRY=""
 while [ $# -gt 0 ]; do
   case $1 in
     --gpu) FLAVOUR=gpu ;;
-    --torch) TORCH=${2:?--torch needs a value}; shift ;;
+    --torch) [ $# -ge 2 ] || { echo "setup.sh: --torch needs a value (default, cpu, cuNNN or an index URL)" >&2; exit 2; }
+             TORCH=$2; shift ;;
     --torch=*) TORCH=${1#--torch=} ;;
     --dry-run) DRY=1 ;;
     -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -37,7 +38,15 @@ run() { if [ -n "$DRY" ]; then echo "$*"; else "$@"; fi; }
 pip() { run .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first and exactly pinned, from the index chosen above (an unpinned torch would pull the newest
 # multi-GB CUDA build)
-pip install torch==2.13.0 ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"}
+# pip counts an installed torch==2.13.0 as satisfied whatever its build: switching between PyTorch's
+# CPU and CUDA builds (local versions +cpu, +cu130) in an existing .venv needs a reinstall
+REINSTALL=()
+if [ "$TORCH" = cpu ] || [[ $TORCH == cu[0-9]* ]]; then
+  HAVE=$( [ -x .venv/bin/python ] && .venv/bin/python -c \
+    "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null || true)
+  if [ -n "$HAVE" ] && [[ $HAVE != *"+$TORCH" ]]; then REINSTALL=(--force-reinstall --no-deps); fi
+fi
+pip install torch==2.13.0 ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} ${REINSTALL[@]+"${REINSTALL[@]}"}
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: switching flavour in an
 # existing .venv removes the other one first
 OTHER=onnxruntime-gpu; [ "$FLAVOUR" = gpu ] && OTHER=onnxruntime

@@ -176,5 +176,11 @@ def test_setup_flavours_and_torch_index():
     assert "--no-deps onnxruntime-genai" in gpu.stdout  # it would pull the CPU onnxruntime back in
     default = dry()
     assert "install torch==2.13.0\n" in default.stdout
+    import importlib.metadata
+
+    if "+" in importlib.metadata.version("torch"):  # a PyTorch-index build here: switching builds reinstalls
+        other = "cu130" if not importlib.metadata.version("torch").endswith("+cu130") else "cpu"
+        assert "--force-reinstall --no-deps" in dry("--torch", other).stdout.splitlines()[0]
+    assert dry("--torch").returncode == 2
     bad = dry("--torch", "cuda-please")
     assert bad.returncode == 2 and "expected default, cpu, cuNNN or an index URL" in bad.stderr and not bad.stdout

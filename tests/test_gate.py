@@ -241,3 +241,21 @@ def test_validate_baseline_must_match_and_come_from_this_machine(tmp_path, tiny_
     assert steps["latency"]["status"] == "built" and steps["parity"]["status"] == "built"
     assert steps["reference"]["status"] == "cached" and steps["candidate"]["status"] == "cached"
     assert "checks: " in again.stderr and "did not fail" not in again.stderr
+
+
+def test_validating_another_model_is_a_usage_error(tmp_path, tiny_build):
+    """An ONNX model of another hidden size against the reference: not a numerical difference, a wrong
+    input (exit 2, said in words), never exit 3 with a ValueError."""
+    from .conftest import TINY_BERT
+
+    wider = {**TINY_BERT, "hidden_size": 2 * TINY_BERT["hidden_size"],
+             "intermediate_size": 2 * TINY_BERT["intermediate_size"]}
+    recipe = tiny_recipe(tmp_path, "wider", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+    """, config=wider)
+    res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", tiny_build / "store")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("validate", tmp_path / "out" / "export", "--reference", tiny_build / "out" / "load", "--samples", "4",
+                  "--iterations", "0", "--store", tiny_build / "store")
+    assert res.returncode == 2 and "they are not the same model" in res.stderr, res.stderr

@@ -97,3 +97,17 @@ def test_seq2seq_gate_fails_with_impossible_tolerances(builds, tmp_path):
     strict.write_text(text)
     res = run_cli("build", strict, "-o", tmp_path / "out", "--store", store)
     assert res.returncode != 0 and "encoder last_hidden_state" in (res.stdout + res.stderr), res.stdout
+
+
+def test_a_speech_benchmark_refuses_a_list_of_sequence_lengths(tmp_path):
+    """Whisper's encoder takes 30 s of features whatever the length: a list would time one shape
+    under several names."""
+    from .conftest import ROOT
+
+    text = (ROOT / "recipes" / "whisper-tiny-seq2seq.yaml").read_text()
+    assert "decode_tokens: 16}" in text
+    recipe = tmp_path / "w.yaml"
+    recipe.write_text(text.replace("decode_tokens: 16}", "decode_tokens: 16, sequence_length: [16, 32]}"))
+    res = run_cli("check", recipe)
+    assert res.returncode == 2 and "a speech encoder always takes 30 s of audio features" in res.stderr, res.stderr
+    assert run_cli("check", ROOT / "recipes" / "whisper-tiny-seq2seq.yaml").returncode == 0

@@ -22,8 +22,13 @@ class OutputStats:
         """cand/ref: (batch, seq, ...) arrays; mask: (batch, seq) with 1 for real tokens."""
         cand = np.asarray(cand, dtype=np.float64)
         ref = np.asarray(ref, dtype=np.float64)
-        if cand.shape != ref.shape:
-            raise ValueError(f"shape mismatch: candidate {cand.shape} vs reference {ref.shape}")
+        if cand.shape != ref.shape:  # another model, not a numerical difference: the recipe's input is wrong
+            from toolchain.errors import StageUserError
+
+            raise StageUserError(f"the candidate's output has shape {cand.shape} where the reference's has "
+                                 f"{ref.shape}: they are not the same model (another hidden size, vocabulary or "
+                                 "head), so there is no parity to measure; compare the candidate with the model it "
+                                 "was made from")
         if mask is not None:
             keep = np.asarray(mask).astype(bool)
             cand, ref = cand[keep], ref[keep]  # (n_valid, ...)

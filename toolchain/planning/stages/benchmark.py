@@ -75,6 +75,10 @@ class Benchmark(Stage):
                       "peak_tflops", hint="drop `peak_tflops`")
         if t.get("imported"):
             ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by")
+        if t.get("task") == "automatic-speech-recognition" and isinstance(ctx.params.sequence_length, list):
+            ctx.error("a speech encoder always takes 30 s of audio features: a list of `sequence_length` would "
+                      "time the same shape under several names", "sequence_length",
+                      hint="give one `sequence_length` (the decoder's prompt length)")
 
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import runners
