@@ -172,7 +172,10 @@ def test_report_plots(tmp_path, tiny_build):
     out = tiny_build / "out"
     assert (out / "plots" / "latency-forward-b2-s16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Latency distribution: forward b2 s16](plots/latency-forward-b2-s16.png)" in (out / "report.md").read_text()
-    res = run_cli("report", out, out, "-o", tmp_path / "cmp")
+    import shutil
+
+    shutil.copytree(out, tmp_path / "copy")  # a second build of the same shape
+    res = run_cli("report", out, tmp_path / "copy", "-o", tmp_path / "cmp")
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "Latency side by side" in text and (tmp_path / "cmp" / "plots" / "speedup-forward-b2-s16.png").is_file()
@@ -259,3 +262,22 @@ def test_validating_another_model_is_a_usage_error(tmp_path, tiny_build):
     res = run_cli("validate", tmp_path / "out" / "export", "--reference", tiny_build / "out" / "load", "--samples", "4",
                   "--iterations", "0", "--store", tiny_build / "store")
     assert res.returncode == 2 and "they are not the same model" in res.stderr, res.stderr
+
+
+def test_report_writes_only_where_it_may_and_tells_same_named_builds_apart(tmp_path, tiny_build):
+    out = tiny_build / "out"
+    assert run_cli("report", out, out, "-o", tmp_path / "twice").returncode == 2  # the same build twice
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    res = run_cli("report", out, "-o", tmp_path / "mine")
+    assert res.returncode == 2 and "did not write" in res.stderr
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes"
+    assert run_cli("report", out, "-o", out).returncode == 2  # a build's own delivery
+    import shutil
+
+    shutil.copytree(out, tmp_path / "copy")
+    res = run_cli("report", out, tmp_path / "copy", "-o", tmp_path / "cmp")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert f"gate ({out}) bench" in text and f"gate ({tmp_path / 'copy'}) bench" in text
+    assert run_cli("report", out, tmp_path / "copy", "-o", tmp_path / "cmp").returncode == 0  # its own folder again

@@ -436,10 +436,20 @@ def cmd_report(args, console: Console) -> int:
     from toolchain.delivery.plots import benchmark_rows, render
     from toolchain.delivery.report import comparison_markdown, plots_markdown
 
+    seen = {}
+    for folder in args.builds:
+        real = Path(folder).resolve()
+        if real in seen:
+            raise UsageError(f"{folder} is given twice (as {seen[real]} too): each build once")
+        seen[real] = folder
     try:
         builds = [results.load(folder) for folder in args.builds]
     except results.NotABuild as exc:
         raise UsageError(str(exc)) from None
+    names = [b.name for b in builds]
+    for b, folder in zip(builds, args.builds):  # builds of one recipe name: their rows by folder
+        if names.count(b.name) > 1:
+            b.name = f"{b.name} ({folder})"
     rows = benchmark_rows(builds)
     if not rows:
         raise UsageError("no benchmark results in these builds")
@@ -447,13 +457,33 @@ def cmd_report(args, console: Console) -> int:
         raise UsageError(f"--baseline {args.baseline!r} is none of the rows' labels; they are: "
                          + ", ".join(sorted({repr(r["label"]) for r in rows})))
     out = Path(args.output)
+    _report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARKER).write_text("written by `toolchain report`: it may replace report.md and plots/ here\n")
     plots = render(rows, out / "plots", args.baseline)
     names = ", ".join(sorted({b.name for b in builds}))
     text = f"# Comparison: {names}\n" + comparison_markdown(rows, args.baseline) + plots_markdown(plots)
     (out / "report.md").write_text(text)
     console.print(f"{len(rows)} measurements, {len(plots)} plots -> {out / 'report.md'}")
     return 0
+
+
+REPORT_MARKER = ".toolchain-report"
+
+
+def _report_folder(out: Path) -> None:
+    """`report -o` writes report.md and plots/ into an empty or new folder, or one an earlier report
+    wrote (its marker): never into a build's delivery, the store, or a folder of the user's."""
+    try:
+        entries = {e.name for e in os.scandir(out)} if out.is_dir() else None
+    except OSError as exc:
+        raise UsageError(f"-o {out}: cannot read it ({exc})") from None
+    if out.exists() and entries is None:
+        raise UsageError(f"-o {out} is not a folder")
+    if entries and REPORT_MARKER not in entries:
+        raise UsageError(f"-o {out} holds files that `toolchain report` did not write ({', '.join(sorted(entries)[:5])}"
+                         f"{', ...' if len(entries) > 5 else ''}); refusing to overwrite them: choose a new or empty "
+                         "folder")
 
 
 def cmd_publish(args, console: Console) -> int:
