@@ -2,23 +2,7 @@
 interface, and their inputs. The export is seq2seq_export.py, `validate`'s work seq2seq_validate.py,
 `benchmark`'s seq2seq_bench.py: separate modules, so that each stage's key depends on its own code.
 
-The folder holds `encoder_model.onnx` (input_ids + attention_mask, or Whisper's input_features ->
-last_hidden_state) and `decoder_model.onnx` (decoder_input_ids, encoder_hidden_states,
-[encoder_attention_mask], past_key_values.N.key/value of the decoder's self-attention -> logits,
-present.N.key/value). toolchain.json's `graph` names both with their inputs, the cache layout and the
-generation settings the greedy loop applies.
-
-Cross-attention keys/values are recomputed from encoder_hidden_states at every decode step instead
-of being passed as past inputs: one decoder graph then serves the first step (empty past) and every
-later one, with no second "decoder without past" graph and no cross-attention cache to carry through
-the loop. The cost is the cross-attention K/V projection of the encoder states per token (2 x layers
-x encoder_length x d_model^2 multiply-adds), which the benchmark's per-token latency includes.
-
-Exported with the TorchScript exporter (torch.onnx.export(dynamo=False)): the dynamo exporter
-(torch 2.13, transformers 5.17) fails on T5's attention in its FX decomposition ("Cannot view a tensor
-with shape [s54, s27, 4, 8] ... as (s54, s27, 32)"); tracing the eager model with a padded example
-mask and a non-empty past keeps the mask and cache-length arithmetic in the graph (checked by validate
-at other batch sizes, lengths and an empty past).
+The folder's two graphs, and why cross-attention is recomputed each step: seq2seq_export.py.
 """
 from __future__ import annotations
 

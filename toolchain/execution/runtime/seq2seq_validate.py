@@ -14,19 +14,15 @@ def run_validation(ctx) -> dict:
     import json
 
     from toolchain.planning import tolerances
-    from toolchain.planning.artifacts import ArtifactFacts
     from toolchain.execution.runtime import compare
+    from toolchain.execution.runtime.validate_run import failures_of, gates
 
     p = ctx.params
     ctx.progress("loading reference and candidate")
     ref = TorchSeq2Seq(ctx.inputs["reference"], p.device)
     cand = open_runner(ctx.inputs["candidate"], ctx.input_meta["candidate"]["artifact"], p.device,
                        ctx.onnx_provider("candidate"), ctx.cache_dir)
-    precision = ArtifactFacts.from_dict(cand.meta).precision
-    d = tolerances.defaults(precision)
-    atol = p.atol if p.atol is not None else d["atol"]
-    rtol = p.rtol if p.rtol is not None else d["rtol"]
-    min_cos = p.min_cosine if p.min_cosine is not None else d["min_cosine"]
+    precision, atol, rtol, min_cos = gates(cand, p)
     config = json.loads((Path(ctx.inputs["reference"]) / "config.json").read_text())
     try:
         batches, what = input_batches(ref.task, ref.tokenizer, config, p, ctx.recipe_dir)
@@ -40,24 +36,13 @@ def run_validation(ctx) -> dict:
         stats.add(cand.encode(batch), ref.encode(batch), batch.get("attention_mask"))
     name = "encoder last_hidden_state"
     outputs = {name: stats.result(min_cos)}
-    failures = []
-    o = outputs[name]
-    if not o["passed"]:
-        why = []
-        if o["nonfinite"]:
-            why.append(f"{o['nonfinite']} non-finite values")
-        if o["atol"] is not None and o["min_atol_to_pass"] > o["atol"]:
-            why.append(f"max abs error {o['max_abs']:.3g} exceeds atol {o['atol']:g} + rtol {o['rtol']:g}*|ref| "
-                       f"(atol {o['min_atol_to_pass']:.3g} would have passed)")
-        if o["min_cosine_gate"] is not None and o["min_cosine"] < o["min_cosine_gate"]:
-            why.append(f"cosine similarity {o['min_cosine']:.6f} below {o['min_cosine_gate']}")
-        failures.append(f"{name}: " + "; ".join(why))
+    failures = failures_of(outputs)
     metrics = {"outputs": outputs, "precision": precision, "inputs": what, "samples": p.samples,
                "corpus": None if ref.task == SPEECH_TASK else p.corpus, "candidate_desc": cand.describe(),
                "reference_desc": ref.describe()}
     gen = tolerances.generate_params(p.generate)
     if gen.prompts:
-        min_agree = gen.min_agreement if gen.min_agreement is not None else d["min_generation"]
+        min_agree = gen.min_agreement if gen.min_agreement is not None else tolerances.defaults(precision)["min_generation"]
         asked = (p.generate or {}).get("new_tokens")
         new = max_new_tokens(ref.generation, asked)
         prompts = generation_inputs(ref.task, ref.tokenizer, config, p, ctx.recipe_dir, gen.prompts)

@@ -37,7 +37,18 @@ def pool_np(hidden: np.ndarray, mask: np.ndarray, pooling: dict) -> np.ndarray:
     return out
 
 
-def _failures(outputs: dict) -> list[str]:
+def gates(cand, p) -> tuple[str, float | None, float | None, float | None]:
+    """(precision, atol, rtol, min_cosine) for candidate runner `cand`: validate's params where the
+    recipe sets them, else the defaults of the candidate's precision (planning/tolerances.py)."""
+    meta = getattr(cand, "meta", None)
+    precision = ArtifactFacts.from_dict(meta).precision if meta else cand.dtype
+    defaults = tolerances.defaults(precision)
+    return (precision, p.atol if p.atol is not None else defaults["atol"],
+            p.rtol if p.rtol is not None else defaults["rtol"],
+            p.min_cosine if p.min_cosine is not None else defaults["min_cosine"])
+
+
+def failures_of(outputs: dict) -> list[str]:
     failures = []
     for name, o in outputs.items():
         if not o["passed"]:
@@ -59,12 +70,7 @@ def compare_images(ref, cand, p, recipe_dir, progress) -> dict:
     `batch_size`; edge shapes: one image alone, and two images of uniform noise."""
     from toolchain.execution.runtime import images
 
-    meta = getattr(cand, "meta", None)
-    precision = ArtifactFacts.from_dict(meta).precision if meta else cand.dtype
-    defaults = tolerances.defaults(precision)
-    atol = p.atol if p.atol is not None else defaults["atol"]
-    rtol = p.rtol if p.rtol is not None else defaults["rtol"]
-    min_cos = p.min_cosine if p.min_cosine is not None else defaults["min_cosine"]
+    precision, atol, rtol, min_cos = gates(cand, p)
     output = ref.output
     try:
         files = images.image_files(p.corpus, recipe_dir)[:p.samples]
@@ -85,7 +91,7 @@ def compare_images(ref, cand, p, recipe_dir, progress) -> dict:
         for batch in (pixels[:1], noise):
             edge.add(cand.forward_pixels(batch)[output], ref.forward_pixels(batch)[output])
         outputs[f"{output} (one image, random pixels)"] = edge.result(min_cos)
-    failures = _failures(outputs)
+    failures = failures_of(outputs)
     metrics = {"outputs": outputs, "precision": precision, "corpus": p.corpus, "samples": len(files),
                "images": [f.name for f in files], "image_size": int(pixels.shape[-1]),
                "candidate_desc": cand.describe(), "reference_desc": ref.describe()}
@@ -105,16 +111,11 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
     if getattr(ref, "vision", False):
         return compare_images(ref, cand, p, recipe_dir, progress)
     tokenizer = ref.tokenizer
-    meta = getattr(cand, "meta", None)
-    precision = ArtifactFacts.from_dict(meta).precision if meta else cand.dtype
-    defaults = tolerances.defaults(precision)
-    atol = p.atol if p.atol is not None else defaults["atol"]
-    rtol = p.rtol if p.rtol is not None else defaults["rtol"]
-    min_cos = p.min_cosine if p.min_cosine is not None else defaults["min_cosine"]
+    precision, atol, rtol, min_cos = gates(cand, p)
     output = ref.output
     stats = compare.OutputStats(atol, rtol)
     # a pooled export: its sentence embedding against the same pooling of the reference's hidden states
-    pooling = (meta or {}).get("pooling")
+    pooling = (getattr(cand, "meta", None) or {}).get("pooling")
     pooled, pooled_edge = compare.OutputStats(atol, rtol), compare.OutputStats(atol, rtol)
     embedded = "sentence_embedding"
     top1_hits = top1_total = 0
@@ -160,7 +161,7 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
         outputs[embedded] = pooled.result(min_cos)
         if p.edge_cases:
             outputs[f"{embedded} (random ids, edge shapes)"] = pooled_edge.result(min_cos)
-    failures = _failures(outputs)
+    failures = failures_of(outputs)
     metrics = {"outputs": outputs, "precision": precision,
                **({"pooling": pooling,
                    # the cosine between the candidate's and the reference's embedding of each sentence
@@ -168,7 +169,7 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
                                         "mean": outputs[embedded]["mean_cosine"]}} if pooling else {}), "corpus": p.corpus, "samples": len(texts),
                "padding_tokens": padded, "candidate_desc": cand.describe(), "reference_desc": ref.describe()}
     if ref.task == "text-generation":
-        min_top1 = p.min_top1 if p.min_top1 is not None else defaults["min_top1"]
+        min_top1 = p.min_top1 if p.min_top1 is not None else tolerances.defaults(precision)["min_top1"]
         metrics["top1_agreement"] = top1_hits / max(top1_total, 1)
         metrics["min_top1"] = min_top1
         if metrics["top1_agreement"] < min_top1:
@@ -176,7 +177,8 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
         gen = tolerances.generate_params(p.generate)
         if gen.prompts:
             # None: measured and reported, not gated (bitsandbytes: generations diverge by design)
-            min_agree = gen.min_agreement if gen.min_agreement is not None else defaults["min_generation"]
+            min_agree = (gen.min_agreement if gen.min_agreement is not None
+                         else tolerances.defaults(precision)["min_generation"])
             eos = runners.eos_ids(reference_folder)
             prompts = text.passages(p.corpus, recipe_dir, gen.prompts + p.samples)[-gen.prompts:]
             equal, first_diff = 0, []
