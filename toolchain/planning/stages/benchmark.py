@@ -66,7 +66,7 @@ class Benchmark(Stage):
 
     @staticmethod
     def _check_seq2seq(ctx: CheckContext, t: dict) -> None:
-        """Encoder-decoders: encoder latency per shape and the decoder's per-token latency (runtime/seq2seq.py)."""
+        """Encoder-decoders: encoder latency per shape and the decoder's per-token latency (runtime/seq2seq_bench.py)."""
         if ctx.params.padding:
             ctx.error("`padding` applies to single-graph models; an encoder-decoder's encoder is timed unpadded",
                       "padding", hint="drop `padding`")

@@ -124,7 +124,7 @@ class Validate(Stage):
 
     @staticmethod
     def _check_seq2seq(ctx: CheckContext, cand: dict, ref: dict) -> None:
-        """Encoder-decoders: encoder parity and greedy generation (runtime/seq2seq.py)."""
+        """Encoder-decoders: encoder parity and greedy generation (runtime/seq2seq_validate.py)."""
         if not (encoder_decoder(cand) and encoder_decoder(ref)):
             ctx.error("the candidate and the reference must both be the encoder-decoder model")
         if cand.get("artifact") == ONNX_MODEL and cand.get("imported"):
