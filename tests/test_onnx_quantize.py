@@ -216,3 +216,16 @@ def test_external_data_is_quantized_from_a_private_copy(tmp_path):
     assert not list((tmp_path / "store").rglob("*-inferred.onnx"))
     verify = run_cli("cache", "verify", "--store", tmp_path / "store")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_calibration_may_not_reach_into_the_text_validate_judges(tmp_path):
+    r = tiny_recipe(tmp_path, "cal", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      q8: {kind: quantize_onnx, inputs: {model: export}, params: {method: static, calibration: {samples: 100000}}}
+    """, extra="targets: [q8]")
+    msgs = messages(r)
+    assert any("`calibration.samples` 100000 is more than the second half of the corpus" in m for m in msgs), msgs
+    r.write_text(r.read_text().replace("samples: 100000", "samples: 64"))
+    (plan,) = load_recipe(r)
+    build_plan(plan)  # within the second half: plans

@@ -18,8 +18,9 @@ QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 
 
 def calibration_texts(corpus: str, recipe_dir: Path, samples: int) -> list[str]:
-    """The last `samples` passages of the corpus: validate compares the first ones (and generation
-    prompts follow them), so calibrating on these keeps the text a gate judges unseen."""
+    """The last `samples` passages of the corpus, from its second half: validate compares the first
+    ones (and generation prompts follow them), so calibrating on these keeps the text a gate judges
+    unseen as long as validate takes at most the first half."""
     from toolchain.errors import StageUserError
     from toolchain.execution.runtime import text
 
@@ -27,7 +28,7 @@ def calibration_texts(corpus: str, recipe_dir: Path, samples: int) -> list[str]:
         every = text.passages(corpus, recipe_dir, 10**9)
     except (OSError, ValueError) as exc:
         raise StageUserError(f"calibration corpus {corpus!r}: {exc}") from None
-    return every[-samples:]
+    return every[len(every) // 2:][-samples:]  # the second half at most (checked at plan time)
 
 
 # what an activation function (GELU as Erf or Tanh, SiLU as Sigmoid) is made of in an exported graph

@@ -135,6 +135,24 @@ class QuantizeOnnx(Stage):
                 ctx.error(str(exc), ("calibration", "corpus"))
             except safeio.UnsafeInput as exc:
                 ctx.error(f"calibration corpus: {exc}", ("calibration", "corpus"), hint=exc.hint)
+            else:
+                self._calibration_size(ctx, cal)
+
+    @staticmethod
+    def _calibration_size(ctx: CheckContext, cal) -> None:
+        """Calibration reads passages from the second half of the corpus, validate compares those
+        from its start: more than half would calibrate on text a gate then judges."""
+        from toolchain.execution.runtime import text
+
+        try:
+            n = len(text.passages(cal.corpus, ctx.recipe.dir, 10**9))
+        except (OSError, ValueError):  # gensim not installed here: the run says so
+            return
+        if cal.samples > n // 2:
+            ctx.error(f"`calibration.samples` {cal.samples} is more than the second half of the corpus ({n} "
+                      "passages): calibration reads from its end and validate compares from its start, so the "
+                      "text a gate judges would be calibrated on", ("calibration", "samples"),
+                      hint=f"at most {n // 2}")
 
     @staticmethod
     def _provider_rules(ctx: CheckContext, provider: str) -> None:
