@@ -216,15 +216,18 @@ def test_cache_gc_dry_run_names_each_entry_and_json_lists_them(tmp_path):
     said = dry.stdout + dry.stderr
     assert dry.returncode == 0 and "would remove 2 entries" in said, said
     assert "aaaaaaaaaaaaaaaa" in said and "bbbbbbbbbbbbbbbb" in said and "export" in said and "tiny" in said
+    # an output folder's hard link keeps one object's bytes on disk after gc: said, not counted as freed
+    os.link(s.object_path(hashlib.sha256(b"x" * 300).hexdigest()), tmp_path / "delivered-x.bin")
     js = run_cli("cache", "gc", "--older-than", "0s", "--dry-run", "--json", "--store", s.root)
     doc = json.loads(js.stdout)
     assert doc["dry_run"] is True and doc["records"] == 2 and doc["bytes"] == 5300
+    assert doc["bytes_still_linked"] == 300, doc
     assert {e["key"] for e in doc["entries"]} == {"a" * 64, "b" * 64}
     assert {e["bytes"] for e in doc["entries"]} == {5000, 5300}
     assert s.lookup("a" * 64) is not None  # a dry run removes nothing
     real = json.loads(run_cli("cache", "gc", "--older-than", "0s", "--json", "--store", s.root).stdout)
     assert real["dry_run"] is False and {e["step"] for e in real["entries"]} == {"load", "export"}
-    assert sorted(f["bytes"] for f in real["files"]) == [300, 5000]
+    assert sorted(f["bytes"] for f in real["files"]) == [300, 5000] and real["bytes_still_linked"] == 300
     assert s.lookup("a" * 64) is None
     ls = json.loads(run_cli("cache", "ls", "--json", "--store", s.root).stdout)
     assert ls["entries"] == [] and ls["total_bytes"] == 0

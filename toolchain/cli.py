@@ -310,6 +310,9 @@ def cmd_cache(args, console: Console) -> int:
         console.print(f"{verb} {freed['records']} entries, {freed['objects']} files ({_human(freed['bytes'])}), "
                       f"{freed['trees']} folders, {freed['tmp']} temporary folders, {freed['history']} rebuild notes"
                       + (f", {_human(freed['cache_bytes'])} of compiler caches" if args.compiler_caches else ""))
+        if freed["bytes_still_linked"]:
+            console.print(f"  {_human(freed['bytes_still_linked'])} of those files are also output folders' hard "
+                          "links: their disk space is freed when those folders go")
         if freed["entries"]:  # each by name, least recently used first
             console.table(f"entries {'to remove' if args.dry_run else 'removed'}",
                           ["recipe", "step", "key", "last used", "size"],

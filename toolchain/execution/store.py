@@ -861,7 +861,7 @@ class Store(ArtifactStore):
             while live and size_of(set(live)) > max_bytes:
                 remove.add(live.pop(0))
         freed = {"records": 0, "objects": 0, "bytes": 0, "trees": 0, "tmp": 0, "history": 0, "cache_bytes": 0,
-                 "entries": [], "files": []}
+                 "bytes_still_linked": 0, "entries": [], "files": []}
 
         def named(used, key, record):  # what the user is told of each entry removed
             objs = {m["sha256"]: m["size"] for m in record["outputs"].values()}
@@ -895,6 +895,16 @@ class Store(ArtifactStore):
             else:
                 referenced |= digests
         orphaned -= referenced
+        tree_links: dict[str, int] = {}  # dry run: object -> its links in the trees of entries it would remove
+        for _, k, r in entries if dry_run else ():
+            if k in remove and (self.trees / k).is_dir():
+                for rel, meta in r["outputs"].items():
+                    try:
+                        st, obj_st = os.lstat(self.trees / k / rel), os.lstat(self.object_path(meta["sha256"]))
+                    except OSError:
+                        continue
+                    if (st.st_dev, st.st_ino) == (obj_st.st_dev, obj_st.st_ino):
+                        tree_links[meta["sha256"]] = tree_links.get(meta["sha256"], 0) + 1
         for obj in self.objects.glob("*/*"):
             if not _HEX64.fullmatch(obj.name) or obj.parent.name != obj.name[:2] or obj.name in referenced:
                 continue
@@ -902,10 +912,15 @@ class Store(ArtifactStore):
             # (unless its mtime is nonsense: far in the future)
             age = now - obj.lstat().st_mtime
             if obj.name in orphaned or age > OBJECT_GRACE_S or age < -CLOCK_SLACK_S:
-                size = obj.lstat().st_size
+                st = obj.lstat()
+                size = st.st_size
+                # hard links outside the store (delivered output folders) keep the bytes on disk until
+                # they go; a dry run still sees the links of the trees it would remove
+                outside = st.st_nlink - 1 - (tree_links.get(obj.name, 0) if dry_run else 0)
                 freed["objects"] += 1
                 freed["bytes"] += size
-                freed["files"].append({"sha256": obj.name, "bytes": size,
+                freed["bytes_still_linked"] += size if outside > 0 else 0
+                freed["files"].append({"sha256": obj.name, "bytes": size, "links_outside_store": max(outside, 0),
                                        "of_removed_entry": obj.name in orphaned})
                 if not dry_run:
                     self.discard_object(obj.name)
