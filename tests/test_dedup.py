@@ -231,3 +231,20 @@ def test_cache_gc_dry_run_names_each_entry_and_json_lists_them(tmp_path):
     assert s.lookup("a" * 64) is None
     ls = json.loads(run_cli("cache", "ls", "--json", "--store", s.root).stdout)
     assert ls["entries"] == [] and ls["total_bytes"] == 0
+
+
+def test_a_delivered_link_made_writable_is_read_only_again_after_the_next_delivery(tmp_path):
+    """chmod 666 on a delivered file makes the one inode every folder shares writable; the next
+    delivery of that object puts it back to 444 (and its bytes were hashed on the way)."""
+    recipe = tiny_recipe(tmp_path, "rw", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+    """)
+    assert run_cli("build", recipe, "-o", tmp_path / "a", "--store", tmp_path / "store").returncode == 0
+    delivered = tmp_path / "a" / "export" / "model.onnx"
+    os.chmod(delivered, 0o666)
+    res = run_cli("build", recipe, "-o", tmp_path / "b", "--store", tmp_path / "store")
+    assert res.returncode == 0 and "0 built" in res.stderr, res.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "b" / "export" / "model.onnx").st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(delivered).st_mode) == 0o444  # the same inode
+    assert run_cli("cache", "verify", "--store", tmp_path / "store").returncode == 0

@@ -531,9 +531,11 @@ class Store(ArtifactStore):
         if found != digest:
             dest.unlink(missing_ok=True)
             raise DamagedObject(digest, found, what)
+        if os.lstat(dest).st_mode & 0o222:  # someone made a delivered link writable: every folder shares it
+            os.chmod(dest, 0o444)
         now = stat_signature(os.lstat(dest))
         if now == verified or _same_but_ctime(now, verified):
-            self._stamp(digest, now)  # only our link moved it
+            self._stamp(digest, now)  # only our link (and chmod) moved it
         return "link"
 
     def _outputs_problem(self, record: dict, rehash: bool = False, seen: dict | None = None,
