@@ -461,8 +461,8 @@ class RemoteCachedStore(ArtifactStore):
     def discard_object(self, digest: str) -> None:
         self.local.discard_object(digest)
 
-    def deliver_file(self, digest: str, dest: Path, what: str) -> str:
-        return self.local.deliver_file(digest, dest, what)
+    def deliver_file(self, digest: str, dest: Path, what: str, link: bool = True) -> str:
+        return self.local.deliver_file(digest, dest, what, link)
 
     def keep_stamps(self, digests):
         return self.local.keep_stamps(digests)
