@@ -6,22 +6,15 @@ from collections import Counter
 
 import pytest
 
-from toolchain.errors import RecipeError
 from toolchain.frontend.recipe import load_recipe
 from toolchain.planning.plan import build_plan
 
 from .conftest import TINY_DECODER, run_cli, tiny_recipe
-
-
-def problems(path):
-    (r,) = load_recipe(path)
-    with pytest.raises(RecipeError) as e:
-        build_plan(r)
-    return e.value.problems
+from .test_plan import plan_problems
 
 
 def messages(path):
-    return [p.message for p in problems(path)]
+    return [p.message for p in plan_problems(path)]
 
 
 # -- plan time ------------------------------------------------------------------------------------
@@ -34,7 +27,7 @@ def test_int4_is_for_decoders_and_int8_takes_float32(tmp_path):
       fp16: {kind: export_onnx, inputs: {model: load16}}
       q8: {kind: quantize_onnx, inputs: {model: fp16}, params: {method: dynamic}}
     """)
-    found = problems(r)
+    found = plan_problems(r)
     int4 = [p for p in found if "MatMulNBits" in p.message]
     assert int4 and "task text-generation" in int4[0].message and int4[0].line == 9  # at `method`
     assert any("takes a float32 graph, but this one is float16" in p.message for p in found)
