@@ -303,6 +303,8 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     assert gen["prompts"] == 4 and gen["equal"] == 4, gen
     decode = steps["speed"]["metrics"]["timings"]["decode (per token)"]
     assert decode["iterations"] >= 3 and decode["timer"] == "host clock around each step"  # (CUDA: events)
+    # the warm-up is a whole untimed pass over the timed lengths, reported apart from the medians
+    assert decode["first_pass_median_ms"] > 0 and "untimed warm-up pass" in (tmp_path / "out" / "report.md").read_text()
     # select shows each decoder's greedy generations beside its speed (the table and report.md)
     rows = {r["name"]: r for r in steps["pick"]["metrics"]["candidates"]}
     assert rows["compiled"]["generation"]["equal"] == rows["compiled"]["generation"]["prompts"] == 3

@@ -58,6 +58,12 @@ def test_one_warm_worker_hands_models_on_and_builds_what_fresh_workers_build(tmp
     assert all(s["worker"]["reused_inputs"] == [] for s in f.values())
     for s in list(w.values()) + list(f.values()):
         assert 0 < s["work_seconds"] <= s["seconds"], s["name"]
+    # each built step's overhead split, and the warm worker's own part of it itemised
+    for s in w.values():
+        o = s["overhead"]
+        assert set(o) >= {"prepare", "worker", "commit", "new_worker"}, o
+        assert set(o["worker_detail"]) == {"compiler_reset", "drop_models", "keep_model", "leak_check"}, o
+        assert sum(o["worker_detail"].values()) <= o["worker"] + 0.01, o
     # the delivered folders hold the same bytes (timings aside)
     for target in ("export", "unbt"):
         for p in (tmp_path / "warm" / target).rglob("*"):

@@ -203,6 +203,10 @@ def _latency_markdown(name: str, m: LatencyResult) -> str:
         out.append(f"\nFirst call of each shape (torch.compile compiles there; not in the table): "
                    f"{', '.join(firsts)}; FX graph cache {c.get('fx_graph_cache_hits', 0)} hits, "
                    f"{c.get('fx_graph_cache_misses', 0)} misses.\n")
+    cold = [f"{t.measure} {t.first_pass_median_ms:.3g} ms" for t in m.timings if t.first_pass_median_ms is not None]
+    if cold:  # what a process decoding its first request sees: each new length prepared once
+        out.append(f"\nThe untimed warm-up pass over the same lengths (each length's first time in this process; "
+                   f"not in the table), median per token: {', '.join(cold)}.\n")
     if m.load_seconds is not None:
         out.append(f"\nLoading the package took {m.load_seconds:.1f} s (not in the table).\n")
     out += [f"\n- warning: {w}\n" for w in m.warnings]

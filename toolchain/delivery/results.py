@@ -156,6 +156,7 @@ class Timing:
     fraction_of_peak: float | None = None
     peak_memory_mb: float | None = None
     first_call_s: float | None = None
+    first_pass_median_ms: float | None = None  # decode: the untimed warm-up pass over new lengths
     samples_ms: list = field(default_factory=list)
     error: str | None = None
     batch_size: int | None = None  # the shape it was timed at (forward measures)

@@ -347,6 +347,8 @@ class LocalExecutor(Executor):
             phases = {"prepare": round(marks["run"] - t0, 3),
                       "worker": round(max(0.0, marks["ran"] - marks["run"] - work_seconds), 3),
                       "commit": round(now - marks["ran"], 3), "new_worker": marks["new_worker"]}
+            if marks.get("detail"):  # what the worker's part is made of (dropping models, the leak check...)
+                phases["worker_detail"] = marks["detail"]
         return StepResult(step.name, step.kind, step.key, status, reason, record, now - t0, failures,
                           work_seconds, source, ran_on, origin, phases)
 
@@ -441,6 +443,7 @@ class LocalExecutor(Executor):
                         marks["run"] = time.perf_counter()
                         event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
                         marks["ran"] = time.perf_counter()
+                        marks["detail"] = event.get("detail")
                     except WorkerDied as exc:
                         why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
                         event = {"code": exc.code, "why": why}

@@ -73,9 +73,14 @@ def run_spec(spec: dict, events: Events) -> dict:
     from toolchain.errors import StageUserError
     from toolchain.planning.stages.base import RunContext
 
+    detail = events.detail = {}  # seconds of the worker's own work around the stage (the manifest's overhead)
+    mark = time.perf_counter()
     before = set(codehash.loaded_modules())
     _fresh_compiler_state()
+    detail["compiler_reset"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     handoff.begin(spec)
+    detail["drop_models"] = time.perf_counter() - mark
     t0 = time.perf_counter()
     try:
         stage = registry.get(spec["kind"])
@@ -95,7 +100,9 @@ def run_spec(spec: dict, events: Events) -> dict:
         result = {"ok": False, "user_error": False, "error": f"{type(exc).__name__}: {exc}",
                   "machine": _machine_problem(exc)}
     result["work_seconds"] = round(time.perf_counter() - t0, 4)
+    mark = time.perf_counter()
     result["reused_inputs"] = handoff.end(ok=result["ok"])
+    detail["keep_model"] = time.perf_counter() - mark
     result["pid"] = os.getpid()
     loaded = codehash.loaded_modules()
     result["modules"] = {name: f for name, f in loaded.items() if name not in before}
@@ -160,13 +167,16 @@ def serve() -> int:
             first = False
             code = write_result(spec, result)
             retire = "" if result["ok"] else "the step failed"
+            mark = time.perf_counter()
             retire = retire or _gpu_leak()
+            events.detail["leak_check"] = time.perf_counter() - mark
             if retire:
                 print(f"[worker] replaced after this step: {retire}", flush=True)
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        events.send({"finished": True, "code": code, "retire": retire, "pid": os.getpid()})
+        events.send({"finished": True, "code": code, "retire": retire, "pid": os.getpid(),
+                     "detail": {k: round(v, 3) for k, v in getattr(events, "detail", {}).items()}})
         if code:
             return code
     return 0

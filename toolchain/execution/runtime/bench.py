@@ -170,11 +170,9 @@ def _decode_timing(runner, prompt, p) -> dict:
     """Per-token latency of greedy decode with the KV cache, each step timed on its own."""
     from toolchain.execution.runtime import timing
 
-    runner.decode_steps(prompt[0], min(p.decode_tokens, 4))  # warm-up
-    samples = []
-    while len(samples) < max(p.iterations, p.decode_tokens):
-        samples += runner.decode_steps(prompt[0], p.decode_tokens)
+    samples, first = timing.decode(lambda n: runner.decode_steps(prompt[0], n), p.decode_tokens, p.iterations)
     out = timing.summarize(samples, 1, "tokens/s")
+    out["first_pass_median_ms"] = timing.summarize(first)["median_ms"]  # the warm-up pass, new lengths
     out.update(batch_size=1, sequence_length=int(prompt.shape[1]), decode_tokens=p.decode_tokens)  # its shape
     # a compiled decoder's loop does not wait for each token: its steps are timed on the GPU's
     # stream (the token rate a caller sees); the others wait for each token on the host anyway

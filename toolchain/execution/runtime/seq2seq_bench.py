@@ -44,11 +44,9 @@ def measure(runner, p, folder: Path, progress=lambda *a, **k: None) -> dict:
     steps = p.decode_tokens or 16
     progress(f"timing {steps} decoder steps")
     x = inputs(1, shapes[0][1])
-    runner.decode_steps(x, min(steps, 4))  # warm-up
-    samples = []
-    while len(samples) < max(p.iterations, steps):
-        samples += runner.decode_steps(x, steps)
+    samples, first = timing.decode(lambda n: runner.decode_steps(x, n), steps, p.iterations)
     t = timing.summarize(samples, 1, "tokens/s")
+    t["first_pass_median_ms"] = timing.summarize(first)["median_ms"]
     t.update(batch_size=1, decode_tokens=steps, timer="host clock around each decoder step (past of the steps "
              "before; cross-attention recomputed from the encoder states)" if isinstance(runner, OrtSeq2Seq)
              else "host clock around each decoder step")

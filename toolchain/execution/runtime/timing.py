@@ -45,6 +45,20 @@ def measure(fn, warmup: int, iterations: int, sync=None) -> list[int]:
     return samples
 
 
+def decode(steps_fn, steps: int, iterations: int) -> tuple[list[int], list[int]]:
+    """Per-token decode samples (ns) and the untimed warm-up pass's own samples. `steps_fn(n)` decodes
+    n tokens after a prefill and returns each step's time. The first pass over the sequence lengths a
+    decode goes through costs far more than any later one, in PyTorch and in onnxruntime alike (both
+    prepare per new length: on an H200, onnxruntime 49 against 4.0 ms per token, PyTorch eager 86
+    against 28), so the warm-up is one whole pass over the lengths that are then timed, as forward's
+    warm-up runs the shape it times; that first pass is reported apart."""
+    first = steps_fn(steps)
+    samples: list[int] = []
+    while len(samples) < max(iterations, steps):
+        samples += steps_fn(steps)
+    return samples, first
+
+
 def matmul_peak_tflops(dtype: str, device: str, n: int = 8192, calls: int = 50) -> float:
     """The dense-matmul rate this GPU reaches here and now at `dtype` (TFLOP/s): the median of
     `calls` timed n x n x n products (CUDA events), after a warm-up that lets the clocks settle.
