@@ -222,3 +222,34 @@ def test_calibration_may_not_reach_into_the_text_validate_judges(tmp_path):
     r.write_text(r.read_text().replace("samples: 100000", "samples: 64"))
     (plan,) = load_recipe(r)
     build_plan(plan)  # within the second half: plans
+
+
+def test_a_fixed_shape_export_is_refused_where_real_inputs_go(tmp_path):
+    """`dynamic_axes: false` exports a graph that takes only the traced example's shape: static
+    calibration, validate, benchmark and select would all fail at run time in onnxruntime ("Got
+    invalid dimensions"), so each is refused at plan time at its own line; a graph-only consumer
+    (dynamic int8) is not."""
+    r = tiny_recipe(tmp_path, "fixed", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {dynamic_axes: false}}
+      qs: {kind: quantize_onnx, inputs: {model: export}, params: {method: static, calibration: {samples: 4}}}
+      qd: {kind: quantize_onnx, inputs: {model: export}, params: {method: dynamic}}
+      v: {kind: validate, inputs: {candidate: export, reference: load}}
+      b: {kind: benchmark, inputs: {model: export}}
+      pick: {kind: select, inputs: {reference: load, candidates: [load, export]}}
+    """, extra="targets: [qs, qd, pick]")
+    found = plan_problems(r)
+    text = r.read_text().splitlines()
+    where = {p.line: p.message for p in found if "dynamic_axes: false" in p.message}
+    lines = {next(i + 1 for i, x in enumerate(text) if x.strip().startswith(f"{s}:")) for s in ("qs", "v", "b")}
+    assert lines <= set(where), (lines, found)
+    assert all("batch 2, sequence 8" in where[n] for n in lines)
+    assert any("candidate 'export'" in p.message and "dynamic_axes: false" in p.message for p in found)
+    qd = next(i + 1 for i, x in enumerate(text) if x.strip().startswith("qd:"))
+    assert qd not in where
+    # the model builder writes its own graph: a fixed shape asked of it would be dropped without a word
+    r = tiny_recipe(tmp_path, "genai_fixed", """
+      load: {kind: load}
+      g: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true, exporter: genai, dynamic_axes: false}}
+    """, config=TINY_DECODER)
+    assert any("`dynamic_axes: false` would be silently dropped" in m for m in messages(r))

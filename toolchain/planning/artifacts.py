@@ -29,6 +29,10 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "chat_template.jinja", "preprocessor_config.json")
 
 
+# the inputs an ONNX export traces with; with `dynamic_axes: false` the only shape its graph takes
+EXPORT_EXAMPLE = {"batch": 2, "sequence": 8}
+
+
 @dataclass(frozen=True)
 class Quantization:
     """Quantized weights. bitsandbytes (an hf-model): `scheme` is int8, nf4 or fp4. onnxruntime (an
@@ -68,6 +72,9 @@ class ArtifactFacts:
     # the pooling the source's sentence-transformers config declares (sources.sentence_transformers_pooling)
     sentence_transformers: dict | None = None
     pooling: dict | None = None  # an ONNX export's pooled output: {"mode": mean|cls|max, "normalize": bool}
+    # an ONNX export with `dynamic_axes: false`: the only input shape its graph takes, the exporter's traced
+    # example ({"batch": 2, "sequence": 8}; vision: {"batch": 2})
+    static_shape: dict | None = None
     candidates: list | None = None  # select: the candidate steps
     unknown: bool = False  # plan time only: an input's own checks failed, nothing else is known
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolchain.planning.artifacts import EXPORT_EXAMPLE
+
 ONNX_FILE = "model.onnx"
 
 
@@ -120,7 +122,7 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
     model.eval()
     if task in ("image-feature-extraction", "image-classification"):
         return _export_vision(model, task, exporter, opset, dynamic, external_data, out_dir)
-    batch, seq, past_len = 2, 8, 4
+    batch, seq, past_len = EXPORT_EXAMPLE["batch"], EXPORT_EXAMPLE["sequence"], 4
     ids = torch.randint(5, min(model.config.vocab_size, 1000), (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
     args: list = [ids, mask]
@@ -198,7 +200,7 @@ def _export_vision(model, task: str, exporter: str, opset: int, dynamic: bool, e
     cfg = model.config
     output = "last_hidden_state" if task == "image-feature-extraction" else "logits"
     dtype = next(model.parameters()).dtype
-    pixels = torch.randn(2, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
+    pixels = torch.randn(EXPORT_EXAMPLE["batch"], getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     use_external = external_data == "always" or (external_data == "auto" and size > 2 * 1024**3)
     path = out_dir / ONNX_FILE

@@ -205,3 +205,16 @@ class Stage:
 
 def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
+
+
+def refuse_static_shape(ctx: CheckContext, role: str, what: str) -> bool:
+    """A stage that feeds real inputs (batches of varying length) cannot take a graph exported with
+    `dynamic_axes: false`, which takes only the exporter's example shape: refused here, not failed at
+    run time by onnxruntime ("Got invalid dimensions")."""
+    shape = ctx.inputs[role].get("static_shape")
+    if shape:
+        ctx.error(f"{what}, but its `{role}` was exported with `dynamic_axes: false` and "
+                  f"takes only its example shape ({', '.join(f'{k} {v}' for k, v in shape.items())})",
+                  hint="export with dynamic axes (drop `dynamic_axes: false`); for one fixed shape at run time, "
+                       "use a `compile` stage with `dynamic: false` and `shape`")
+    return bool(shape)

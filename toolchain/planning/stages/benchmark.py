@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from toolchain.planning.stages.base import refuse_static_shape
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
     encoder_decoder
 from toolchain.planning.shapes import coverage_problems, device_problem, grid
@@ -39,6 +40,7 @@ class Benchmark(Stage):
         if ctx.inputs["model"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["model"].get("provider", "cpu"))
         t = ctx.inputs["model"]
+        refuse_static_shape(ctx, "model", "benchmark times the recipe's batch and sequence shapes")
         if ctx.params.decode_tokens and (t.get("compile") or {}).get("backend") == "aot_inductor":
             ctx.error("`decode_tokens` needs a KV cache, which an AOTInductor package does not take", "decode_tokens",
                       hint="time decode steps on an `inductor` compile of the model (a static cache, compiled step)")

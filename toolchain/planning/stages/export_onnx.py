@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 
-from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
+from toolchain.planning.artifacts import EXPORT_EXAMPLE, ArtifactFacts, read_meta, write_meta
 from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage, \
     encoder_decoder
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES, SEQ2SEQ_TASKS
@@ -186,14 +186,23 @@ class ExportOnnx(Stage):
             ctx.error("the model builder reads the checkpoint's weights and writes its own attention; an "
                       f"attention setting ({t.get('attention')}) on the input would be silently dropped",
                       "exporter", hint="export the loaded model directly")
+        if not p.dynamic_axes:
+            ctx.error("the model builder writes its own dynamic decoder graph; `dynamic_axes: false` would be "
+                      "silently dropped", "dynamic_axes", hint="drop `dynamic_axes: false`")
         if environment.package_version("onnxruntime_genai") is None:
             ctx.unavailable("`exporter: genai` needs onnxruntime-genai (its model builder), which is not installed",
                             "exporter", hint="pip install -e '.[genai]' (onnxruntime-genai==0.18.0)")
 
     def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
         task = params.task or facts.task
+        from toolchain.architectures import is_vision
+
+        static = None
+        if not params.dynamic_axes:  # the traced example's shape is the only one the graph then takes
+            static = {"batch": EXPORT_EXAMPLE["batch"]} if is_vision(facts.to_dict()) else dict(EXPORT_EXAMPLE)
         return facts.replace(artifact=ONNX_MODEL, task=task, kv_cache=params.kv_cache or task in SEQ2SEQ_TASKS,
-                             provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts))
+                             provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts),
+                             static_shape=static)
 
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import models, onnx_io

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts, Quantization, read_meta, write_meta
-from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage
+from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage, refuse_static_shape
 
 # the scheme names recorded in the facts (and keyed in tolerances.TOLERANCES)
 SCHEMES = {("dynamic", None): "int8-dynamic", ("static", "qdq"): "int8-static-qdq",
@@ -101,6 +101,8 @@ class QuantizeOnnx(Stage):
                       f"model's task is {facts.task}: its gain is less weight traffic per generated token, which "
                       "an encoder's batched, compute-bound matmuls do not have", "method",
                       hint="use `method: dynamic` or `method: static` (int8) for encoders")
+        if p.method == "static":
+            refuse_static_shape(ctx, "model", "static int8 calibrates on real passages of varying length")
         if p.method == "static" and not facts.has_tokenizer:
             ctx.error("static int8 calibrates on real text, but the model has no tokenizer to encode it", "method",
                       hint="give the `config` source a `tokenizer:` folder or package, or use `method: dynamic`")

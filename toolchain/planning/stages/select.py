@@ -100,6 +100,10 @@ class Select(Stage):
                 ctx.error(f"candidate '{name}' pins the SDPA flash kernel, which on CUDA takes no attention mask, so "
                           "padded batches cannot run", hint="set `parity.batch_size: 1` and `benchmark.padding: 0`",
                           at=at)
+            if t.get("static_shape"):
+                ctx.error(f"candidate '{name}' was exported with `dynamic_axes: false` and takes only its example "
+                          f"shape ({', '.join(f'{k} {v}' for k, v in t['static_shape'].items())}): select compares "
+                          "real batches of varying length", at=at, hint="export it with dynamic axes")
             if t.get("artifact") == ONNX_MODEL:
                 why = environment.provider_status(t.get("provider", "cpu"))
                 if why:

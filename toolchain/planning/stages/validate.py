@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.architectures import SEQ2SEQ_TASKS
+from toolchain.planning.stages.base import refuse_static_shape
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
     encoder_decoder
 from toolchain.planning.tolerances import generate_params
@@ -66,6 +67,8 @@ class Validate(Stage):
         if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
+        for role in ("candidate", "reference"):
+            refuse_static_shape(ctx, role, "validate compares batches of real inputs of varying length")
         if cand.get("task") and cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
         from toolchain.architectures import is_vision
