@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, tiny_recipe
 
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 EXPECT = {
@@ -123,6 +123,18 @@ def test_a_reader_that_stops_reading_is_not_an_error():
 def test_env_names_a_cpu_only_torch():
     res = run_cli("env")
     assert res.returncode == 0 and "built for None" not in res.stdout + res.stderr
+
+
+def test_listings_are_on_stdout_for_pipes(tmp_path):
+    """`env`, `plan` and `cache ls` answer on stdout, as their --json forms do (`toolchain env | grep
+    torch` used to print nothing); progress and logs stay on stderr."""
+    res = run_cli("env")
+    assert "torch" in res.stdout and "environment" in res.stdout, res.stdout
+    recipe = tiny_recipe(tmp_path)
+    res = run_cli("plan", recipe, "--store", tmp_path / "s")
+    assert res.returncode == 0 and "must build" in res.stdout, res.stdout + res.stderr
+    res = run_cli("cache", "ls", "--store", tmp_path / "s")
+    assert res.returncode == 0 and "entries" in res.stdout, res.stdout + res.stderr
 
 
 def test_check_reports_schema_graph_and_rule_problems_in_one_pass(tmp_path):

@@ -133,11 +133,11 @@ def cmd_plan(args, console: Console) -> int:
             console.table(plan.recipe.full_name, ["step", "kind", "inputs", "key", "cache"],
                           [[r["step"] + (" (target)" if r["target"] else ""), r["kind"],
                             ", ".join(f"{k}<-{v}" for k, v in r["inputs"].items()) or "-", r["key"][:16],
-                            r["status"]] for r in rows])
+                            r["status"]] for r in rows], stdout=True)
             for r in rows:
                 if r["why"] and r["why"] != keydiff.FIRST:
                     console.print(f"  {escape(r['step'])}: must build because "
-                                  f"{escape(r['why'].removeprefix('not in the store: '))}")
+                                  f"{escape(r['why'].removeprefix('not in the store: '))}", stdout=True)
         for note in plan.notes:
             console.warn(note)
     if args.json:
@@ -273,13 +273,14 @@ def cmd_cache(args, console: Console) -> int:
         rows = [[e["recipe"] or "?", e["step"] or "?", e["kind"] or "?", e["key"][:16], stamp(e["created"]),
                  stamp(e["last_used"]), _human(e["bytes"]) if e["bytes"] is not None else e["status"]]
                 for e in listing["entries"]]
-        console.table(f"store {store.root}", ["recipe", "step", "kind", "key", "created", "last used", "size"], rows)
+        console.table(f"store {store.root}", ["recipe", "step", "kind", "key", "created", "last used", "size"], rows,
+                      stdout=True)
         for r in listing["recipes"]:
             console.print(f"{r['recipe'] or '(no recipe)'}: {r['entries']} entr{'ies' if r['entries'] != 1 else 'y'}, "
-                          f"{_human(r['bytes'])} in {r['files']} files (each file counted once)")
+                          f"{_human(r['bytes'])} in {r['files']} files (each file counted once)", stdout=True)
         console.print(f"{len(listing['entries'])} entries, {_human(listing['total_bytes'])} in "
                       f"{listing['total_files']} distinct files (a file several entries or recipes share counts "
-                      f"once); objects/ holds {_human(listing['objects_bytes'])}")
+                      f"once); objects/ holds {_human(listing['objects_bytes'])}", stdout=True)
         return 0
     if args.cache_cmd == "verify":
         issues = store.verify(repair=args.repair)
@@ -372,9 +373,10 @@ def _cache_remote_cmd(args, console: Console, remote) -> int:
                  time.strftime("%Y-%m-%d %H:%M", time.localtime(e["uploaded"])),
                  _human(e["bytes"]) if e["status"] == "ok" else f"{e['status']}: {e.get('problem') or ''}".strip(": ")]
                 for e in entries]
-        console.table(f"remote cache {remote.url}", ["key", "recipe", "step", "kind", "uploaded", "size"], rows)
+        console.table(f"remote cache {remote.url}", ["key", "recipe", "step", "kind", "uploaded", "size"], rows,
+                      stdout=True)
         console.print(f"{len(entries)} entries, {_human(listing['total_bytes'])} referenced (each file once), "
-                      f"{len(objects)} files, {_human(listing['objects_bytes'])} of objects")
+                      f"{len(objects)} files, {_human(listing['objects_bytes'])} of objects", stdout=True)
         return 0
     if args.cache_cmd == "gc":
         if args.max_size or args.compiler_caches:
@@ -587,7 +589,7 @@ def cmd_env(args, console: Console) -> int:
         cuda = "a CPU-only build of torch (no CUDA)" if tc else "-"
     rows.append(["torch CUDA", cuda])
     rows.append(["GPUs", "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory']})" for g in info["gpus"]) or "none"])
-    Console(quiet=False).table("environment", ["what", "value"], rows)
+    Console(quiet=False).table("environment", ["what", "value"], rows, stdout=True)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Console output: rich progress for long steps and summary tables; `quiet` prints nothing but
-errors. Everything here writes to stderr so that `--json` can own stdout. rich is imported on
-first use, so commands that print plain lines (`check`) start without it."""
+errors. Progress, logs and build summaries go to stderr; a listing that is a command's answer
+(`env`, `plan`, `cache ls`) goes to stdout (`stdout=True`), where `--json` puts the same answer, so
+that `toolchain env | grep torch` works. rich is imported on first use, so commands that print
+plain lines (`check`) start without it."""
 from __future__ import annotations
 
 import sys
@@ -34,14 +36,23 @@ class Console:
             err = RichConsole(stderr=True, highlight=False, width=140)
         return err
 
+    @cached_property
+    def out(self):
+        from rich.console import Console as RichConsole
+
+        out = RichConsole(highlight=False)
+        if not out.is_terminal:  # a pipe or a file: wide enough that tables do not wrap
+            out = RichConsole(highlight=False, width=140)
+        return out
+
     def line(self, text: str) -> None:
         """A plain line (no markup, no rich import)."""
         if not self.quiet:
             self._line(text)
 
-    def print(self, *args, **kwargs) -> None:
+    def print(self, *args, stdout: bool = False, **kwargs) -> None:
         if not self.quiet:
-            self.err.print(*args, **kwargs)
+            (self.out if stdout else self.err).print(*args, **kwargs)
 
     def error(self, text: str) -> None:
         self._line(f"error: {text}")
@@ -78,7 +89,7 @@ class Console:
                 progress.update(task, detail=escape(message), completed=done or 0, total=total)
             yield update
 
-    def table(self, title: str, columns: list[str], rows: list[list]) -> None:
+    def table(self, title: str, columns: list[str], rows: list[list], stdout: bool = False) -> None:
         if self.quiet:
             return
         from rich.table import Table
@@ -88,4 +99,4 @@ class Console:
             t.add_column(escape(c))
         for r in rows:
             t.add_row(*[escape(str(x)) for x in r])
-        self.err.print(t)
+        (self.out if stdout else self.err).print(t)
