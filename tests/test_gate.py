@@ -232,6 +232,14 @@ def test_validate_baseline_must_match_and_come_from_this_machine(tmp_path, tiny_
         res = run_cli("validate", export, *common, "--baseline", tmp_path / "bad.json")
         assert res.returncode == 2 and "not a report written by `toolchain validate --json`" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+    # a baseline measured against another reference model (other weights) is refused, not compared
+    other_model = json.loads(json.dumps(doc))
+    ref_step = next(s for s in other_model["manifest"]["variants"][0]["steps"] if s["name"] == "reference")
+    weights = next(rel for rel in ref_step["outputs"] if rel.endswith(".safetensors"))
+    ref_step["outputs"][weights]["sha256"] = "0" * 64
+    (tmp_path / "other-model.json").write_text(json.dumps(other_model))
+    res = run_cli("validate", export, *common, "--baseline", tmp_path / "other-model.json")
+    assert res.returncode == 2 and "against another reference model" in res.stderr and weights in res.stderr, res.stderr
     # a latency timed at another shape has no baseline: parity is still compared, latency is not
     other_shape = [a if a != "2" else "3" for a in common]  # --bench-batch-size 3
     res = run_cli("validate", export, *other_shape, "--baseline", tmp_path / "base.json")

@@ -102,6 +102,28 @@ def _same_machine(baseline: dict, manifest: dict, args) -> None:
                          "--allow-other-machine to compare anyway")
 
 
+def _reference_weights(manifest) -> dict:
+    """{file: sha256} of the weights of the `reference` step in a validate manifest ({} if unknown)."""
+    try:
+        steps = manifest["variants"][0]["steps"]
+        ref = next(s for s in steps if isinstance(s, dict) and s.get("name") == "reference")
+        return {rel: m["sha256"] for rel, m in ref["outputs"].items()
+                if rel.endswith((".safetensors", ".bin", ".pt", ".gguf")) and isinstance(m, dict)}
+    except (KeyError, IndexError, TypeError, StopIteration, AttributeError):
+        return {}
+
+
+def _same_reference(baseline: dict, manifest: dict, args) -> None:
+    """A baseline of another reference model (other weights) compares nothing: its parity and its
+    latency are another model's."""
+    then, now = _reference_weights(baseline.get("manifest")), _reference_weights(manifest)
+    if then and now and then != now:
+        differ = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+        raise UsageError(f"--baseline {args.baseline} was measured against another reference model: its weights "
+                         f"({', '.join(differ[:3])}) have other bytes than this run's reference. Measure a baseline "
+                         "of this model (`toolchain validate ... --json`) and compare with that")
+
+
 def run(args, store, console: Console) -> int:
     model = Path(args.model).resolve()
     if not model.exists():
@@ -142,6 +164,7 @@ def run(args, store, console: Console) -> int:
     manifest = build([plan], store, None, console, force=force, require_provider=args.require_provider)
     checks = checks_from_manifest(manifest)
     if baseline is not None:
+        _same_reference(baseline, manifest, args)
         regressions = compare_baseline(checks, baseline["checks"], args.max_slowdown / 100.0)
         if not regressions:
             raise UsageError(
