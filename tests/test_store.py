@@ -130,3 +130,29 @@ def test_gc_ages_out_rebuild_notes_and_removes_compiler_caches_on_request(tmp_pa
     assert res.returncode == 0, res.stderr
     assert not (store.cache_dir() / "inductor").exists() and not (store.cache_dir() / "tensorrt").exists()
     assert (store.cache_dir() / "mine" / "f").exists()
+
+
+def test_repair_and_gc_wait_for_running_builds(tmp_path):
+    """`cache verify --repair` removes entries and objects, so, like `gc`, it refuses while a build
+    holds the store (a build holds its read lock for its whole run); plain `verify` only reads."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    s = Store(tmp_path / "store").init()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "w.bin").write_bytes(b"w" * 100)
+    s.commit("a" * 64, out, {"recipe": "tiny", "step": "load", "kind": "load"})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cli = [sys.executable, "-m", "toolchain", "cache"]
+    with s.using():  # what a running build holds
+        for args in (["verify", "--repair"], ["gc", "--older-than", "0s"]):
+            res = subprocess.run(cli + args + ["--store", str(s.root)], env=env, capture_output=True, text=True)
+            assert res.returncode != 0 and "a build is using the store" in res.stderr, (args, res.stderr)
+        res = subprocess.run(cli + ["verify", "--store", str(s.root)], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    assert s.lookup("a" * 64) is not None
+    res = subprocess.run(cli + ["verify", "--repair", "--store", str(s.root)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -778,7 +778,20 @@ class Store(ArtifactStore):
     # -- maintenance ----------------------------------------------------------------------------
     def verify(self, repair: bool = False, deep: bool = True) -> list[Issue]:
         """Rehash every object records point at (each once). With `repair`, remove damaged objects,
-        every record that points at a missing or damaged object, and stale trees."""
+        every record that points at a missing or damaged object, and stale trees; like gc, a repair
+        refuses to run while a build uses the store (it would remove what that build reads)."""
+        if not repair:
+            return self._verify(False, deep)
+        from filelock import ReadWriteLock, Timeout
+
+        try:
+            with ReadWriteLock(str(self.locks / "store.rwlock")).write_lock(timeout=0):
+                return self._verify(True, deep)
+        except Timeout:
+            raise StoreError(f"a build is using the store {self.root}; run `cache verify --repair` when it has "
+                             "finished (`cache verify` alone only reads)") from None
+
+    def _verify(self, repair: bool, deep: bool) -> list[Issue]:
         issues: list[Issue] = []
         seen: dict[str, tuple[str | None, bool]] = {}
         for key, record, path in self.records():
