@@ -253,3 +253,23 @@ def test_a_fixed_shape_export_is_refused_where_real_inputs_go(tmp_path):
       g: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true, exporter: genai, dynamic_axes: false}}
     """, config=TINY_DECODER)
     assert any("`dynamic_axes: false` would be silently dropped" in m for m in messages(r))
+
+
+@pytest.mark.slow
+def test_an_import_of_our_quantized_export_keeps_its_facts(encoder_build, tmp_path):
+    """`toolchain validate` (and a recipe's import_onnx) of our own quantized folder takes its facts
+    from its toolchain.json: gated at int8 tolerances as in the build (it failed fp32 gates before),
+    and quantizing it again is refused at plan time like quantizing the step's own output."""
+    proc, out = encoder_build
+    store = out.parent / "store"
+    res = run_cli("validate", out / "dyn", "--reference", out.parent / "enc.yaml", "--samples", "16",
+                  "--batch-size", "8", "--max-length", "32", "--store", store, "--json", tmp_path / "v.json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = {s["name"]: s for s in json.loads((tmp_path / "v.json").read_text())["manifest"]["variants"][0]["steps"]}
+    assert steps["parity"]["metrics"]["precision"] == "int8-dynamic"
+    again = tmp_path / "again.yaml"
+    again.write_text((out.parent / "enc.yaml").read_text().split("stages:")[0] + f"""stages:
+  imported: {{kind: import_onnx, params: {{path: {out / 'dyn'}}}}}
+  q: {{kind: quantize_onnx, inputs: {{model: imported}}, params: {{method: dynamic}}}}
+""")
+    assert any("already quantized (int8-dynamic)" in m for m in messages(again))

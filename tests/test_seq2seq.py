@@ -111,3 +111,17 @@ def test_a_speech_benchmark_refuses_a_list_of_sequence_lengths(tmp_path):
     res = run_cli("check", recipe)
     assert res.returncode == 2 and "a speech encoder always takes 30 s of audio features" in res.stderr, res.stderr
     assert run_cli("check", ROOT / "recipes" / "whisper-tiny-seq2seq.yaml").returncode == 0
+
+
+@pytest.mark.slow
+def test_toolchain_validate_checks_our_seq2seq_export(builds):
+    """The CI gate on an encoder-decoder export folder: its toolchain.json describes both graphs, so
+    `toolchain validate DIR` checks encoder parity and greedy generation (it asked for a `file` the
+    CLI does not have, and refused the graphs as undescribed)."""
+    res, out, path, store = builds["t5"]
+    assert res.returncode == 0, res.stderr
+    v = run_cli("validate", out / "export", "--reference", path, "--store", store, "--samples", "8",
+                "--generate", "3", "--iterations", "0")
+    said = v.stdout + v.stderr
+    assert v.returncode == 0, said
+    assert "parity encoder last_hidden_state" in said and "3 of 3 prompts identical" in said, said

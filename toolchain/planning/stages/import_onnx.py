@@ -32,11 +32,25 @@ def onnx_file(folder: Path, name: str | None) -> Path:
                             "name one with `file`")
 
 
-def import_files(folder: Path, model: Path) -> list[Path]:
-    """What an import copies, and so exactly what its key hashes: the graph, its external data, and
-    config/tokenizer files. Other files in the folder are none of its business."""
+def own_graphs(meta: dict) -> list[str]:
+    """The .onnx files a folder's own toolchain.json describes as one artifact (an encoder-decoder
+    export has two), or [] where there is no such description."""
+    graph = meta.get("graph") if meta.get("artifact") == ONNX_MODEL else None
+    if not isinstance(graph, dict):
+        return []
+    if isinstance(graph.get("graphs"), dict):
+        return sorted(g["file"] for g in graph["graphs"].values() if isinstance(g, dict) and isinstance(g.get("file"), str))
+    return [graph["file"]] if isinstance(graph.get("file"), str) else []
+
+
+def import_files(folder: Path, model: Path, graphs: list[str] = ()) -> list[Path]:
+    """What an import copies, and so exactly what its key hashes: the graph (or each graph its
+    toolchain.json describes), external data, and config/tokenizer files. Other files in the folder
+    are none of its business."""
+    names = tuple(graphs) or (model.name,)
+
     def keep(name: str) -> bool:
-        return name in SIDE_FILES + ("toolchain.json",) or name.startswith(model.name) or Path(name).suffix == ".data"
+        return name in SIDE_FILES + ("toolchain.json",) or name.startswith(names) or Path(name).suffix == ".data"
 
     files = safeio.walk_files(folder, keep, recursive=False)
     if model not in files:
@@ -68,7 +82,17 @@ class ImportOnnx(Stage):
     def _files(self, params, recipe) -> list[Path]:
         folder = self._folder(params, recipe)
         name = params.file or (Path(params.path).name if params.path.endswith(".onnx") else None)
+        graphs = self._own(params, folder)
+        if len(graphs) > 1:  # our encoder-decoder export: the folder is the artifact
+            return import_files(folder, folder / graphs[0], graphs)
         return import_files(folder, onnx_file(folder, name))
+
+    @staticmethod
+    def _own(params, folder: Path) -> list[str]:
+        """The graphs of our own export in `folder` when the import takes it whole (no other file named)."""
+        graphs = own_graphs(_meta(folder)[0])
+        name = params.file or (Path(params.path).name if params.path.endswith(".onnx") else None)
+        return graphs if graphs and (name is None or graphs == [name]) else []
 
     def check(self, ctx: CheckContext) -> None:
         folder = self._folder(ctx.params, ctx.recipe)
@@ -91,8 +115,19 @@ class ImportOnnx(Stage):
     def traits(self, params, inputs, recipe) -> dict:
         from toolchain.frontend.sources import _task_from_architectures
 
-        meta, config = _meta(self._folder(params, recipe))
+        folder = self._folder(params, recipe)
+        meta, config = _meta(folder)
         task = params.task or meta.get("task") or _task_from_architectures(config.get("architectures"))
+        if self._own(params, folder):
+            # one of our exports: its toolchain.json holds its facts (quantization, pooling, KV cache, an
+            # encoder-decoder's graphs...), which the stages after it must know as after the export itself
+            try:
+                facts = ArtifactFacts.from_dict({**meta, "artifact": ONNX_MODEL})
+            except TypeError:  # a hand-edited toolchain.json: treated as a folder made elsewhere
+                facts = None
+            if facts is not None:
+                return facts.replace(task=task, provider=params.provider, device=None, imported=False,
+                                     candidates=None, unknown=False).to_dict()
         return ArtifactFacts(ONNX_MODEL, task=task, model_type=config.get("model_type"), dtype=meta.get("dtype"),
                              provider=params.provider, imported=True).to_dict()
 
@@ -109,8 +144,9 @@ class ImportOnnx(Stage):
         folder = (ctx.recipe_dir / p.path).resolve()
         name = p.file or (folder.name if folder.suffix == ".onnx" else None)
         folder = folder.parent if folder.suffix == ".onnx" else folder
-        model = onnx_file(folder, name)
-        for f in import_files(folder, model):  # the files its key hashed
+        graphs = self._own(p, folder)
+        model = folder / graphs[0] if len(graphs) > 1 else onnx_file(folder, name)
+        for f in import_files(folder, model, graphs if len(graphs) > 1 else ()):  # the files its key hashed
             # A copy-on-write clone where the file system can (btrfs, XFS: no new blocks), else a
             # copy; never a hard link. The user's folder is theirs to edit or regenerate in place
             # (optimum and onnx rewrite model.onnx over the same inode): a link would make the
@@ -121,11 +157,13 @@ class ImportOnnx(Stage):
             safeio.clone_or_copy(f, ctx.output / f.name)
         ours = ctx.output / "toolchain.json"
         meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)
-        if meta.get("graph", {}).get("file") != model.name:
+        if not graphs and meta.get("graph", {}).get("file") != model.name:
             meta = onnx_inspect.describe(ctx.output / model.name, p.task)
         meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
         facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
                                                            model_type=meta.get("model_type"))
         write_meta(ctx.output, facts, meta)
+        if len(graphs) > 1:
+            return {"files": graphs, "task": meta["task"], "dtype": meta["dtype"]}
         return {"file": model.name, "task": meta["task"], "inputs": meta["graph"]["inputs"][:6],
                 "outputs": meta["graph"]["outputs"][:4], "dtype": meta["dtype"]}
