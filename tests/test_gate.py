@@ -289,3 +289,26 @@ def test_report_writes_only_where_it_may_and_tells_same_named_builds_apart(tmp_p
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert f"gate ({out}) bench" in text and f"gate ({tmp_path / 'copy'}) bench" in text
     assert run_cli("report", out, tmp_path / "copy", "-o", tmp_path / "cmp").returncode == 0  # its own folder again
+
+
+def test_report_refuses_damaged_manifests_without_a_traceback(tmp_path, tiny_build):
+    """Hand-edited manifests (a zero median, steps that are not objects, timings that are a string)
+    are exit 2 naming the folder, not a ZeroDivisionError or AttributeError with exit 1."""
+    doc = json.loads((tiny_build / "out" / "manifest.json").read_text())
+    zero = json.loads(json.dumps(doc))
+    for s in zero["variants"][0]["steps"]:
+        for t in ((s.get("metrics") or {}).get("timings") or {}).values():
+            t["median_ms"] = 0
+    nulls = {**doc, "variants": [{**doc["variants"][0], "steps": [None, 1]}]}
+    text = json.loads(json.dumps(doc))
+    for s in text["variants"][0]["steps"]:
+        if (s.get("metrics") or {}).get("timings"):
+            s["metrics"]["timings"] = "x"
+    for name, bad in (("zero", zero), ("nulls", nulls), ("text", text)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(bad))
+        res = run_cli("report", folder, tiny_build / "out", "-o", tmp_path / f"r-{name}")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (name, res.stderr)
+        assert f"{folder}: not a build output folder" in res.stderr, res.stderr
+        assert not (tmp_path / f"r-{name}").exists()

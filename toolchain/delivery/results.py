@@ -13,6 +13,7 @@ statuses, decided here from the numbers and their gates (never from message text
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,7 +168,13 @@ class Timing:
     @classmethod
     def read(cls, measure: str, t: dict) -> "Timing":
         keys = {f for f in cls.__dataclass_fields__ if f != "measure"}
-        return cls(measure, **{k: v for k, v in t.items() if k in keys})
+        timing = cls(measure, **{k: v for k, v in t.items() if k in keys})
+        # what the reports divide by and compare: a hand-edited or damaged manifest is refused here,
+        # not met as a ZeroDivisionError deep in a report
+        if timing.error is None and not (isinstance(timing.median_ms, (int, float)) and math.isfinite(timing.median_ms)
+                                         and timing.median_ms > 0):
+            raise ValueError(f"timing {measure!r}: median_ms {timing.median_ms!r} is not a positive number")
+        return timing
 
 
 def shape_of(measure: str, t: Timing, latency=None) -> str:
@@ -363,5 +370,5 @@ def load(path: Path | str) -> BuildResult:
     p = p / "manifest.json" if p.is_dir() else p
     try:
         return BuildResult.from_manifest(json.loads(p.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # (a step or field of the wrong type)
         raise NotABuild(f"{path}: not a build output folder (no readable manifest.json: {exc})") from None
