@@ -33,7 +33,8 @@ case $TORCH in
 esac
 ORT=ort-cpu; [ "$FLAVOUR" = gpu ] && ORT=ort-gpu
 PY=${PYTHON:-python3}
-run() { if [ -n "$DRY" ]; then echo "$*"; else "$@"; fi; }
+# --dry-run prints each command shell-quoted, so that it can be pasted as it is
+run() { if [ -n "$DRY" ]; then local q; q=$(printf '%q ' "$@"); echo "${q% }"; else "$@"; fi; }
 [ -x .venv/bin/python ] || run "$PY" -m venv .venv
 pip() { run .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first and exactly pinned, from the index chosen above (an unpinned torch would pull the newest

@@ -193,6 +193,7 @@ def test_setup_flavours_and_torch_index():
     if "+" in importlib.metadata.version("torch"):  # a PyTorch-index build here: switching builds reinstalls
         other = "cu130" if not importlib.metadata.version("torch").endswith("+cu130") else "cpu"
         assert "--force-reinstall --no-deps" in dry("--torch", other).stdout.splitlines()[0]
+    assert "--index-url http://x\\ y" in dry("--torch", "http://x y").stdout  # pasteable: shell-quoted
     assert dry("--torch").returncode == 2
     bad = dry("--torch", "cuda-please")
     assert bad.returncode == 2 and "expected default, cpu, cuNNN or an index URL" in bad.stderr and not bad.stdout
