@@ -178,3 +178,29 @@ def test_matrix_exclude_that_excludes_nothing_is_an_error(tmp_path):
     assert any(line == 9 and "attention: 'flash', which is not one of its values" in m for line, m in found), found
     assert any("unknown key 'dtpye'" in m for _, m in found), found
     assert len(load_recipe(ROOT / "recipes" / "minilm-attention.yaml")) == 4  # its own exclude is right
+
+
+def test_bare_placeholder_and_extends_cycle_are_located(tmp_path):
+    """`${impl}` where `${matrix.impl}` was meant would stay as literal text: an error at its line
+    with the right spelling; an `extends` cycle is reported at the `extends` line that closes it."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(textwrap.dedent("""\
+        name: bare
+        model: {config: {model_type: bert, architectures: [BertModel], hidden_size: 32, num_hidden_layers: 1,
+                         num_attention_heads: 2, intermediate_size: 64, vocab_size: 100}, seed: 0}
+        matrix:
+          impl: [eager, sdpa]
+        stages:
+          load: {kind: load}
+          a: {kind: attention, inputs: {model: load}, params: {implementation: "${impl}"}}
+        """))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bare)
+    (p,) = [p for p in err.value.problems if "${impl}" in p.message]
+    assert p.line == 8 and "${matrix.impl}" in p.message
+    (tmp_path / "a.yaml").write_text("name: a\nextends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("name: b\n\nextends: a.yaml\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path / "a.yaml")
+    (p,) = err.value.problems
+    assert "forms a cycle: a.yaml -> b.yaml -> a.yaml" in p.message and p.file.endswith("b.yaml") and p.line == 3

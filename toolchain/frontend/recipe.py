@@ -20,6 +20,7 @@ from toolchain.frontend.schema import validate
 from toolchain.frontend.yamlsrc import MAX_NODES, Located, load_yaml
 
 _PLACEHOLDER = re.compile(r"\$\{matrix\.([A-Za-z_][A-Za-z0-9_]*)\}")
+_BARE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # a placeholder without `matrix.`
 MAX_EXTENDS_DEPTH = 16
 MAX_VARIANTS = 256  # combinations before `exclude`; each is planned (and may be built) on its own
 MAX_RESOLVED_NODES = 1_000_000  # values over all variants: each variant is a full copy of the recipe
@@ -125,6 +126,11 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> Located:
         file, line, col = doc.where(("extends",))
         raise RecipeError([Problem("`extends` must be a file path", file, line, col)])
     parent_path = (path.parent / parent)
+    if parent_path.resolve() in chain + (path,):  # said at this file's `extends` line
+        file, line, col = doc.where(("extends",))
+        cycle = " -> ".join(p.name for p in chain + (path, parent_path.resolve()))
+        raise RecipeError([Problem(f"`extends` forms a cycle: {cycle}", file, line, col,
+                                   hint="a recipe cannot extend itself, directly or through others")])
     if not os.path.lexists(parent_path):
         file, line, col = doc.where(("extends",))
         raise RecipeError([Problem(f"`extends` names a file that does not exist: {parent}", file, line, col,
@@ -176,6 +182,12 @@ def _substitute(value: Any, variant: dict, path: tuple, doc: Located, problems: 
         return [_substitute(v, variant, path + (i,), doc, problems, budget) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
+    for m in _BARE.finditer(value):  # `${pool}` where `${matrix.pool}` was meant: it would stay as text
+        if m.group(1) in variant:
+            file, line, col = doc.where(path)
+            problems.append(Problem(f"'{m.group(0)}' is not expanded: matrix values are written "
+                                    f"'${{matrix.{m.group(1)}}}'", file, line, col,
+                                    hint=f"write ${{matrix.{m.group(1)}}}"))
 
     def lookup(name: str) -> Any:
         if name not in variant:
