@@ -125,3 +125,20 @@ def test_toolchain_validate_checks_our_seq2seq_export(builds):
     said = v.stdout + v.stderr
     assert v.returncode == 0, said
     assert "parity encoder last_hidden_state" in said and "3 of 3 prompts identical" in said, said
+
+
+def test_a_speech_model_is_not_called_a_text_model(tmp_path):
+    path = recipe(tmp_path, "w", WHISPER, {
+        "load": "{kind: load}", "export": "{kind: export_onnx, inputs: {model: load}}",
+        "v": "{kind: validate, inputs: {candidate: export, reference: load}, params: {corpus: 'matplotlib:sample_data'}}"},
+        tokenizer=False)
+    res = run_cli("check", path)
+    assert res.returncode == 2 and "but the model is a speech model" in res.stderr, res.stderr
+    assert "text model" not in res.stderr
+    # kv_cache on an encoder-decoder: one message (its own), not a second generic one at the same place
+    path = recipe(tmp_path, "wk", WHISPER, {"load": "{kind: load}",
+                                           "x": "{kind: export_onnx, inputs: {model: load}, params: {kv_cache: true}}"},
+                  tokenizer=False)
+    res = run_cli("check", path)
+    assert res.returncode == 2 and res.stderr.count("wk.yaml:") == 1, res.stderr
+    assert "decoder graph always takes past self-attention keys/values" in res.stderr

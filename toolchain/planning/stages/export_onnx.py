@@ -73,7 +73,8 @@ class ExportOnnx(Stage):
         if t.get("quantization"):
             ctx.error(f"cannot export a bitsandbytes-quantized model ({ctx.facts('model').quantization}) to ONNX: its "
                       "int8/nf4 kernels have no ONNX equivalent", hint="export the unquantized model instead")
-        if p.kv_cache and task != "text-generation":
+        if p.kv_cache and task != "text-generation" and not (task in SEQ2SEQ_TASKS or encoder_decoder(t)):
+            # (an encoder-decoder's own rule says what its decoder graph takes instead)
             ctx.error(f"`kv_cache: true` needs task text-generation, but the task is {task}", "kv_cache")
         if t.get("task") and p.task and p.task != t["task"]:
             ctx.error(f"task {p.task} does not match the loaded model's head ({t['task']})", "task",

@@ -86,8 +86,11 @@ class Validate(Stage):
             self._check_corpus(ctx)
             return
         if images:
-            ctx.error(f"`corpus` {p.corpus!r} is a source of images, but the model is a text model", "corpus",
-                      hint="use real text: `gensim:lee_background` or a text file")
+            speech = "automatic-speech-recognition" in (ref.get("task"), cand.get("task"))
+            ctx.error(f"`corpus` {p.corpus!r} is a source of images, but the model is a "
+                      f"{'speech' if speech else 'text'} model", "corpus",
+                      hint="drop `corpus`: a speech model is compared on its own synthesised audio" if speech
+                      else "use real text: `gensim:lee_background` or a text file")
             return
         seq2seq = encoder_decoder(cand) or encoder_decoder(ref)
         if seq2seq:
