@@ -232,3 +232,16 @@ def test_optimize_onnx_float16_for_the_cpu_provider_is_refused(tmp_path):
       fp16: {kind: optimize_onnx, inputs: {model: export}, params: {float16: true, use_gpu: true}}
     """)
     assert run_cli("check", cuda).returncode == 0
+
+
+def test_a_stage_after_one_with_a_problem_is_still_checked(tmp_path):
+    """One pass: `q` has a rule problem (int4 on an encoder), and `v` after it has its own (generate
+    on an encoder); both are reported together, not the second only once the first is fixed."""
+    r = tiny_recipe(tmp_path, "two", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}}
+      q: {kind: quantize_onnx, inputs: {model: export}, params: {method: int4}}
+      v: {kind: validate, inputs: {candidate: q, reference: load}, params: {generate: {prompts: 2}}}
+    """, extra="targets: [q]")
+    found = {p.line: p.message for p in plan_problems(r)}
+    assert "MatMulNBits" in found[9] and "`generate` applies to text-generation models only" in found[10], found

@@ -168,10 +168,16 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
             stage.check(ctx)
         problems.extend(ctx.problems + ctx.machine_problems)
         notes.extend(ctx.notes)
-        if blind or ctx.problems or ctx.opaque:
+        traits = None
+        if not (blind or ctx.opaque):
+            try:  # a step with a rule problem still has the traits its params describe: the steps after it
+                # are checked against those, so that their own problems come in this same pass
+                traits = stage.traits(params, in_traits, recipe)
+            except Exception:  # noqa: BLE001 - params too broken to describe anything: the steps after are not checked
+                if not ctx.problems:
+                    raise
+        if traits is None:
             traits = {"artifact": stage.produces, "unknown": True}
-        else:
-            traits = stage.traits(params, in_traits, recipe)
         if unused:  # named by what this step makes (a compile makes a package or a model)
             problems.append(recipe.problem(
                 f"stage '{name}' makes a {traits['artifact']} that no stage uses and that is not a target",
