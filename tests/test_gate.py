@@ -240,6 +240,10 @@ def test_validate_baseline_must_match_and_come_from_this_machine(tmp_path, tiny_
     (tmp_path / "other-model.json").write_text(json.dumps(other_model))
     res = run_cli("validate", export, *common, "--baseline", tmp_path / "other-model.json")
     assert res.returncode == 2 and "against another reference model" in res.stderr and weights in res.stderr, res.stderr
+    del ref_step["outputs"][weights]  # and one that names no reference weights at all cannot show it is this model's
+    (tmp_path / "no-weights.json").write_text(json.dumps(other_model))
+    res = run_cli("validate", export, *common, "--baseline", tmp_path / "no-weights.json")
+    assert res.returncode == 2 and "names no reference model weights" in res.stderr, res.stderr
     # a latency timed at another shape has no baseline: parity is still compared, latency is not
     other_shape = [a if a != "2" else "3" for a in common]  # --bench-batch-size 3
     res = run_cli("validate", export, *other_shape, "--baseline", tmp_path / "base.json")

@@ -247,6 +247,14 @@ def test_a_fixed_shape_export_is_refused_where_real_inputs_go(tmp_path):
     assert any("candidate 'export'" in p.message and "dynamic_axes: false" in p.message for p in found)
     qd = next(i + 1 for i, x in enumerate(text) if x.strip().startswith("qd:"))
     assert qd not in where
+    # timed at exactly its one shape, unpadded, it is benchmarked as it is
+    ok = tiny_recipe(tmp_path, "fixed_ok", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {dynamic_axes: false}}
+      b: {kind: benchmark, inputs: {model: export}, params: {batch_size: 2, sequence_length: 8}}
+    """, extra="targets: [export]")
+    (recipe,) = load_recipe(ok)
+    assert "b" in build_plan(recipe).steps
     # the model builder writes its own graph: a fixed shape asked of it would be dropped without a word
     r = tiny_recipe(tmp_path, "genai_fixed", """
       load: {kind: load}
@@ -273,3 +281,25 @@ def test_an_import_of_our_quantized_export_keeps_its_facts(encoder_build, tmp_pa
   q: {{kind: quantize_onnx, inputs: {{model: imported}}, params: {{method: dynamic}}}}
 """)
     assert any("already quantized (int8-dynamic)" in m for m in messages(again))
+    # a toolchain.json is trusted only as far as it can be checked: a graph file outside the folder, a
+    # fact of the wrong type, or a quantization the graph does not hold is refused, never used
+    import shutil
+
+    def hostile(edit, source=out / "dyn"):
+        folder = tmp_path / f"h{len(list(tmp_path.glob('h*')))}"
+        shutil.copytree(source, folder)
+        for f in folder.iterdir():
+            f.chmod(0o644)
+        meta = json.loads((folder / "toolchain.json").read_text())
+        edit(meta)
+        (folder / "toolchain.json").write_text(json.dumps(meta))
+        return run_cli("validate", folder, "--reference", out.parent / "enc.yaml", "--samples", "8", "--batch-size",
+                       "8", "--max-length", "16", "--iterations", "0", "--store", store)
+    elsewhere = hostile(lambda m: m["graph"].update(file=str(out / "st" / "model.onnx")))
+    assert elsewhere.returncode == 2 and "not the name of an .onnx file in the folder" in elsewhere.stderr
+    typed = hostile(lambda m: m.update(static_shape="x"))
+    assert typed.returncode == 2 and "`static_shape` is str, not dict" in typed.stderr and "Traceback" not in typed.stderr
+    export = steps_of(out)["export"]["key"]
+    claimed = hostile(lambda m: m.update(quantization={"scheme": "int8-dynamic", "bits": 8, "method": "onnxruntime"}),
+                      source=store / "trees" / export)
+    assert claimed.returncode == 2 and "holds no quantized operator" in claimed.stderr, claimed.stderr

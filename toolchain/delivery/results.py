@@ -170,10 +170,18 @@ class Timing:
         keys = {f for f in cls.__dataclass_fields__ if f != "measure"}
         timing = cls(measure, **{k: v for k, v in t.items() if k in keys})
         # what the reports divide by and compare: a hand-edited or damaged manifest is refused here,
-        # not met as a ZeroDivisionError deep in a report
-        if timing.error is None and not (isinstance(timing.median_ms, (int, float)) and math.isfinite(timing.median_ms)
-                                         and timing.median_ms > 0):
+        # not met as a ZeroDivisionError or TypeError deep in a report
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        if timing.error is None and not (number(timing.median_ms) and timing.median_ms > 0):
             raise ValueError(f"timing {measure!r}: median_ms {timing.median_ms!r} is not a positive number")
+        for name in ("p90_ms", "p99_ms", "stdev_ms", "cov", "throughput", "achieved_tflops", "fraction_of_peak",
+                     "peak_memory_mb", "first_call_s", "first_pass_median_ms", "padding_fraction"):
+            value = getattr(timing, name)
+            if value is not None and not number(value):
+                raise ValueError(f"timing {measure!r}: {name} {value!r} is not a number")
+        if not isinstance(timing.samples_ms, list) or not all(number(x) for x in timing.samples_ms):
+            raise ValueError(f"timing {measure!r}: samples_ms is not a list of numbers")
         return timing
 
 
@@ -371,4 +379,5 @@ def load(path: Path | str) -> BuildResult:
     try:
         return BuildResult.from_manifest(json.loads(p.read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # (a step or field of the wrong type)
-        raise NotABuild(f"{path}: not a build output folder (no readable manifest.json: {exc})") from None
+        raise NotABuild(f"{path}: not a build output folder (its manifest.json is missing, unreadable or damaged: "
+                        f"{exc})") from None

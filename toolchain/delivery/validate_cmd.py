@@ -117,6 +117,10 @@ def _same_reference(baseline: dict, manifest: dict, args) -> None:
     """A baseline of another reference model (other weights) compares nothing: its parity and its
     latency are another model's."""
     then, now = _reference_weights(baseline.get("manifest")), _reference_weights(manifest)
+    if now and not then:
+        raise UsageError(f"--baseline {args.baseline} names no reference model weights (its manifest has no "
+                         "`reference` step with weight files), so nothing shows it is a baseline of this model. "
+                         "Measure a baseline of this model (`toolchain validate ... --json`) and compare with that")
     if then and now and then != now:
         differ = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
         raise UsageError(f"--baseline {args.baseline} was measured against another reference model: its weights "
@@ -164,13 +168,13 @@ def run(args, store, console: Console) -> int:
     manifest = build([plan], store, None, console, force=force, require_provider=args.require_provider)
     checks = checks_from_manifest(manifest)
     if baseline is not None:
-        _same_reference(baseline, manifest, args)
         regressions = compare_baseline(checks, baseline["checks"], args.max_slowdown / 100.0)
         if not regressions:
             raise UsageError(
                 f"--baseline {args.baseline} matches none of this run's checks, so nothing was compared (its "
                 f"checks: {_names(baseline['checks']) or 'none'}; this run's: {_names(c.to_dict() for c in checks)}). "
                 "Use a `--json` report of the same model and steps, measured with the same options")
+        _same_reference(baseline, manifest, args)
         if any(c.name.startswith("regression latency") for c in regressions):
             _same_machine(baseline, manifest, args)
         checks += regressions

@@ -131,6 +131,7 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
                                            f"'{t}/' folder", ("stages", t), key=True, hint=f"rename the stage '{t}'"))
 
     steps: dict[str, Step] = {}
+    tentative: dict[str, str] = {}  # step -> the step above it (or itself) with a rule problem
     notes: list[str] = []
     for name in order:
         spec = stages[name]
@@ -166,6 +167,12 @@ def build_plan(recipe: Recipe, hasher: Callable[[Path], str] | None = None, keys
         blind = len(in_traits) != len(inputs) or any(t.get("unknown") for t in in_traits.values())
         if not blind:
             stage.check(ctx)
+        upstream = next((tentative[src] for _, src, _ in refs if src in tentative), None)
+        if upstream:  # checked against what a stage with a problem would make: say where it may come from
+            ctx.problems = [replace(q, message=f"{q.message} (stage '{upstream}' before it has a problem too; "
+                                                  "fixing that may clear this)") for q in ctx.problems]
+        if upstream or ctx.problems:
+            tentative[name] = upstream or name
         problems.extend(ctx.problems + ctx.machine_problems)
         notes.extend(ctx.notes)
         traits = None

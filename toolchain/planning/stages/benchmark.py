@@ -40,7 +40,14 @@ class Benchmark(Stage):
         if ctx.inputs["model"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["model"].get("provider", "cpu"))
         t = ctx.inputs["model"]
-        refuse_static_shape(ctx, "model", "benchmark times the recipe's batch and sequence shapes")
+        fixed = t.get("static_shape")
+        if fixed and (ctx.params.decode_tokens or ctx.params.padding or any(
+                (b, q) != (fixed.get("batch"), fixed.get("sequence", q)) for b, q in grid(ctx.params))):
+            # (timed at exactly its one shape, unpadded and without decode steps, it runs as it is)
+            refuse_static_shape(ctx, "model", "benchmark times the recipe's batch and sequence shapes "
+                                f"({', '.join(f'b{b} s{q}' for b, q in grid(ctx.params))}"
+                                + (", padded" if ctx.params.padding else "")
+                                + (", decode steps" if ctx.params.decode_tokens else "") + ")")
         if ctx.params.decode_tokens and (t.get("compile") or {}).get("backend") == "aot_inductor":
             ctx.error("`decode_tokens` needs a KV cache, which an AOTInductor package does not take", "decode_tokens",
                       hint="time decode steps on an `inductor` compile of the model (a static cache, compiled step)")
@@ -76,7 +83,9 @@ class Benchmark(Stage):
             ctx.error("`peak_tflops` compares counted FLOPs, which are not counted for encoder-decoders",
                       "peak_tflops", hint="drop `peak_tflops`")
         if t.get("imported"):
-            ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by")
+            ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by",
+                      hint="import the whole folder of an `export_onnx` of the model (its toolchain.json describes "
+                           "both graphs), not one of its .onnx files")
         if t.get("task") == "automatic-speech-recognition" and isinstance(ctx.params.sequence_length, list):
             ctx.error("a speech encoder always takes 30 s of audio features: a list of `sequence_length` would "
                       "time the same shape under several names", "sequence_length",

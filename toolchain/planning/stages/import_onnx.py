@@ -3,11 +3,12 @@ as an onnx-model artifact, so that `validate` and `benchmark` can check it."""
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain import safeio
-from toolchain.planning.artifacts import ArtifactFacts, write_meta
+from toolchain.planning.artifacts import ArtifactFacts, Quantization, write_meta
 from toolchain.planning.stages.base import ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage
 
 
@@ -32,15 +33,78 @@ def onnx_file(folder: Path, name: str | None) -> Path:
                             "name one with `file`")
 
 
-def own_graphs(meta: dict) -> list[str]:
+class NotOurs(ValueError):
+    """A toolchain.json that claims to describe our ONNX artifact but cannot be trusted to."""
+
+
+# the facts an imported ONNX folder of ours carries on (what the stages after it plan with), each with
+# the JSON type it must have; anything else in its toolchain.json is run detail
+CARRIED_FACTS = {"task": str, "model_type": str, "dtype": str, "kv_cache": bool, "has_tokenizer": bool,
+                 "quantization": dict, "pooling": dict, "static_shape": dict, "config": dict,
+                 "sentence_transformers": dict}
+POOLING_MODES = ("mean", "cls", "max")
+
+
+def _plain_name(name) -> bool:
+    return (isinstance(name, str) and name.endswith(".onnx") and name == Path(name).name
+            and name not in (".", "..") and "\\" not in name)
+
+
+def own_graphs(meta: dict, folder: Path | None = None) -> list[str]:
     """The .onnx files a folder's own toolchain.json describes as one artifact (an encoder-decoder
-    export has two), or [] where there is no such description."""
+    export has two), or [] where there is no such description. Raises NotOurs where the description
+    names anything but distinct plain file names of regular files in `folder` (a path elsewhere
+    would make the checks read another file than the one delivered)."""
     graph = meta.get("graph") if meta.get("artifact") == ONNX_MODEL else None
     if not isinstance(graph, dict):
         return []
-    if isinstance(graph.get("graphs"), dict):
-        return sorted(g["file"] for g in graph["graphs"].values() if isinstance(g, dict) and isinstance(g.get("file"), str))
-    return [graph["file"]] if isinstance(graph.get("file"), str) else []
+    if "graphs" in graph:
+        parts = graph["graphs"]
+        if not isinstance(parts, dict) or not parts or not all(isinstance(g, dict) for g in parts.values()):
+            raise NotOurs("its `graph.graphs` is not a mapping of graph descriptions")
+        names = [g.get("file") for g in parts.values()]
+    else:
+        names = [graph.get("file")]
+    for name in names:
+        if not _plain_name(name):
+            raise NotOurs(f"it names the graph file {name!r}, which is not the name of an .onnx file in the folder")
+    if len(set(names)) != len(names):
+        raise NotOurs(f"it names one graph file for several graphs ({', '.join(names)})")
+    if folder is not None:
+        for name in names:
+            try:
+                st = (folder / name).lstat()
+            except OSError:
+                raise NotOurs(f"its graph file {name} is not in the folder") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise NotOurs(f"its graph file {name} is not a regular file")
+    return sorted(names)
+
+
+def carried_facts(meta: dict) -> dict:
+    """The facts of CARRIED_FACTS in `meta`, their types checked (NotOurs where one is wrong)."""
+    out = {}
+    for name, kind in CARRIED_FACTS.items():
+        value = meta.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise NotOurs(f"its fact `{name}` is {type(value).__name__}, not {kind.__name__}")
+        out[name] = value
+    q = out.get("quantization")
+    if q is not None:
+        fields = {f for f in Quantization.__dataclass_fields__}
+        if not (isinstance(q.get("scheme"), str) and isinstance(q.get("bits"), int) and set(q) <= fields):
+            raise NotOurs("its fact `quantization` is not a quantization description (scheme, bits, ...)")
+    pool = out.get("pooling")
+    if pool is not None and not (pool.get("mode") in POOLING_MODES and isinstance(pool.get("normalize"), bool)
+                                 and set(pool) == {"mode", "normalize"}):
+        raise NotOurs("its fact `pooling` is not {mode: mean|cls|max, normalize: true|false}")
+    shape = out.get("static_shape")
+    if shape is not None and not (set(shape) <= {"batch", "sequence"} and shape and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape.values())):
+        raise NotOurs("its fact `static_shape` is not {batch: N, sequence: N}")
+    return out
 
 
 def import_files(folder: Path, model: Path, graphs: list[str] = ()) -> list[Path]:
@@ -89,10 +153,15 @@ class ImportOnnx(Stage):
 
     @staticmethod
     def _own(params, folder: Path) -> list[str]:
-        """The graphs of our own export in `folder` when the import takes it whole (no other file named)."""
-        graphs = own_graphs(_meta(folder)[0])
+        """The graphs of our own export in `folder` when the import takes it whole (no other file named);
+        NotOurs where its toolchain.json describes it in a way that cannot be trusted."""
+        meta = _meta(folder)[0]
         name = params.file or (Path(params.path).name if params.path.endswith(".onnx") else None)
-        return graphs if graphs and (name is None or graphs == [name]) else []
+        graphs = own_graphs(meta, folder)
+        if not graphs or (name is not None and graphs != [name]):
+            return []
+        carried_facts(meta)
+        return graphs
 
     def check(self, ctx: CheckContext) -> None:
         folder = self._folder(ctx.params, ctx.recipe)
@@ -104,6 +173,10 @@ class ImportOnnx(Stage):
             _meta(folder)
         except safeio.UnsafeInput as exc:
             ctx.error(str(exc), "path", hint=exc.hint)
+        except NotOurs as exc:
+            ctx.error(f"{folder / 'toolchain.json'} describes one of toolchain's ONNX exports, but {exc}", "path",
+                      hint="export the model again, or remove the folder's toolchain.json to import it as a model "
+                           "made elsewhere")
         except FileNotFoundError as exc:
             ctx.error(str(exc), "file")
         except ValueError as exc:
@@ -121,13 +194,8 @@ class ImportOnnx(Stage):
         if self._own(params, folder):
             # one of our exports: its toolchain.json holds its facts (quantization, pooling, KV cache, an
             # encoder-decoder's graphs...), which the stages after it must know as after the export itself
-            try:
-                facts = ArtifactFacts.from_dict({**meta, "artifact": ONNX_MODEL})
-            except TypeError:  # a hand-edited toolchain.json: treated as a folder made elsewhere
-                facts = None
-            if facts is not None:
-                return facts.replace(task=task, provider=params.provider, device=None, imported=False,
-                                     candidates=None, unknown=False).to_dict()
+            facts = ArtifactFacts.from_dict({**carried_facts(meta), "artifact": ONNX_MODEL})
+            return facts.replace(task=task, provider=params.provider).to_dict()
         return ArtifactFacts(ONNX_MODEL, task=task, model_type=config.get("model_type"), dtype=meta.get("dtype"),
                              provider=params.provider, imported=True).to_dict()
 
@@ -157,8 +225,10 @@ class ImportOnnx(Stage):
             safeio.clone_or_copy(f, ctx.output / f.name)
         ours = ctx.output / "toolchain.json"
         meta = json.loads(ours.read_text()) if ours.is_file() else onnx_inspect.describe(ctx.output / model.name, p.task)
-        if not graphs and meta.get("graph", {}).get("file") != model.name:
+        if len(graphs) <= 1 and meta.get("graph", {}).get("file") != model.name:
             meta = onnx_inspect.describe(ctx.output / model.name, p.task)
+        if graphs:  # a claim of quantization must be borne out by the graphs (it decides the gates)
+            _check_quantized(ctx.output, graphs, (meta.get("quantization") or {}).get("scheme"))
         meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
         facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
                                                            model_type=meta.get("model_type"))
@@ -167,3 +237,24 @@ class ImportOnnx(Stage):
             return {"files": graphs, "task": meta["task"], "dtype": meta["dtype"]}
         return {"file": model.name, "task": meta["task"], "inputs": meta["graph"]["inputs"][:6],
                 "outputs": meta["graph"]["outputs"][:4], "dtype": meta["dtype"]}
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits",
+                 "QLinearMatMul", "QLinearConv", "ConvInteger", "QAttention", "DynamicQuantizeMatMul"}
+
+
+def _check_quantized(folder: Path, graphs: list[str], scheme: str | None) -> None:
+    """Our toolchain.json saying `quantization` decides the gates validate applies: a graph without a
+    single quantized operator is not what it says it is."""
+    if not scheme:
+        return
+    import onnx
+
+    from toolchain.errors import StageUserError
+
+    for name in graphs:
+        ops = {n.op_type for n in onnx.load(str(folder / name), load_external_data=False).graph.node}
+        if not ops & QUANTIZED_OPS:
+            raise StageUserError(f"{name}: its toolchain.json says it is quantized ({scheme}), but the graph holds no "
+                                 "quantized operator; the gates for that precision would be too loose for it. Export "
+                                 "it again, or remove the `quantization` fact")

@@ -135,7 +135,8 @@ class Validate(Stage):
             ctx.error("the candidate and the reference must both be the encoder-decoder model")
         if cand.get("artifact") == ONNX_MODEL and cand.get("imported"):
             ctx.error("an imported ONNX encoder-decoder has no toolchain graph description to run it by",
-                      at=("inputs", "candidate"), hint="validate an `export_onnx` of the model")
+                      at=("inputs", "candidate"), hint="validate the whole folder of an `export_onnx` of the model "
+                      "(its toolchain.json describes both graphs), not one of its .onnx files")
         if cand.get("artifact") == AOTI_MODEL:
             ctx.error("an encoder-decoder cannot be an AOTInductor package", at=("inputs", "candidate"))
 
