@@ -614,10 +614,11 @@ def _env_lanes(args) -> int:
         print(json.dumps(listing, indent=2))
         return 0
     key = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
-    rows = [[lane["name"], lane["path"], "yes" if lane["created"] else "no (made on first use)",
-             ", ".join(f"{k} {lane['versions'][k]}" for k in key if k in lane["versions"]), lane["purpose"]]
-            for lane in listing]
-    Console(quiet=False).table("lanes", ["lane", "path", "created", "versions (lock)", "for"], rows)
+    for lane in listing:  # plain lines, not a table: a path must never be cut short
+        v = lane["versions"]
+        print(f"{lane['name']}: {'created' if lane['created'] else 'not created (made on first use)'}\n"
+              f"  path: {lane['path']}\n  for: {lane['purpose']}\n"
+              f"  versions: {', '.join(f'{k} {v[k]}' for k in key if k in v)} ({len(v)} packages pinned)")
     return 0
 
 

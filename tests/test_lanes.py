@@ -1,0 +1,154 @@
+"""Lanes: pinned side environments (toolchain/lanes.py) and the steps that run in them
+(`export_onnx` with `exporter: optimum`).
+
+The slow tests share one lanes folder for the session (`lanes_dir`, through $TOOLCHAIN_LANES), so
+each lane is made once (about 50 s here: pip installs the lock, torch from the local CPU build).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, tiny_recipe
+
+LANE = "optimum-onnx"
+
+
+def _ensure_cmd(name: str) -> list[str]:
+    return [sys.executable, "-c", f"import sys; from toolchain import lanes; "
+                                  f"print('LANE', lanes.ensure({name!r}, sys.argv[1]))", "/nonexistent-store"]
+
+
+@pytest.fixture(scope="session")
+def lanes_dir(tmp_path_factory) -> Path:
+    """The session's lanes, made here by two processes at once: the file lock lets one make the
+    lane, and the other waits for it and uses it (it must not make it again)."""
+    folder = tmp_path_factory.mktemp("lanes")
+    env = {**os.environ, "TOOLCHAIN_LANES": str(folder), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(_ensure_cmd(LANE), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("making lane" in o for o in outs) == 1, outs
+    paths = {line.split(" ", 1)[1] for o in outs for line in o.splitlines() if line.startswith("LANE ")}
+    assert len(paths) == 1, outs
+    return folder
+
+
+def test_env_lanes_lists_the_shipped_lanes_without_making_them(tmp_path):
+    store = tmp_path / "store"
+    proc = run_cli("env", "--lanes", "--json", "--store", store)
+    assert proc.returncode == 0, proc.stderr
+    listing = {lane["name"]: lane for lane in json.loads(proc.stdout)}
+    lane = listing[LANE]
+    assert lane["created"] is False and Path(lane["path"]).parent == store / "lanes"
+    assert lane["versions"]["transformers"] == "4.57.6" and lane["versions"]["optimum-onnx"] == "0.1.0"
+    assert not (store / "lanes").exists()  # listing never makes a lane
+    table = run_cli("env", "--lanes", "--store", store, env={"COLUMNS": "300"})
+    shown = table.stdout + table.stderr  # (tables go to the console's stream)
+    assert table.returncode == 0 and LANE in shown and "transformers 4.57.6" in shown and "made on first use" in shown
+
+
+def test_optimum_exporter_plan_time_rules(tmp_path):
+    recipe = tiny_recipe(tmp_path, stages="""
+        load:
+          kind: load
+        export:
+          kind: export_onnx
+          inputs: {model: load}
+          params: {task: feature-extraction, exporter: optimum, pooling: mean, dynamic_axes: false}
+        """)
+    proc = run_cli("check", recipe)
+    assert proc.returncode == 2
+    assert "without a pooled sentence embedding" in proc.stderr + proc.stdout
+    assert "always writes dynamic batch and sequence axes" in proc.stderr + proc.stdout
+
+
+def test_lane_that_cannot_be_made_is_a_machine_problem(tmp_path):
+    """No package index: exit 4, the lane named, pip's own error in the message, no traceback,
+    and nothing left that a later build would take for a lane."""
+    recipe = tiny_recipe(tmp_path, stages="""
+        load:
+          kind: load
+        export:
+          kind: export_onnx
+          inputs: {model: load}
+          params: {task: feature-extraction, exporter: optimum}
+        """)
+    lanes = tmp_path / "lanes"
+    proc = run_cli("build", recipe, "--store", tmp_path / "store",
+                   env={"TOOLCHAIN_LANES": str(lanes), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "none")})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out
+    assert f"cannot make lane '{LANE}'" in out and "No matching distribution" in out
+    assert "Traceback" not in out
+    assert [p.name for p in lanes.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_lane_killed_mid_creation_is_never_used(tmp_path):
+    """SIGKILL while pip installs: the half-made venv is in a temporary folder, never at the lane's
+    path; the next attempt removes it."""
+    lanes = tmp_path / "lanes"
+    env = {**os.environ, "TOOLCHAIN_LANES": str(lanes), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_ensure_cmd(LANE), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(lanes.glob(f".{LANE}-*.tmp-*/bin/python")):
+        time.sleep(0.2)
+    time.sleep(2)  # pip is installing
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p for p in lanes.iterdir() if not p.name.endswith(".lock")]
+    assert left and all(p.name.startswith(".") and ".tmp-" in p.name for p in left), left
+    from toolchain import lanes as lanes_module
+
+    lane = Path(str(lanes_module.path(LANE, tmp_path)).replace(str(tmp_path / "lanes"), str(lanes)))
+    assert not lane.exists()
+    # a second attempt (that fails fast: no package index) first clears what the killed one left
+    fail = subprocess.run(_ensure_cmd(LANE), env={**env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)},
+                          capture_output=True, text=True)
+    assert fail.returncode != 0 and "cannot make lane" in fail.stderr
+    assert [p for p in lanes.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_minilm_exporters_side_by_side_then_all_cached(tmp_path, lanes_dir):
+    """The real MiniLM exported by dynamo, TorchScript and optimum-onnx (in its lane): each passes
+    parity with PyTorch on real sentences; the optimum graph is optimum's (its exporter and lane
+    recorded); a second build reuses the lane and every step."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    env = {"TOOLCHAIN_LANES": str(lanes_dir)}
+    first = run_cli("build", ROOT / "recipes" / "minilm-exporters.yaml", "--store", store, "-o", out, env=env,
+                    timeout=1800)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "making lane" not in first.stdout + first.stderr  # the session's lane, made once
+    manifest = json.loads((out / "manifest.json").read_text())
+    steps = manifest["steps"] if "steps" in manifest else manifest
+    text = json.dumps(steps)
+    for name in ("validate_dynamo", "validate_torchscript", "validate_optimum"):
+        assert name in text
+    meta = json.loads((out / "optimum" / "toolchain.json").read_text())
+    graph = meta["graph"]
+    assert graph["exporter"] == "optimum" and graph["lane"]["versions"]["optimum-onnx"] == "0.1.0"
+    assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert graph["outputs"] == ["last_hidden_state"] and graph["nodes"] > 100
+    dynamo = json.loads((out / "dynamo" / "toolchain.json").read_text())["graph"]
+    assert dynamo["exporter"] == "dynamo"
+    second = run_cli("build", ROOT / "recipes" / "minilm-exporters.yaml", "--store", store, "-o", out, env=env,
+                     timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "making lane" not in second.stdout + second.stderr
+    assert "built" not in {s.get("status") for s in _step_records(out)}
+
+
+def _step_records(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    variants = manifest.get("variants") or [manifest]
+    return [s for v in variants for s in (v.get("steps") or {}).values()]
