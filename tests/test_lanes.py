@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import ROOT, run_cli, tiny_recipe
 
 LANE = "optimum-onnx"
+LEGACY = "optimum-legacy"
 
 
 def _ensure_cmd(name: str) -> list[str]:
@@ -39,6 +40,8 @@ def lanes_dir(tmp_path_factory) -> Path:
     assert sum("making lane" in o for o in outs) == 1, outs
     paths = {line.split(" ", 1)[1] for o in outs for line in o.splitlines() if line.startswith("LANE ")}
     assert len(paths) == 1, outs
+    legacy = subprocess.run(_ensure_cmd(LEGACY), env=env, capture_output=True, text=True, timeout=900)
+    assert legacy.returncode == 0, legacy.stdout + legacy.stderr
     return folder
 
 
@@ -69,6 +72,22 @@ def test_optimum_exporter_plan_time_rules(tmp_path):
     assert proc.returncode == 2
     assert "without a pooled sentence embedding" in proc.stderr + proc.stdout
     assert "always writes dynamic batch and sequence axes" in proc.stderr + proc.stdout
+
+
+def test_optimum_bettertransformer_refuses_llama_at_plan_time(tmp_path):
+    from tests.conftest import TINY_DECODER
+
+    recipe = tiny_recipe(tmp_path, config=TINY_DECODER, stages="""
+        load:
+          kind: load
+        bt:
+          kind: bettertransformer
+          inputs: {model: load}
+          params: {implementation: optimum}
+        """)
+    proc = run_cli("check", recipe)
+    assert proc.returncode == 2
+    assert "optimum's BetterTransformer (1.27) converts" in proc.stdout + proc.stderr and "'llama'" in proc.stdout + proc.stderr
 
 
 def test_lane_that_cannot_be_made_is_a_machine_problem(tmp_path):
@@ -125,30 +144,50 @@ def test_minilm_exporters_side_by_side_then_all_cached(tmp_path, lanes_dir):
     recorded); a second build reuses the lane and every step."""
     store, out = tmp_path / "store", tmp_path / "out"
     env = {"TOOLCHAIN_LANES": str(lanes_dir)}
-    first = run_cli("build", ROOT / "recipes" / "minilm-exporters.yaml", "--store", store, "-o", out, env=env,
-                    timeout=1800)
+    recipe = ROOT / "recipes" / "minilm-exporters.yaml"
+    first = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "making lane" not in first.stdout + first.stderr  # the session's lane, made once
-    manifest = json.loads((out / "manifest.json").read_text())
-    steps = manifest["steps"] if "steps" in manifest else manifest
-    text = json.dumps(steps)
-    for name in ("validate_dynamo", "validate_torchscript", "validate_optimum"):
-        assert name in text
-    meta = json.loads((out / "optimum" / "toolchain.json").read_text())
-    graph = meta["graph"]
+    assert "making lane" not in first.stderr  # the session's lane, made once
+    steps = _steps(json.loads(first.stdout))
+    for exporter in ("dynamo", "torchscript", "optimum"):
+        v = steps[f"validate_{exporter}"]
+        assert v["status"] == "built" and v["gate"]["passed"] and not v["gate"]["failures"], v["gate"]
+        assert steps[f"bench_{exporter}"]["status"] == "built"
+        assert steps[exporter]["metrics"]["exporter"] == exporter
+    graph = json.loads((out / "optimum" / "toolchain.json").read_text())["graph"]
     assert graph["exporter"] == "optimum" and graph["lane"]["versions"]["optimum-onnx"] == "0.1.0"
     assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert graph["outputs"] == ["last_hidden_state"] and graph["nodes"] > 100
-    dynamo = json.loads((out / "dynamo" / "toolchain.json").read_text())["graph"]
-    assert dynamo["exporter"] == "dynamo"
-    second = run_cli("build", ROOT / "recipes" / "minilm-exporters.yaml", "--store", store, "-o", out, env=env,
-                     timeout=900)
+    report = (out / "report.md").read_text()  # the exporters side by side
+    for exporter in ("dynamo", "torchscript", "optimum"):
+        assert f"Parity: validate_{exporter} (passed)" in report and f"{exporter} exporter" in report
+    second = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "making lane" not in second.stdout + second.stderr
-    assert "built" not in {s.get("status") for s in _step_records(out)}
+    assert "making lane" not in second.stderr
+    assert {s["status"] for s in _steps(json.loads(second.stdout)).values()} == {"cached"}
 
 
-def _step_records(out: Path) -> list[dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    variants = manifest.get("variants") or [manifest]
-    return [s for v in variants for s in (v.get("steps") or {}).values()]
+@pytest.mark.slow
+def test_minilm_bettertransformer_native_and_optimum(tmp_path, lanes_dir):
+    """optimum 1.27's BetterTransformer (in the legacy lane) on the real MiniLM: its outputs match the
+    original and the native conversion at non-padded positions of real padded sentences, its
+    reverse is bit-identical; both conversions pass validate and reverse; a second build is cached."""
+    store, out = tmp_path / "store", tmp_path / "out"
+    env = {"TOOLCHAIN_LANES": str(lanes_dir)}
+    recipe = ROOT / "recipes" / "minilm-bettertransformer-lanes.yaml"
+    first = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env, timeout=1800)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "making lane" not in first.stdout + first.stderr
+    steps = _steps(json.loads(first.stdout))
+    m = steps["optimum"]["metrics"]
+    assert m["implementation"] == "optimum" and m["lane_versions"]["optimum"] == "1.27.0"
+    assert m["round_trip_state_dict_identical"] is True and m["padding_tokens"] > 0
+    assert "BertLayerBetterTransformer" in m["converted_classes"]
+    assert m["max_abs_optimum_vs_native"] < 1e-4 and m["max_abs_optimum_vs_original"] < 1e-4
+    second = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env, timeout=900)
+    assert second.returncode == 0 and "making lane" not in second.stderr
+    assert {s["status"] for s in _steps(json.loads(second.stdout)).values()} == {"cached"}
+
+
+def _steps(manifest: dict) -> dict:
+    return {s["name"]: s for v in manifest["variants"] for s in v["steps"]}
