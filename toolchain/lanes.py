@@ -135,10 +135,14 @@ def describe(store_root: Path) -> list[dict]:
 def run(name: str, store_root: Path, args: list[str], log=print, env: dict | None = None) -> None:
     """Run `python -m toolchain.execution.runtime.optimum_lane ARGS` in the lane (made if needed);
     raises RuntimeError with the output's tail when it fails."""
+    # imported here (stdlib only at its top) so that it is in the static import closure of the steps
+    # that run it: editing the lane-side code changes their keys
+    from toolchain.execution.runtime import optimum_lane
+
     lane = ensure(name, store_root, log)
-    # the lane-side module imports only the standard library at the top: the toolchain package is on
-    # the path, but nothing of it that needs transformers 5 is imported there
-    cmd = [str(python(lane)), "-m", "toolchain.execution.runtime.optimum_lane", *args]
+    # the lane imports nothing of the toolchain that needs transformers 5: the package is on the path
+    # only for the lane-side module
+    cmd = [str(python(lane)), "-m", optimum_lane.__name__, *args]
     pkg_parent = str(Path(__file__).resolve().parents[1])
     e = {**os.environ, "PYTHONPATH": pkg_parent, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
          "PYTHONNOUSERSITE": "1", **(env or {})}
