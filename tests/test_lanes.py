@@ -192,3 +192,50 @@ def test_minilm_bettertransformer_native_and_optimum(tmp_path, lanes_dir):
 
 def _steps(manifest: dict) -> dict:
     return {s["name"]: s for v in manifest["variants"] for s in v["steps"]}
+
+
+def test_lane_checkpoint_translates_transformers5_rope(tmp_path):
+    """transformers 5 writes `rope_parameters`; the lane's 4.x would silently use theta 10000."""
+    from toolchain.execution.runtime.optimum_lane import lane_checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "rope_parameters": {
+        "rope_theta": 100000.0, "rope_type": "default"}}))
+    folder, translated = lane_checkpoint(str(src), tmp_path / "work")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert config["rope_theta"] == 100000.0 and "rope_parameters" not in config and "rope_scaling" not in config
+    assert (Path(folder) / "model.safetensors").read_bytes() == b"weights" and translated
+    (src / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert lane_checkpoint(str(src), tmp_path / "work2") == (str(src), [])  # nothing to translate: as it is
+
+
+@pytest.mark.slow
+def test_optimum_decoder_with_past_generates_what_pytorch_does(tmp_path, lanes_dir):
+    """A Llama-like decoder whose RoPE theta is not the default (as SmolLM2's): optimum's
+    text-generation-with-past export, made in the lane from the checkpoint transformers 5 wrote,
+    generates the same greedy tokens as PyTorch."""
+    from tests.conftest import TINY_DECODER
+
+    recipe = tiny_recipe(tmp_path, config={**TINY_DECODER, "rope_theta": 100000.0}, stages="""
+        load:
+          kind: load
+        export:
+          kind: export_onnx
+          inputs: {model: load}
+          params: {task: text-generation, kv_cache: true, exporter: optimum}
+        validate:
+          kind: validate
+          inputs: {candidate: export, reference: load}
+          params: {samples: 16, batch_size: 8, max_length: 48, generate: {prompts: 4, new_tokens: 24}}
+        """)
+    proc = run_cli("build", recipe, "--store", tmp_path / "store", "-o", tmp_path / "out", "--json",
+                   env={"TOOLCHAIN_LANES": str(lanes_dir)}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = _steps(json.loads(proc.stdout))
+    assert steps["validate"]["gate"]["passed"], steps["validate"]["gate"]
+    assert steps["validate"]["metrics"]["generation"]["equal"] == 4
+    graph = json.loads((tmp_path / "out" / "export" / "toolchain.json").read_text())["graph"]
+    assert graph["kv_cache"] and graph["kv_heads"] == 2 and "position_ids" in graph["inputs"]
+    assert graph["lane"]["translated"] == ["config rope_parameters -> rope_theta 100000.0"]
