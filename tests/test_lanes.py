@@ -111,7 +111,7 @@ def test_lane_that_cannot_be_made_is_a_machine_problem(tmp_path):
     assert [p.name for p in lanes.iterdir() if not p.name.endswith(".lock")] == []
 
 
-def test_a_lane_killed_mid_creation_is_never_used(tmp_path):
+def test_a_lane_killed_mid_creation_is_never_used(tmp_path, monkeypatch):
     """SIGKILL while pip installs: the half-made venv is in a temporary folder, never at the lane's
     path; the next attempt removes it."""
     lanes = tmp_path / "lanes"
@@ -128,8 +128,9 @@ def test_a_lane_killed_mid_creation_is_never_used(tmp_path):
     assert left and all(p.name.startswith(".") and ".tmp-" in p.name for p in left), left
     from toolchain import lanes as lanes_module
 
-    lane = Path(str(lanes_module.path(LANE, tmp_path)).replace(str(tmp_path / "lanes"), str(lanes)))
-    assert not lane.exists()
+    monkeypatch.setenv("TOOLCHAIN_LANES", str(lanes))
+    lane = lanes_module.path(LANE, tmp_path / "unused-store")
+    assert lane.parent == lanes and not lane.exists() and not lanes_module.ready(lane)
     # a second attempt (that fails fast: no package index) first clears what the killed one left
     fail = subprocess.run(_ensure_cmd(LANE), env={**env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)},
                           capture_output=True, text=True)
