@@ -49,6 +49,17 @@ def _plans(recipe_path: str, store):
     return plans
 
 
+def _make_lanes(plans, store, console: Console) -> None:
+    """Make the lanes (pinned side environments, toolchain/lanes.py) that the plans' steps run in,
+    before anything runs: one that cannot be made is this machine's problem (exit 4), named here."""
+    from toolchain import lanes
+
+    needed = sorted({lane for plan in plans for step in plan.steps.values()
+                     if (lane := getattr(step.stage, "lane", lambda p: None)(step.params))})
+    for name in needed:
+        lanes.ensure(name, store.root, log=console.line)
+
+
 def _remote(args, console: Console, url: str | None = None):
     """The remote cache named by --remote (or `url`), checked to be usable before anything runs."""
     from toolchain.execution.remote import RemoteCache
@@ -156,6 +167,7 @@ def cmd_build(args, console: Console) -> int:
         check_output(Path(args.output), store)
         previous = read_lock(Path(args.output))  # what the folder held, to say what this build changes
     plans = _plans(args.recipe, store)
+    _make_lanes(plans, store, console)
     store = _with_remote(args, store, console)
     force = True if args.force else frozenset(args.rebuild or ())
     unknown = sorted(force - {n for p in plans for n in p.steps}) if force is not True else []
@@ -574,6 +586,8 @@ def cmd_verify(args, console: Console) -> int:
 def cmd_env(args, console: Console) -> int:
     from toolchain.environment import describe
 
+    if args.lanes:
+        return _env_lanes(args)
     info = describe()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -590,6 +604,23 @@ def cmd_env(args, console: Console) -> int:
     rows.append(["torch CUDA", cuda])
     rows.append(["GPUs", "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory']})" for g in info["gpus"]) or "none"])
     Console(quiet=False).table("environment", ["what", "value"], rows, stdout=True)
+    return 0
+
+
+def _env_lanes(args) -> int:
+    """`toolchain env --lanes`: the pinned side environments, where they are, made or not, their versions."""
+    from toolchain import lanes
+
+    listing = lanes.describe(Path(args.store or default_store()))
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    key = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+    for lane in listing:  # plain lines, not a table: a path must never be cut short
+        v = lane["versions"]
+        print(f"{lane['name']}: {'created' if lane['created'] else 'not created (made on first use)'}\n"
+              f"  path: {lane['path']}\n  for: {lane['purpose']}\n"
+              f"  versions: {', '.join(f'{k} {v[k]}' for k in key if k in v)} ({len(v)} packages pinned)")
     return 0
 
 
@@ -774,6 +805,9 @@ def parser() -> argparse.ArgumentParser:
     common(sp, store=False)
     sp = sub.add_parser("env", help="what this machine offers (torch, CUDA, GPUs, onnxruntime providers, ...)")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--lanes", action="store_true", help="the pinned side environments (lanes): name, path, "
+                    "created or not, package versions")
+    sp.add_argument("--store", help="the store whose lanes --lanes shows (default: as build)")
     common(sp, store=False)
     sp = sub.add_parser("schema", help="print the recipe schema's path (for editors) or its reference")
     sp.add_argument("--markdown", action="store_true", help="print the recipe reference as markdown")

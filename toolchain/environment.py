@@ -184,6 +184,10 @@ def fact(name: str, device: str = "cpu"):
                     "driver": g["driver"] if g else None}
         return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
                 "thread_env": {v: os.environ[v] for v in THREAD_VARS if v in os.environ}}
+    if name.startswith("lane:"):  # a pinned side environment: the exact versions its lock installs
+        from toolchain import lanes
+
+        return lanes.versions(name.removeprefix("lane:"))
     return package_version(name)
 
 

@@ -84,3 +84,57 @@ def reverse_stage(ctx, facts) -> dict:
         models.offer(model, tokenizer, models.read_meta(ctx.output), p.device)
     return {"state_dict_identical_to_original": True, "converted_parameters": len(converted_sd),
             "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}
+
+
+def optimum_stage(ctx, facts, lane: str) -> dict:
+    """`implementation: optimum`: optimum 1.27's BetterTransformer.transform and reverse, run in
+    `lane` on the checkpoint, on real padded sentences; its converted outputs are compared with the
+    original (at non-padded positions: it returns zeros at padding) and with our native conversion
+    on the same ids, and its reversal must give back a bit-identical state_dict. The artifact is
+    the native stage's (the checkpoint, recorded as converted): a converted model is never saved,
+    so later stages load it through the native fast path, which calls the same torch kernels."""
+    import json
+
+    from toolchain import lanes
+
+    p = ctx.params
+    src = ctx.inputs["model"]
+    meta = models.read_meta(src)
+    ctx.progress("loading")
+    model, tokenizer = models.load_with(src, meta, p.device, take=True)
+    if tokenizer is None:
+        raise StageUserError("`implementation: optimum` compares on real text, but the model has no tokenizer")
+    ids, mask = text.tokenize(tokenizer, text.passages("gensim:lee_background", ctx.recipe_dir, 16), 64)
+    work = ctx.output.parent
+    spec = {"src": str(src), "task": meta.get("task"), "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+            "tensors": str(work / "optimum-bt.pt"), "result": str(work / "optimum-bt.json")}
+    (work / "optimum-bt-spec.json").write_text(json.dumps(spec))
+    ctx.progress(f"BetterTransformer.transform and reverse (optimum, lane {lane})")
+    lanes.run(lane, ctx.cache_dir.parent, ["bettertransformer", str(work / "optimum-bt-spec.json")], log=ctx.log)
+    done = json.loads((work / "optimum-bt.json").read_text())
+    got = torch.load(work / "optimum-bt.pt")
+    enc = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    keep = enc["attention_mask"].bool()
+    ctx.progress("comparing with the original and with the native conversion")
+    with torch.no_grad(), models.sdpa_context(meta):
+        original = model(**enc)[0].float()
+        bettertransformer.convert(model)
+        native = model(**enc)[0].float()
+    bettertransformer.reverse(model)
+    optimum = got["converted"].float()
+    diffs = {"optimum_vs_its_original": (optimum - got["original"].float())[keep].abs().max().item(),
+             "optimum_vs_original": (optimum - original)[keep].abs().max().item(),
+             "optimum_vs_native": (optimum - native)[keep].abs().max().item(),
+             "native_vs_original": (native - original)[keep].abs().max().item()}
+    tol = 1e-4
+    bad = {k: v for k, v in diffs.items() if v > tol}
+    if bad:
+        raise RuntimeError(f"optimum's BetterTransformer differs at non-padded positions by more than {tol}: {bad}")
+    if not done["reversed_state_dict_identical"] or done["classes_left_after_reverse"]:
+        raise RuntimeError(f"optimum's BetterTransformer.reverse did not give back the original model: {done}")
+    relink(src, ctx.output)
+    write_meta(ctx.output, facts, meta)
+    return {"implementation": "optimum", "lane": lane, "lane_versions": done["versions"],
+            "converted_classes": done["converted_classes"], "round_trip_state_dict_identical": True,
+            "padding_tokens": int((~keep).sum()), **{f"max_abs_{k}": v for k, v in diffs.items()},
+            "model_type": model.config.model_type}

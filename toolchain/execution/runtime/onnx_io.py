@@ -232,13 +232,9 @@ def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: 
     """Build a decoder with a KV cache from the checkpoint folder `src` into out_dir/model.onnx
     with onnxruntime-genai's model builder; returns the graph description saved in toolchain.json.
     The builder's genai_config.json is kept, so the folder also runs under onnxruntime-genai."""
-    import collections
     import os
     import subprocess
     import sys
-    from types import SimpleNamespace
-
-    import onnx
 
     cache = work / "genai-cache"
     built = work / "genai-out"
@@ -254,24 +250,60 @@ def export_genai(src: Path, precision: str, provider: str, out_dir: Path, work: 
     for f in built.iterdir():
         if f.name.startswith(ONNX_FILE) or f.name == "genai_config.json":
             f.replace(out_dir / f.name)
+    return describe_built(src, out_dir, "genai", f"the model builder ({precision} on {provider})", kv_cache=True)
+
+
+def describe_built(src: Path, out_dir: Path, exporter: str, who: str, kv_cache: bool, output: str = "logits") -> dict:
+    """The graph description (toolchain.json's `graph`) of out_dir/model.onnx written by another
+    tool (onnxruntime-genai's builder, Optimum's exporter), read from the graph itself; raises
+    RuntimeError for a graph that onnxruntime could not load or that lacks what its task needs."""
+    import collections
+    from types import SimpleNamespace
+
+    import onnx
+
     m = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
-    names = [i.name for i in m.graph.input]
+    names = [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
     outputs = [o.name for o in m.graph.output]
     made = {o for n in m.graph.node for o in n.output} | {i.name for i in m.graph.input}
     missing = [o for o in outputs if o not in made]
     if missing:  # onnxruntime would refuse to load it; never let such a graph into the store
-        raise RuntimeError(f"the model builder wrote a graph whose outputs {missing[:3]} no node produces "
-                           f"({precision} on {provider}); onnxruntime cannot load it")
-    if not any(n.startswith("past_key_values.") for n in names) or "logits" not in outputs:
-        raise RuntimeError(f"the model builder's graph has inputs {names[:4]} and outputs {outputs[:2]}; expected "
-                           "past_key_values.* inputs and a logits output")
+        raise RuntimeError(f"{who} wrote a graph whose outputs {missing[:3]} no node produces; "
+                           "onnxruntime cannot load it")
+    if kv_cache != any(n.startswith("past_key_values.") for n in names) or output not in outputs:
+        raise RuntimeError(f"{who} wrote a graph with inputs {names[:4]} and outputs {outputs[:2]}; expected "
+                           f"{'' if kv_cache else 'no '}past_key_values.* inputs and a {output} output")
     config = json.loads((src / "config.json").read_text())
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     op_types = collections.Counter(n.op_type for n in m.graph.node)
-    return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": True,
-            "external_data": (out_dir / (ONNX_FILE + ".data")).is_file(), "exporter": "genai", "opset": opset,
+    external = sorted(f.name for f in out_dir.iterdir() if f.name.startswith(ONNX_FILE) and f.name != ONNX_FILE)
+    return {"file": ONNX_FILE, "inputs": names, "outputs": outputs, "kv_cache": kv_cache,
+            "external_data": bool(external), "exporter": exporter, "opset": opset,
             "nodes": len(m.graph.node), "op_types": dict(op_types.most_common()),
-            **kv_layout(SimpleNamespace(**config))}
+            **(kv_layout(SimpleNamespace(**config)) if kv_cache else {})}
+
+
+def export_optimum(src: Path, task: str, kv_cache: bool, opset: int, out_dir: Path, work: Path, store_root: Path,
+                   log=print) -> dict:
+    """Export the checkpoint folder `src` with optimum-onnx's `main_export`, run in the
+    `optimum-onnx` lane, into out_dir/model.onnx; the graph description saved in toolchain.json."""
+    from toolchain import lanes
+
+    built = work / "optimum-out"
+    # optimum's task names: a decoder with a KV cache is `text-generation-with-past`
+    spec = {"src": str(src), "out": str(built), "task": task + ("-with-past" if kv_cache else ""), "opset": opset,
+            "device": "cpu", "result": str(work / "optimum-result.json")}
+    (work / "optimum-spec.json").write_text(json.dumps(spec))
+    lanes.run("optimum-onnx", store_root, ["export", str(work / "optimum-spec.json")], log=log)
+    if not (built / ONNX_FILE).is_file():
+        raise RuntimeError(f"optimum's main_export wrote no {ONNX_FILE} (it wrote {sorted(f.name for f in built.iterdir())})")
+    for f in built.iterdir():  # the graph and its external data; config and tokenizer come from `src`
+        if f.name.startswith(ONNX_FILE):
+            f.replace(out_dir / f.name)
+    output = "last_hidden_state" if task == "feature-extraction" else "logits"
+    graph = describe_built(src, out_dir, "optimum", "optimum's main_export", kv_cache, output)
+    graph["lane"] = {"name": "optimum-onnx", **json.loads((work / "optimum-result.json").read_text())}
+    return graph
 
 
 def _ort():

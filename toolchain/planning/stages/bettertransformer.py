@@ -18,8 +18,20 @@ from toolchain.planning.stages.compile import refuse_compiled
 
 
 @dataclass
-class BetterTransformerParams:  # both directions take only the device
+class BetterTransformerParams:
     device: str = "cpu"
+    # native: our conversion (runtime/bettertransformer.py); optimum: optimum 1.27's own
+    # BetterTransformer.transform / reverse, in the `optimum-legacy` lane (transformers 4.48)
+    implementation: str = "native"
+
+
+@dataclass
+class ReverseBetterTransformerParams:
+    device: str = "cpu"
+
+
+LEGACY_LANE = "optimum-legacy"
+OPTIMUM_TYPES = BETTERTRANSFORMER_ENCODERS + ("gpt2",)  # what optimum 1.27 converts (it refuses Llama)
 
 
 class BetterTransformer(Stage):
@@ -29,8 +41,27 @@ class BetterTransformer(Stage):
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers")
 
+    def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
+        return self.env + (("lane:" + LEGACY_LANE,) if self.lane(params or {}) else ())
+
+    def lane(self, params: dict) -> str | None:
+        """The lane (toolchain/lanes.py) this step runs optimum's conversion in, if any."""
+        return LEGACY_LANE if params.get("implementation") == "optimum" else None
+
     def check(self, ctx: CheckContext) -> None:
         t, facts = ctx.inputs["model"], ctx.facts("model")
+        if ctx.params.implementation == "optimum":
+            mt = t.get("model_type")
+            if mt and mt not in OPTIMUM_TYPES:
+                ctx.error(f"optimum's BetterTransformer (1.27) converts {', '.join(OPTIMUM_TYPES)}, not '{mt}' (it "
+                          "refuses Llama-like decoders: transformers runs them with SDPA natively)", "implementation",
+                          hint="use `implementation: native`, or an `attention` stage with sdpa")
+            if ctx.params.device != "cpu":
+                ctx.error("the optimum-legacy lane has a CPU build of torch", "device", hint="drop `device`")
+            if t.get("dtype") not in (None, "float32") or t.get("quantization"):
+                ctx.error("optimum's conversion is compared on the float32 checkpoint it loads itself, but this "
+                          f"model is {t.get('dtype')}{' and quantized' if t.get('quantization') else ''}",
+                          "implementation", hint="convert a plain float32 load")
         ctx.device_rules(ctx.params.device)
         refuse_compiled(ctx, what="converting it")
         if ctx.refuse_family("BetterTransformer (the text encoder and decoder fast paths)"):
@@ -58,12 +89,15 @@ class BetterTransformer(Stage):
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import bettertransformer_run
 
-        return bettertransformer_run.convert_stage(ctx, self.derive(ctx.params, read_facts(ctx.inputs["model"])))
+        facts = self.derive(ctx.params, read_facts(ctx.inputs["model"]))
+        if ctx.params.implementation == "optimum":
+            return bettertransformer_run.optimum_stage(ctx, facts, LEGACY_LANE)
+        return bettertransformer_run.convert_stage(ctx, facts)
 
 
 class ReverseBetterTransformer(Stage):
     kind = "reverse_bettertransformer"
-    Params = BetterTransformerParams
+    Params = ReverseBetterTransformerParams
     roles = {"model": (HF_MODEL,)}
     produces = HF_MODEL
     env = BetterTransformer.env

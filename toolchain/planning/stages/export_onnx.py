@@ -13,6 +13,8 @@ from toolchain.planning.stages.compile import refuse_compiled
 # onnxruntime-genai's model builder (`exporter: genai`): its names for our dtypes and providers
 GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 GENAI_PROVIDERS = ("cpu", "cuda")
+OPTIMUM_LANE = "optimum-onnx"  # `exporter: optimum`: optimum-onnx's main_export, in this lane
+OPTIMUM_TASKS = ("feature-extraction", "text-generation")
 
 
 @dataclass
@@ -58,8 +60,14 @@ class ExportOnnx(Stage):
     env = ("python", "platform", "torch", "transformers", "onnx", "onnxscript", "numpy")
 
     def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
-        genai = (params or {}).get("exporter") == "genai"
-        return self.env + (("onnxruntime_genai",) if genai else ())
+        exporter = (params or {}).get("exporter")
+        if exporter == "optimum":  # the export runs in the lane: its exact versions; onnx here reads the graph
+            return ("python", "platform", "onnx", "lane:" + OPTIMUM_LANE)
+        return self.env + (("onnxruntime_genai",) if exporter == "genai" else ())
+
+    def lane(self, params: dict) -> str | None:
+        """The lane (toolchain/lanes.py) this step runs its export in, if any."""
+        return OPTIMUM_LANE if params.get("exporter") == "optimum" else None
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
@@ -99,6 +107,8 @@ class ExportOnnx(Stage):
             self._check_seq2seq(ctx, task)
         elif p.exporter == "genai":
             self._check_genai(ctx, task)
+        elif p.exporter == "optimum":
+            self._check_optimum(ctx, task)
         if is_vision(t) and p.task and p.task not in VISION_TASKS:
             ctx.error(f"a vision model exports with task {' or '.join(VISION_TASKS)}, not {p.task}", "task")
         self._check_pooling(ctx, task)
@@ -194,6 +204,33 @@ class ExportOnnx(Stage):
             ctx.unavailable("`exporter: genai` needs onnxruntime-genai (its model builder), which is not installed",
                             "exporter", hint="pip install -e '.[genai]' (onnxruntime-genai==0.18.0)")
 
+    @staticmethod
+    def _check_optimum(ctx: CheckContext, task: str | None) -> None:
+        """optimum-onnx's main_export, in the optimum-onnx lane: it reads the checkpoint folder itself."""
+        p, t = ctx.params, ctx.inputs["model"]
+        if task not in OPTIMUM_TASKS:
+            ctx.error(f"`exporter: optimum` is wired for tasks {', '.join(OPTIMUM_TASKS)}, not {task}", "exporter",
+                      hint="use `exporter: dynamo` for this task")
+        if p.pooling:
+            ctx.error("`exporter: optimum` writes optimum's graph (last_hidden_state), without a pooled sentence "
+                      "embedding", "pooling", hint="drop `pooling`, or use `exporter: dynamo`")
+        if t.get("dtype") not in (None, "float32"):
+            ctx.error(f"`exporter: optimum` exports the float32 checkpoint; this model is {t.get('dtype')}",
+                      "exporter", hint="export a float32 load of the model")
+        if t.get("attention") not in (None, "sdpa", "eager") or t.get("bettertransformer"):
+            ctx.error("optimum's exporter reads the checkpoint folder and loads it itself; an attention setting "
+                      f"({t.get('attention')}) on the input would be silently dropped", "exporter",
+                      hint="export the loaded model directly")
+        if p.device != "cpu":
+            ctx.error("the optimum-onnx lane has a CPU build of torch: `exporter: optimum` exports on cpu "
+                      "(the graph still runs on any provider)", "device", hint="drop `device` on this step")
+        if explicit(ctx, "dynamic_axes") and not p.dynamic_axes:
+            ctx.error("optimum's exporter always writes dynamic batch and sequence axes", "dynamic_axes",
+                      hint="drop `dynamic_axes: false`")
+        if explicit(ctx, "external_data") and p.external_data != "auto":
+            ctx.error("optimum's exporter decides on external data itself (above 2 GB)", "external_data",
+                      hint="drop `external_data`")
+
     def derive(self, params, facts: ArtifactFacts) -> ArtifactFacts:
         task = params.task or facts.task
         from toolchain.architectures import is_vision
@@ -217,6 +254,11 @@ class ExportOnnx(Stage):
             ctx.progress(f"building the decoder (onnxruntime-genai model builder, {facts.dtype}, {p.provider})")
             graph = onnx_io.export_genai(src, GENAI_PRECISION[facts.dtype], p.provider, ctx.output, ctx.output.parent,
                                          log=ctx.log)
+        elif p.exporter == "optimum":
+            facts = self.derive(p, ArtifactFacts.from_dict(read_meta(src)))
+            ctx.progress(f"exporting (optimum-onnx main_export in lane {OPTIMUM_LANE}, opset {p.opset})")
+            graph = onnx_io.export_optimum(src, facts.task, p.kv_cache, p.opset, ctx.output, ctx.output.parent,
+                                           store_root=ctx.cache_dir.parent, log=ctx.log)
         else:
             ctx.progress("loading model")
             model, _, meta = models.load_artifact(src, p.device)

@@ -1,0 +1,155 @@
+"""Lanes: pinned side environments (a venv each) for steps whose library needs an older stack.
+
+Optimum's ONNX exporter (optimum-onnx) needs transformers < 4.58 and optimum's BetterTransformer
+transformers < 4.49, while the main environment runs transformers 5. A lane is a venv made from a
+lock the toolchain ships (`toolchain/lanes/NAME.txt`: every package pinned exactly, installed
+without dependency resolution, so the versions in it are the versions in the venv). A step that
+runs in a lane has the lane's lock in its key (`environment.fact("lane:NAME")`).
+
+Lanes live under STORE/lanes/NAME-HASH (HASH: of the lock and the Python version), or under
+$TOOLCHAIN_LANES when set (a user cache shared between stores). A lane is made on first use:
+under a file lock (two builds never make the same lane at once), in a temporary folder that is
+renamed into place last (a build killed mid-way leaves no half-made lane that would be used).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from filelock import FileLock
+
+from toolchain.errors import MachineError
+
+LOCKS = Path(__file__).resolve().parent / "lanes"
+# what each lane is for (`toolchain env --lanes`)
+PURPOSE = {"optimum-onnx": "export_onnx with `exporter: optimum` (optimum-onnx's main_export)",
+           "optimum-legacy": "bettertransformer with `implementation: optimum` (optimum 1.27)"}
+READY = "lane.json"  # written last inside a lane before it is renamed into place
+
+
+class LaneError(MachineError):
+    """A lane could not be made on this machine (exit 4): no network to the package index, disk..."""
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in LOCKS.glob("*.txt"))
+
+
+def lock_text(name: str) -> str:
+    return (LOCKS / f"{name}.txt").read_text()
+
+
+def versions(name: str) -> dict[str, str]:
+    """package -> exact version, as the lane's lock pins them (and so as the lane has them)."""
+    pins = {}
+    for line in lock_text(name).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            package, _, version = line.partition("==")
+            pins[package.strip().lower()] = version.strip()
+    return pins
+
+
+def root(store_root: Path) -> Path:
+    return Path(os.environ["TOOLCHAIN_LANES"]) if os.environ.get("TOOLCHAIN_LANES") else Path(store_root) / "lanes"
+
+
+def path(name: str, store_root: Path) -> Path:
+    digest = hashlib.sha256((lock_text(name) + platform.python_version()).encode()).hexdigest()[:12]
+    return root(store_root) / f"{name}-{digest}"
+
+
+def python(lane: Path) -> Path:
+    return lane / "bin" / "python"
+
+
+def ready(lane: Path) -> bool:
+    return (lane / READY).is_file() and python(lane).exists()
+
+
+def ensure(name: str, store_root: Path, log=print) -> Path:
+    """The lane's folder, made now if it does not exist yet; raises LaneError when it cannot be."""
+    lane = path(name, store_root)
+    if ready(lane):
+        return lane
+    try:
+        lane.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lane.parent / f"{lane.name}.lock")):
+            if ready(lane):  # made meanwhile by another build
+                return lane
+            _create(name, lane, log)
+    except OSError as exc:
+        raise LaneError(f"cannot make lane '{name}' in {lane.parent}: {exc}") from None
+    return lane
+
+
+def _create(name: str, lane: Path, log) -> None:
+    t0 = time.perf_counter()
+    tmp = lane.parent / f".{lane.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for old in lane.parent.glob(f".{lane.name}.tmp-*"):  # left by a build killed mid-way (we hold the lock)
+        shutil.rmtree(old, ignore_errors=True)
+    if lane.exists():  # no READY file: never finished
+        shutil.rmtree(lane)
+    log(f"making lane '{name}' in {lane} (first use)")
+    try:
+        _run(name, [sys.executable, "-m", "venv", str(tmp)])
+        # pip, not uv: on the machines here pip sees the local CPU build of torch (uv downloads the CUDA
+        # one); --no-deps: the lock pins every package, so nothing is resolved and the versions are the lock's
+        _run(name, [str(python(tmp)), "-m", "pip", "install", "--no-deps", "--no-input", "-r",
+                    str(LOCKS / f"{name}.txt")])
+        _run(name, [str(python(tmp)), "-m", "pip", "check"])
+        (tmp / READY).write_text(f'{{"lane": "{name}", "seconds": {time.perf_counter() - t0:.1f}}}\n')
+        # a venv's scripts name their folder; the lane is run as `python -m`, whose interpreter finds
+        # its site-packages from its own location, so renaming the folder is safe
+        tmp.rename(lane)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"lane '{name}' made in {time.perf_counter() - t0:.0f} s")
+
+
+def _run(name: str, cmd: list[str]) -> None:
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise LaneError(f"cannot make lane '{name}': {exc}") from None
+    if run.returncode:
+        tail = "\n      ".join((run.stderr.strip() or run.stdout.strip()).splitlines()[-8:])
+        raise LaneError(f"cannot make lane '{name}' ({' '.join(cmd[2:5])} ... exited {run.returncode}); "
+                        f"it needs the package index (pip):\n      {tail}")
+
+
+def describe(store_root: Path) -> list[dict]:
+    """Every lane the toolchain ships: name, path, whether it was made, its versions."""
+    return [{"name": n, "path": str(path(n, store_root)), "created": ready(path(n, store_root)),
+             "purpose": PURPOSE.get(n, ""), "versions": versions(n)} for n in names()]
+
+
+def run(name: str, store_root: Path, args: list[str], log=print, env: dict | None = None) -> None:
+    """Run `python -m toolchain.execution.runtime.optimum_lane ARGS` in the lane (made if needed);
+    raises RuntimeError with the output's tail when it fails."""
+    # imported here (stdlib only at its top) so that it is in the static import closure of the steps
+    # that run it: editing the lane-side code changes their keys
+    from toolchain.execution.runtime import optimum_lane
+
+    lane = ensure(name, store_root, log)
+    # the lane imports nothing of the toolchain that needs transformers 5: the package is on the path
+    # only for the lane-side module
+    cmd = [str(python(lane)), "-m", optimum_lane.__name__, *args]
+    pkg_parent = str(Path(__file__).resolve().parents[1])
+    e = {**os.environ, "PYTHONPATH": pkg_parent, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+         "PYTHONNOUSERSITE": "1", **(env or {})}
+    log("running in lane " + name + ": " + " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=e)
+    log(proc.stdout[-20000:])
+    log(proc.stderr[-20000:])
+    if proc.returncode:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise RuntimeError(f"the step's code in lane '{name}' failed (exit {proc.returncode}):\n{tail}")
