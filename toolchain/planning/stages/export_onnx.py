@@ -236,9 +236,9 @@ class ExportOnnx(Stage):
         from toolchain.architectures import is_vision
 
         static = None
-        # the traced example's shape is the only one the graph then takes (the genai builder and the
-        # encoder-decoder export refuse the flag and write dynamic graphs)
-        if not params.dynamic_axes and params.exporter != "genai" and task not in SEQ2SEQ_TASKS:
+        # the traced example's shape is the only one the graph then takes (the genai builder, optimum's
+        # exporter and the encoder-decoder export refuse the flag and write dynamic graphs)
+        if not params.dynamic_axes and params.exporter in ("dynamo", "torchscript") and task not in SEQ2SEQ_TASKS:
             static = {"batch": EXPORT_EXAMPLE["batch"]} if is_vision(facts.to_dict()) else dict(EXPORT_EXAMPLE)
         return facts.replace(artifact=ONNX_MODEL, task=task, kv_cache=params.kv_cache or task in SEQ2SEQ_TASKS,
                              provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts),
