@@ -156,3 +156,19 @@ def test_repair_and_gc_wait_for_running_builds(tmp_path):
     assert s.lookup("a" * 64) is not None
     res = subprocess.run(cli + ["verify", "--repair", "--store", str(s.root)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_store_being_created_by_another_build_is_joined(tmp_path):
+    """Two builds creating one new store at once: the second may look while the first is writing the
+    STORE marker (its temporary file is there, the marker not yet). That folder is a store being made,
+    not a user's folder, and the second build joins it (test_concurrent_builds_run_each_step_once
+    failed in CI on this race, one build refused with exit 2)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / f".STORE.{os.getpid()}.0123abcd.tmp").write_text("")  # the other build, mid-write
+    assert Store(root).init().marker.is_file()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("a user's file")
+    with pytest.raises(Exception, match="not a toolchain store"):
+        Store(user).init()

@@ -115,9 +115,17 @@ def _create(name: str, lane: Path, log) -> None:
     log(f"lane '{name}' made in {time.perf_counter() - t0:.0f} s")
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment a lane is made in: nothing of the main environment's Python path (a PYTHONPATH
+    holding the project's checkout shows pip its egg-info, and `pip check` fails on its requirements)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
 def _run(name: str, cmd: list[str]) -> None:
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env())
     except OSError as exc:
         raise LaneError(f"cannot make lane '{name}': {exc}") from None
     if run.returncode:

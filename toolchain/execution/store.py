@@ -58,6 +58,7 @@ CLOCK_SLACK_S = 300  # an mtime further in the future than this says nothing abo
 COMPILER_CACHES = ("inductor", "tensorrt")
 # what the checkout's embedded store holds before its first build: such a folder may become a store
 ADOPTABLE = frozenset({".gitignore", ".gitkeep"})
+_MARKER_TMP = re.compile(r"\.STORE\.\d+\.[0-9a-f]{8}\.tmp")  # atomic_write_text's name for the marker being written
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # names the store gives its temporary files; gc removes nothing in tmp/ that is not named so
 _TMP_NAMES = (re.compile(r"(?P<pid>\d+)-[A-Za-z0-9_.-]+-[0-9a-f]{12}"),  # Store.new_tmp
@@ -345,7 +346,8 @@ class Store(ArtifactStore):
         problem = self._marker_problem() if self.root.is_dir() else None
         if problem:
             try:
-                foreign = sorted(set(os.listdir(self.root)) - ADOPTABLE)
+                # (another build creating this store at the same moment: its marker's temporary file)
+                foreign = sorted(n for n in set(os.listdir(self.root)) - ADOPTABLE if not _MARKER_TMP.fullmatch(n))
             except OSError as exc:
                 raise machine_error(exc, f"opening the store {self.root}") from None
             if foreign or problem != "it has no STORE marker":
