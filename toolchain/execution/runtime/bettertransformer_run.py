@@ -95,7 +95,7 @@ def optimum_stage(ctx, facts, lane: str) -> dict:
     so later stages load it through the native fast path, which calls the same torch kernels."""
     import json
 
-    from toolchain import lanes
+    from toolchain.execution.runtime import lane_run
 
     p = ctx.params
     src = ctx.inputs["model"]
@@ -110,7 +110,7 @@ def optimum_stage(ctx, facts, lane: str) -> dict:
             "tensors": str(work / "optimum-bt.pt"), "result": str(work / "optimum-bt.json")}
     (work / "optimum-bt-spec.json").write_text(json.dumps(spec))
     ctx.progress(f"BetterTransformer.transform and reverse (optimum, lane {lane})")
-    lanes.run(lane, ctx.cache_dir.parent, ["bettertransformer", str(work / "optimum-bt-spec.json")], log=ctx.log)
+    lane_run.run(lane, ctx.cache_dir.parent, ["bettertransformer", str(work / "optimum-bt-spec.json")], log=ctx.log)
     done = json.loads((work / "optimum-bt.json").read_text())
     got = torch.load(work / "optimum-bt.pt")
     enc = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}

@@ -287,14 +287,14 @@ def export_optimum(src: Path, task: str, kv_cache: bool, opset: int, out_dir: Pa
                    log=print) -> dict:
     """Export the checkpoint folder `src` with optimum-onnx's `main_export`, run in the
     `optimum-onnx` lane, into out_dir/model.onnx; the graph description saved in toolchain.json."""
-    from toolchain import lanes
+    from toolchain.execution.runtime import lane_run
 
     built = work / "optimum-out"
     # optimum's task names: a decoder with a KV cache is `text-generation-with-past`
     spec = {"src": str(src), "out": str(built), "task": task + ("-with-past" if kv_cache else ""), "opset": opset,
             "device": "cpu", "result": str(work / "optimum-result.json")}
     (work / "optimum-spec.json").write_text(json.dumps(spec))
-    lanes.run("optimum-onnx", store_root, ["export", str(work / "optimum-spec.json")], log=log)
+    lane_run.run("optimum-onnx", store_root, ["export", str(work / "optimum-spec.json")], log=log)
     if not (built / ONNX_FILE).is_file():
         raise RuntimeError(f"optimum's main_export wrote no {ONNX_FILE} (it wrote {sorted(f.name for f in built.iterdir())})")
     for f in built.iterdir():  # the graph and its external data; config and tokenizer come from `src`
