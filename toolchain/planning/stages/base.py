@@ -207,6 +207,11 @@ def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
 
 
+def shape_words(shape: dict) -> str:
+    """A fixed-shape export's shape as the messages say it: `batch 2, sequence 8`."""
+    return ", ".join(f"{k} {v}" for k, v in shape.items())
+
+
 def refuse_static_shape(ctx: CheckContext, role: str, what: str) -> bool:
     """A stage that feeds real inputs (batches of varying length) cannot take a graph exported with
     `dynamic_axes: false`, which takes only the exporter's example shape: refused here, not failed at
@@ -214,7 +219,7 @@ def refuse_static_shape(ctx: CheckContext, role: str, what: str) -> bool:
     shape = ctx.inputs[role].get("static_shape")
     if shape:
         ctx.error(f"{what}, but its `{role}` was exported with `dynamic_axes: false` and "
-                  f"takes only its example shape ({', '.join(f'{k} {v}' for k, v in shape.items())})",
+                  f"takes only its example shape ({shape_words(shape)})",
                   hint="export with dynamic axes (drop `dynamic_axes: false`); for one fixed shape at run time, "
                        "use a `compile` stage with `dynamic: false` and `shape`")
     return bool(shape)

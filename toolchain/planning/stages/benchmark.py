@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolchain.planning.stages.base import refuse_static_shape
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
-    encoder_decoder
+    encoder_decoder, refuse_static_shape
 from toolchain.planning.shapes import coverage_problems, device_problem, grid
 from toolchain.planning.stages.compile import compiler_env
 

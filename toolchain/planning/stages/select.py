@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.planning.tolerances import generate_params
-from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, members
+from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, members, \
+    shape_words
 from toolchain.planning.stages.benchmark import Benchmark, BenchmarkParams, compiled_input_problems
 from toolchain.planning.stages.compile import compiler_env
 from toolchain.planning.stages.validate import Validate, ValidateParams, compiled_candidate_problems
@@ -102,7 +103,7 @@ class Select(Stage):
                           at=at)
             if t.get("static_shape"):
                 ctx.error(f"candidate '{name}' was exported with `dynamic_axes: false` and takes only its example "
-                          f"shape ({', '.join(f'{k} {v}' for k, v in t['static_shape'].items())}): select compares "
+                          f"shape ({shape_words(t['static_shape'])}): select compares "
                           "real batches of varying length", at=at, hint="export it with dynamic axes")
             if t.get("artifact") == ONNX_MODEL:
                 why = environment.provider_status(t.get("provider", "cpu"))

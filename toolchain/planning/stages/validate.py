@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.architectures import SEQ2SEQ_TASKS
-from toolchain.planning.stages.base import refuse_static_shape
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
-    encoder_decoder
+    encoder_decoder, refuse_static_shape
 from toolchain.planning.tolerances import generate_params
 from toolchain.planning.shapes import coverage_problems, device_problem
 from toolchain.planning.stages.compile import compiler_env
