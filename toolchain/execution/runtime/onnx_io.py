@@ -116,13 +116,15 @@ class _DecoderWithPast(torch.nn.Module):
 
 
 def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic: bool, external_data: str,
-           out_dir: Path, log=print, pooling: dict | None = None) -> dict:
+           out_dir: Path, log=print, pooling: dict | None = None, example: dict | None = None) -> dict:
     """Export `model` into out_dir/model.onnx; returns the graph description saved in toolchain.json.
-    `pooling` ({"mode", "normalize"}, feature-extraction only) adds a `sentence_embedding` output."""
+    `pooling` ({"mode", "normalize"}, feature-extraction only) adds a `sentence_embedding` output.
+    `example` ({"batch", "sequence"}) is the traced shape, the graph's only one when not `dynamic`."""
     model.eval()
+    example = {**EXPORT_EXAMPLE, **(example or {})}
     if task in ("image-feature-extraction", "image-classification"):
-        return _export_vision(model, task, exporter, opset, dynamic, external_data, out_dir)
-    batch, seq, past_len = EXPORT_EXAMPLE["batch"], EXPORT_EXAMPLE["sequence"], 4
+        return _export_vision(model, task, exporter, opset, dynamic, external_data, out_dir, example["batch"])
+    batch, seq, past_len = example["batch"], example["sequence"], 4
     ids = torch.randint(5, min(model.config.vocab_size, 1000), (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
     args: list = [ids, mask]
@@ -194,13 +196,13 @@ def export(model, task: str, kv_cache: bool, exporter: str, opset: int, dynamic:
 
 
 def _export_vision(model, task: str, exporter: str, opset: int, dynamic: bool, external_data: str,
-                   out_dir: Path) -> dict:
+                   out_dir: Path, batch: int) -> dict:
     """A vision encoder: input pixel_values (batch, channels, size, size), the batch axis dynamic
     (the image size is the model's); output last_hidden_state or logits."""
     cfg = model.config
     output = "last_hidden_state" if task == "image-feature-extraction" else "logits"
     dtype = next(model.parameters()).dtype
-    pixels = torch.randn(EXPORT_EXAMPLE["batch"], getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
+    pixels = torch.randn(batch, getattr(cfg, "num_channels", 3), cfg.image_size, cfg.image_size, dtype=dtype)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     use_external = external_data == "always" or (external_data == "auto" and size > 2 * 1024**3)
     path = out_dir / ONNX_FILE
@@ -376,8 +378,15 @@ class OrtModel:
         target = self.meta.get("target", {})  # how to run on the provider the export targets (a fact)
         targeted = self.meta.get("provider") or "cpu"
         self.provider = provider or targeted
-        options = target.get("provider_options", {}) if self.provider == targeted else {}
+        options = dict(target.get("provider_options", {})) if self.provider == targeted else {}
         self.io_binding = self.provider in ("cuda", "tensorrt", "rocm") and target.get("io_binding", True)
+        # a fixed-shape graph (`dynamic_axes: false`) takes smaller inputs padded up to its one shape
+        self.static_shape = self.meta.get("static_shape")
+        # onnxruntime CUDA graphs: captured on the third run, then replayed from the addresses bound then
+        self.cuda_graph = bool(target.get("cuda_graph")) and self.provider == "cuda"
+        if self.cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        self._fixed = None  # the CUDA graph's binding: (binding, {input: OrtValue}, output names, outputs)
         self.device = device
         self.sess = session(self.folder / self.graph["file"], self.provider, device, options, cache_dir)
         self.inputs = [i.name for i in self.sess.get_inputs()]
@@ -398,10 +407,63 @@ class OrtModel:
             feed.update(self._past(input_ids.shape[0]))
         return {k: v for k, v in feed.items() if k in self.inputs}
 
+    def padded(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """A fixed-shape graph's inputs: right-padded (masked) up to its shape, as a user of such a
+        graph feeds it; other graphs' inputs as they are."""
+        shape = self.static_shape
+        if not shape or "sequence" not in shape:
+            return input_ids, attention_mask
+        from toolchain.execution.runtime.compiled import pad_to
+
+        b, s = input_ids.shape
+        if b > shape["batch"] or s > shape["sequence"]:
+            raise ValueError(f"input of batch {b} x sequence {s} does not fit the graph's fixed shape "
+                             f"(batch {shape['batch']}, sequence {shape['sequence']}): it was exported with "
+                             "`dynamic_axes: false`")
+        return pad_to(input_ids, attention_mask, shape["batch"], shape["sequence"])
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        values = self.sess.run(None, self.feed(input_ids, attention_mask))
-        names = [o.name for o in self.sess.get_outputs()]
+        b, s = input_ids.shape
+        feed = self.feed(*self.padded(input_ids, attention_mask))
+        if self.cuda_graph:
+            self._fixed_run(feed)
+            binding, _, names, _ = self._fixed
+            values = [v.numpy() for v in binding.get_outputs()]
+        else:
+            values = self.sess.run(None, feed)
+            names = [o.name for o in self.sess.get_outputs()]
+        if self.static_shape and "sequence" in self.static_shape:  # the padding cut off again
+            values = [v[:b, :s] if v.ndim >= 3 else v[:b] for v in values]
         return dict(zip(names, values))
+
+    def _fixed_run(self, feed: dict | None) -> None:
+        """Run the CUDA-graph session through its one binding: `feed` (host arrays of the graph's
+        shape) is copied into the bound inputs first (None: run on what they hold). The first run
+        lets onnxruntime allocate the outputs, which are then bound by address for every later run:
+        onnxruntime captures on a later run and replays into exactly those buffers."""
+        ort = _ort()
+        dev, idx = self._device()
+        if self._fixed is None:
+            binding = self.sess.io_binding()
+            inputs = {n: ort.OrtValue.ortvalue_from_numpy(v, dev, idx) for n, v in feed.items()}
+            for n, v in inputs.items():
+                binding.bind_ortvalue_input(n, v)
+            names = [o.name for o in self.sess.get_outputs()]
+            for n in names:
+                binding.bind_output(n, dev, idx)
+            self.sess.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            binding.clear_binding_outputs()
+            for n, v in zip(names, outputs):
+                binding.bind_ortvalue_output(n, v)
+            self._fixed = (binding, inputs, names, outputs)  # the OrtValues kept alive: their addresses are bound
+            return
+        binding, inputs = self._fixed[:2]
+        for n, v in (feed or {}).items():
+            if v.shape != tuple(inputs[n].shape()):
+                raise ValueError(f"input {n} of shape {v.shape} for a CUDA graph captured at {inputs[n].shape()}")
+            inputs[n].update_inplace(np.ascontiguousarray(v))
+        self.sess.run_with_iobinding(binding)
 
     def decode_steps(self, prompt_ids: np.ndarray, steps: int) -> list[int]:
         """Nanoseconds of each single-token decode step after a prefill (KV cache, greedy)."""

@@ -203,6 +203,10 @@ class OrtRunner(onnx_io.OrtModel):
 
     def describe(self) -> str:
         extra = ", IO binding" if self.io_binding else ""
+        if self.cuda_graph:
+            extra += ", CUDA graph"
+        if self.static_shape:
+            extra += ", fixed shape " + "x".join(str(v) for v in self.static_shape.values())
         opt = f", optimized {self.meta['optimized']['level']}" if self.meta.get("optimized") else ""
         q = self.meta.get("quantization")
         if q:
@@ -230,7 +234,11 @@ class OrtRunner(onnx_io.OrtModel):
         return self._call_feed(self._pixels(pixel_values))
 
     def call(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        return self._call_feed(self.feed(input_ids, attention_mask))
+        feed = self.feed(*self.padded(input_ids, attention_mask))
+        if self.cuda_graph:  # the inputs copied into the captured graph's buffers once; each call replays
+            self._fixed_run(feed)
+            return lambda: self._fixed_run(None)
+        return self._call_feed(feed)
 
     def _call_feed(self, feed: dict):
         if not self.io_binding:
@@ -258,7 +266,9 @@ class OrtRunner(onnx_io.OrtModel):
 
     def sync(self) -> None:
         # sess.run returns host arrays (already synchronised); with IO binding, wait for the device
-        if getattr(self, "_binding", None) is not None:
+        if self._fixed is not None:
+            self._fixed[0].synchronize_outputs()
+        elif getattr(self, "_binding", None) is not None:
             self._binding.synchronize_outputs()
 
 

@@ -212,6 +212,29 @@ def shape_words(shape: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in shape.items())
 
 
+PROMPT_TOKENS = 48  # validate's greedy-generation prompts are cut to this many tokens (validate_run.py)
+
+
+def padded_fit_problems(t: dict, batch: int, length: int, generated: int = 0) -> list[str] | None:
+    """Why real text in batches of up to `batch` rows of up to `length` tokens (and greedy generation
+    of `generated` tokens by whole forward passes) cannot be padded up to a fixed-shape text graph
+    (`t`: its traits); None where the graph cannot be fed padded at all (a vision or KV-cache graph)."""
+    from toolchain.architectures import is_vision
+
+    shape = t.get("static_shape") or {}
+    if is_vision(t) or t.get("kv_cache") or "sequence" not in shape:
+        return None
+    out = []
+    if batch > shape["batch"]:
+        out.append(f"batches of {batch} rows do not fit its batch of {shape['batch']}")
+    if length > shape["sequence"]:
+        out.append(f"texts of up to {length} tokens do not fit its sequence of {shape['sequence']}")
+    if generated and PROMPT_TOKENS + generated > shape["sequence"]:
+        out.append(f"greedy generation runs prompts of up to {PROMPT_TOKENS} tokens plus {generated} new ones "
+                   f"through its sequence of {shape['sequence']}")
+    return out
+
+
 def refuse_static_shape(ctx: CheckContext, role: str, what: str) -> bool:
     """A stage that feeds real inputs (batches of varying length) cannot take a graph exported with
     `dynamic_axes: false`, which takes only the exporter's example shape: refused here, not failed at

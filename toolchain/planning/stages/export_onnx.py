@@ -24,10 +24,12 @@ class ExportOnnxParams:
     exporter: str = "dynamo"
     opset: int = 18
     dynamic_axes: bool = True
+    shape: dict = field(default_factory=dict)  # with dynamic_axes: false, the traced (and only) shape
     external_data: str = "auto"
     provider: str = "cpu"
     provider_options: dict = field(default_factory=dict)
     io_binding: bool = True
+    cuda_graph: bool = False  # onnxruntime CUDA graphs (a fixed-shape graph on the CUDA provider)
     pooling: str | None = None  # mean | cls | max | auto (from the sentence-transformers config)
     normalize: bool | None = None  # L2-normalise the pooled embedding (None: as `auto` says, else no)
     device: str = "cpu"
@@ -112,9 +114,43 @@ class ExportOnnx(Stage):
         if is_vision(t) and p.task and p.task not in VISION_TASKS:
             ctx.error(f"a vision model exports with task {' or '.join(VISION_TASKS)}, not {p.task}", "task")
         self._check_pooling(ctx, task)
+        self._check_fixed_shape(ctx, task, vision=is_vision(t))
         if p.exporter == "dynamo" and p.opset < 18 and not seq2seq:
             ctx.error(f"the dynamo exporter needs opset >= 18, but got {p.opset}", "opset",
                       hint="raise `opset`, or use `exporter: torchscript`")
+
+    @staticmethod
+    def _check_fixed_shape(ctx: CheckContext, task: str | None, vision: bool) -> None:
+        """`shape` (the one shape of a `dynamic_axes: false` graph) and `cuda_graph`, which needs it."""
+        p = ctx.params
+        if p.shape and p.dynamic_axes:
+            ctx.error("`shape` fixes the graph's one input shape, which needs `dynamic_axes: false`", "shape",
+                      hint="add `dynamic_axes: false`, or drop `shape`")
+        if vision and "sequence" in p.shape:
+            ctx.error("a vision export takes (batch, channels, size, size) pixels at the model's image size: "
+                      "`shape` sets its batch only", ("shape", "sequence"), hint="drop `shape.sequence`")
+        if "enable_cuda_graph" in p.provider_options:
+            ctx.error("onnxruntime's CUDA graphs need every input and output bound at a fixed device address, "
+                      "which the runners do only for `cuda_graph: true`; as a raw provider option, replays "
+                      "would read stale inputs", ("provider_options", "enable_cuda_graph"),
+                      hint="drop it from `provider_options` and set `cuda_graph: true`")
+        if not p.cuda_graph:
+            return
+        problems = []
+        if p.provider != "cuda":
+            problems.append(f"it is an option of the CUDA provider, but `provider` is {p.provider}")
+        if p.dynamic_axes:
+            problems.append("a captured graph replays one shape: it needs `dynamic_axes: false` (and `shape`)")
+        if p.kv_cache or task in SEQ2SEQ_TASKS:
+            problems.append("a KV cache grows every token, so no one shape can be captured")
+        if vision:
+            problems.append("it is wired for text graphs (input_ids, attention_mask), not pixels")
+        if not p.io_binding:
+            problems.append("replays read inputs from fixed device addresses: it needs `io_binding: true`")
+        if p.exporter not in ("dynamo", "torchscript"):
+            problems.append(f"`exporter: {p.exporter}` writes dynamic graphs only")
+        for why in problems:
+            ctx.error(f"`cuda_graph: true`: {why}", "cuda_graph")
 
     @staticmethod
     def _check_pooling(ctx: CheckContext, task: str | None) -> None:
@@ -240,6 +276,7 @@ class ExportOnnx(Stage):
         # exporter and the encoder-decoder export refuse the flag and write dynamic graphs)
         if not params.dynamic_axes and params.exporter in ("dynamo", "torchscript") and task not in SEQ2SEQ_TASKS:
             static = {"batch": EXPORT_EXAMPLE["batch"]} if is_vision(facts.to_dict()) else dict(EXPORT_EXAMPLE)
+            static.update(params.shape)
         return facts.replace(artifact=ONNX_MODEL, task=task, kv_cache=params.kv_cache or task in SEQ2SEQ_TASKS,
                              provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts),
                              static_shape=static)
@@ -271,12 +308,14 @@ class ExportOnnx(Stage):
             else:
                 ctx.progress(f"exporting ({p.exporter}, opset {p.opset})")
                 graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
-                                       p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling)
+                                       p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling,
+                                       example=facts.static_shape)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
-        write_meta(ctx.output, facts, {"graph": graph, "target": {"provider_options": p.provider_options,
-                                                                  "io_binding": p.io_binding}})
+        target = {"provider_options": p.provider_options, "io_binding": p.io_binding,
+                  **({"cuda_graph": True} if p.cuda_graph else {})}
+        write_meta(ctx.output, facts, {"graph": graph, "target": target})
         if p.exporter != "genai":  # the builder uses onnxruntime's own operators, which onnx's checker does not know
             import onnx
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.planning.tolerances import generate_params
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, SELECTED, CheckContext, RunContext, Stage, members, \
-    shape_words
+    padded_fit_problems, shape_words
 from toolchain.planning.stages.benchmark import Benchmark, BenchmarkParams, compiled_input_problems
+from toolchain.planning.shapes import grid
 from toolchain.planning.stages.compile import compiler_env
 from toolchain.planning.stages.validate import Validate, ValidateParams, compiled_candidate_problems
 
@@ -38,6 +39,24 @@ def validate_params(p: SelectParams, candidate: str) -> ValidateParams:
 
 def benchmark_params(p: SelectParams) -> BenchmarkParams:
     return BenchmarkParams(**{**p.benchmark, "device": p.device})
+
+
+def fixed_shape_problems(t: dict, vp: ValidateParams, bench: BenchmarkParams) -> list[str]:
+    """Why select cannot run a fixed-shape candidate: parity pads real batches up to its shape,
+    and the benchmark must time exactly that shape (unpadded, no decode steps)."""
+    gen = generate_params(vp.generate)
+    fit = padded_fit_problems(t, vp.batch_size, vp.max_length,
+                              gen.new_tokens if t.get("task") == "text-generation" and gen.prompts else 0)
+    if fit is None:
+        return ["it takes only that shape, and select compares real batches of varying length"]
+    shape = t["static_shape"]
+    times = [(b, q) for b, q in grid(bench)]
+    if bench.padding or bench.decode_tokens or any((b, q) != (shape["batch"], shape["sequence"]) for b, q in times):
+        fit.append("the benchmark must time exactly that shape, unpadded and without decode steps, but it times "
+                   + ", ".join(f"b{b} s{q}" for b, q in times) + (", padded" if bench.padding else "")
+                   + (", decode steps" if bench.decode_tokens else ""))
+    return [f"parity pads real text up to that shape, but {why}" if not why.startswith("the benchmark") else why
+            for why in fit]
 
 
 class Select(Stage):
@@ -102,9 +121,11 @@ class Select(Stage):
                           "padded batches cannot run", hint="set `parity.batch_size: 1` and `benchmark.padding: 0`",
                           at=at)
             if t.get("static_shape"):
-                ctx.error(f"candidate '{name}' was exported with `dynamic_axes: false` and takes only its example "
-                          f"shape ({shape_words(t['static_shape'])}): select compares "
-                          "real batches of varying length", at=at, hint="export it with dynamic axes")
+                for why in fixed_shape_problems(t, validate_params(p, name), bench):
+                    ctx.error(f"candidate '{name}' was exported with `dynamic_axes: false` "
+                              f"({shape_words(t['static_shape'])}): {why}", at=at,
+                              hint="export it with dynamic axes, or give it a `shape` that parity's batches fit "
+                                   "into and that is the benchmark's one shape")
             if t.get("artifact") == ONNX_MODEL:
                 why = environment.provider_status(t.get("provider", "cpu"))
                 if why:

@@ -7,7 +7,7 @@ from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.architectures import SEQ2SEQ_TASKS
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
-    encoder_decoder, refuse_static_shape
+    encoder_decoder, padded_fit_problems, refuse_static_shape, shape_words
 from toolchain.planning.tolerances import generate_params
 from toolchain.planning.shapes import coverage_problems, device_problem
 from toolchain.planning.stages.compile import compiler_env
@@ -66,8 +66,19 @@ class Validate(Stage):
         if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
             ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
-        for role in ("candidate", "reference"):
-            refuse_static_shape(ctx, role, "validate compares batches of real inputs of varying length")
+        refuse_static_shape(ctx, "reference", "validate compares batches of real inputs of varying length")
+        if cand.get("static_shape"):
+            gen = generate_params(ctx.params.generate)
+            decoder = cand.get("task") == "text-generation"
+            fit = padded_fit_problems(cand, ctx.params.batch_size, ctx.params.max_length,
+                                      gen.new_tokens if decoder and gen.prompts else 0)
+            if fit is None:
+                refuse_static_shape(ctx, "candidate", "validate compares batches of real inputs of varying length")
+            for why in fit or ():
+                ctx.error(f"the candidate was exported with `dynamic_axes: false` ({shape_words(cand['static_shape'])}) "
+                          f"and takes real text padded up to that shape, but {why}", at=("inputs", "candidate"),
+                          hint="lower `batch_size` / `max_length` (or `generate.new_tokens`, or `generate: {prompts: 0}`), "
+                               "or export a larger `shape`")
         if cand.get("task") and cand.get("task") != ref.get("task"):
             ctx.error(f"candidate task {cand.get('task')} differs from reference task {ref.get('task')}")
         from toolchain.architectures import is_vision
