@@ -85,9 +85,13 @@ def test_cycle_missing_input_wrong_artifact(tmp_path):
     wrong = tiny_recipe(tmp_path, "wrong", """
       load: {kind: load}
       export: {kind: export_onnx, inputs: {model: load}}
-      v: {kind: validate, inputs: {candidate: export, reference: export}}
+      b: {kind: benchmark, inputs: {model: export}}
+      v: {kind: validate, inputs: {candidate: export, reference: b}}
+      w: {kind: validate, inputs: {candidate: export, reference: export}}
     """)
-    assert any("must be hf-model" in p.message for p in plan_problems(wrong))
+    found = plan_problems(wrong)
+    assert any("input 'reference' must be hf-model or onnx-model" in p.message for p in found), found
+    assert any("`candidate` and `reference` are the same step ('export')" in p.message for p in found), found
 
 
 def test_unused_model_stage_is_an_error(tmp_path):

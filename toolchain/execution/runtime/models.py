@@ -115,10 +115,16 @@ def _load_with(folder: Path, meta: dict, device: str):
         from toolchain.execution.runtime import bettertransformer
 
         bettertransformer.convert(model)
-    tokenizer = None
+    return model, folder_tokenizer(folder)
+
+
+def folder_tokenizer(folder: Path):
+    """The tokenizer saved in an artifact's folder (None: it has none)."""
+    import transformers
+
     if (Path(folder) / "tokenizer_config.json").is_file() or (Path(folder) / "tokenizer.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    return None
 
 
 def placement(spec: dict, device: str) -> dict:

@@ -199,7 +199,14 @@ class OrtRunner(onnx_io.OrtModel):
         self.task = self.meta.get("task", "feature-extraction")
         self.output = OUTPUT_BY_TASK[self.task]
         self.dtype = self.meta.get("dtype", "float32")
-        self.tokenizer = None
+        self._tokenizer = False  # loaded on first use: only a reference's is needed
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the export's folder carries (None: it has none)."""
+        if self._tokenizer is False:
+            self._tokenizer = models.folder_tokenizer(self.folder)
+        return self._tokenizer
 
     def describe(self) -> str:
         extra = ", IO binding" if self.io_binding else ""

@@ -12,7 +12,9 @@ def run_validation(ctx) -> dict:
     p = ctx.params
     cand_meta = ctx.input_meta["candidate"]
     ctx.progress("loading reference and candidate")
-    ref = runners.TorchRunner(ctx.inputs["reference"], p.device)
+    ref_meta = ctx.input_meta["reference"]
+    ref = runners.open_runner(ctx.inputs["reference"], ref_meta["artifact"], p.device,
+                              ctx.onnx_provider("reference"), ctx.cache_dir)
     cand = runners.open_runner(ctx.inputs["candidate"], cand_meta["artifact"], p.device,
                                ctx.onnx_provider("candidate"), ctx.cache_dir)
     return compare_runners(ref, cand, p, ctx.recipe_dir, ctx.inputs["reference"], ctx.progress)

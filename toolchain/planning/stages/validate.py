@@ -40,9 +40,13 @@ def compiled_candidate_problems(t: dict, p) -> list[str]:
     return coverage_problems(t, corners, pad=True, what="validate")
 
 
-def same_model(candidate: dict, reference: dict) -> str | None:
+def same_model(candidate: dict, reference: dict, same_step: bool) -> str | None:
     """Why comparing these two can never fail (None: it can): the same model run the same way,
-    e.g. a matrix's eager variant checked against the eager reference."""
+    e.g. a matrix's eager variant checked against the eager reference. Two ONNX graphs are the
+    same only when they are one step's output: the facts do not describe how a graph was written
+    (two exporters' graphs of one model have equal facts and compute differently)."""
+    if ONNX_MODEL in (candidate.get("artifact"), reference.get("artifact")) and not same_step:
+        return None
     if ArtifactFacts.from_dict(candidate).same_computation(ArtifactFacts.from_dict(reference)):
         return "the candidate is the reference model, loaded and run the same way"
     return None
@@ -51,7 +55,8 @@ def same_model(candidate: dict, reference: dict) -> str | None:
 class Validate(Stage):
     kind = "validate"
     Params = ValidateParams
-    roles = {"candidate": (HF_MODEL, ONNX_MODEL, AOTI_MODEL), "reference": (HF_MODEL,)}
+    # an ONNX reference compares two exports with each other (e.g. dynamo against optimum's exporter)
+    roles = {"candidate": (HF_MODEL, ONNX_MODEL, AOTI_MODEL), "reference": (HF_MODEL, ONNX_MODEL)}
     produces = REPORT
     has_gate = True
     env = ("python", "platform", "torch", "transformers", "onnxruntime", "numpy", "tokenizers")
@@ -60,12 +65,21 @@ class Validate(Stage):
 
     def check(self, ctx: CheckContext) -> None:
         ctx.device_rules(ctx.params.device)
-        why = same_model(ctx.inputs["candidate"], ctx.inputs["reference"])
+        named = ctx.recipe.stages[ctx.step].get("inputs") or {}
+        if named.get("candidate") == named.get("reference"):
+            ctx.error(f"`candidate` and `reference` are the same step ('{named.get('reference')}'): comparing it "
+                      "with itself cannot fail", at=("inputs", "reference"),
+                      hint="take the reference from the model the candidate was made from (its `load`, or another export)")
+            return
+        why = same_model(ctx.inputs["candidate"], ctx.inputs["reference"], same_step=False)
         if why:
             ctx.note(f"{why}: its parity is reported as not gated")
-        if ctx.inputs["candidate"].get("artifact") == ONNX_MODEL:
-            ctx.provider_note(ctx.params.provider or ctx.inputs["candidate"].get("provider", "cpu"))
+        for role in ("candidate", "reference"):
+            if ctx.inputs[role].get("artifact") == ONNX_MODEL:
+                ctx.provider_note(ctx.params.provider or ctx.inputs[role].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
+        if ref.get("artifact") == ONNX_MODEL:
+            self._check_onnx_reference(ctx, ref)
         refuse_static_shape(ctx, "reference", "validate compares batches of real inputs of varying length")
         if cand.get("static_shape"):
             gen = generate_params(ctx.params.generate)
@@ -139,6 +153,20 @@ class Validate(Stage):
             ctx.error(f"corpus: {exc}", "corpus", hint=exc.hint)
 
     @staticmethod
+    def _check_onnx_reference(ctx: CheckContext, ref: dict) -> None:
+        """An ONNX reference (two exports compared with each other): text encoders and decoders,
+        run by the same onnxruntime runner as a candidate, with the tokenizer its folder carries."""
+        from toolchain.architectures import is_vision
+
+        at = ("inputs", "reference")
+        if is_vision(ref) or encoder_decoder(ref):
+            ctx.error(f"an ONNX reference is wired for text encoders and decoders, not '{ref.get('model_type')}' "
+                      f"(task {ref.get('task')})", at=at, hint="take the reference from the PyTorch model (its `load`)")
+        elif ref.get("quantization"):
+            ctx.error(f"the reference is quantized ({ref['quantization'].get('scheme')}): parity is measured against "
+                      "a full-precision model", at=at, hint="take the reference from the export before `quantize_onnx`")
+
+    @staticmethod
     def _check_seq2seq(ctx: CheckContext, cand: dict, ref: dict) -> None:
         """Encoder-decoders: encoder parity and greedy generation (runtime/seq2seq_validate.py)."""
         if not (encoder_decoder(cand) and encoder_decoder(ref)):
@@ -185,12 +213,14 @@ class Validate(Stage):
         return list(metrics.get("failures", []))
 
     def run(self, ctx: RunContext) -> dict:
-        why = same_model(ctx.input_meta["candidate"], ctx.input_meta["reference"])
+        why = same_model(ctx.input_meta["candidate"], ctx.input_meta["reference"],
+                         same_step=ctx.inputs["candidate"].resolve() == ctx.inputs["reference"].resolve())
         if why:  # nothing to compare: reported as not gated, never as a pass
             return {"not_gated": why, "failures": [], "passed": True}
-        not_run = ctx.provider_not_run("candidate")
-        if not_run:
-            return not_run
+        for role in ("candidate", "reference"):
+            not_run = ctx.provider_not_run(role)
+            if not_run:
+                return not_run
         if ctx.input_meta["reference"].get("task") in SEQ2SEQ_TASKS:
             from toolchain.execution.runtime.seq2seq_validate import run_validation as seq2seq_validation
 
