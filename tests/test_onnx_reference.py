@@ -30,6 +30,12 @@ def test_two_exports_are_compared_with_each_other(tmp_path, store):
     assert steps["same"]["gate"]["passed"] and same["generation"]["equal"] == 4
     assert same["reference_desc"].startswith("ONNX float32 (dynamo exporter") and "torchscript" in same["candidate_desc"]
     assert 0 < same["outputs"]["logits"]["max_abs"] < 1e-4  # two graphs, two computations: not bit-equal
+    nodes = {n: steps[n]["metrics"]["nodes"] for n in ("dynamo", "scripted")}
+    assert all(v > 20 for v in nodes.values()) and nodes["dynamo"] != nodes["scripted"], nodes
+    report = (tmp_path / "out" / "report.md").read_text()  # the exporters side by side
+    graphs = report.split("### ONNX graphs", 1)[1].split("###", 1)[0]
+    assert f"| dynamo | export_onnx | dynamo | {nodes['dynamo']} |" in graphs, graphs
+    assert f"| scripted | export_onnx | torchscript | {nodes['scripted']} |" in graphs, graphs
     strict = steps["strict"]
     assert not strict["gate"]["passed"] and "exceeds atol 1e-06" in " ".join(strict["metrics"]["failures"])
 

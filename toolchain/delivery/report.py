@@ -147,6 +147,11 @@ def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = No
         out.append("\n### Steps\n\n")
         rows = [[s.name, s.kind, s.shown_status, s.key[:12], _fmt(s.build_seconds), s.where or "-"] for s in v.steps]
         out.append(_table(["step", "kind", "status", "key", "build s", "from / ran on"], rows))
+        graphs = [[s.name, s.kind, str(s.metrics.get("exporter") or "-"), str(s.metrics.get("nodes", "-")),
+                   f"{s.metrics['onnx_bytes'] / 1e6:.1f}"] for s in v.steps if (s.metrics or {}).get("onnx_bytes")]
+        if graphs:  # exporters and graph transforms side by side
+            out.append("\n### ONNX graphs\n\n")
+            out.append(_table(["step", "kind", "exporter", "nodes", "MB"], graphs))
         for s in v.steps:
             if s.not_run:
                 out.append(f"\n### {s.name}: NOT RUN\n\n{s.kind} did not run on this machine: "

@@ -73,5 +73,5 @@ class OptimizeOnnx(Stage):
                 shutil.copyfile(f, ctx.output / f.name)
         meta["optimized"] = {"level": p.level, "model_type": model_type, "float16": p.float16, "fused": fused}
         write_meta(ctx.output, self.derive(p, ArtifactFacts.from_dict(meta)), meta)
-        return {"fused_operators": fused, "float16": p.float16,
+        return {"fused_operators": fused, "float16": p.float16, "nodes": len(opt.model.graph.node),
                 "onnx_bytes": sum(f.stat().st_size for f in ctx.output.glob(graph["file"] + "*"))}
