@@ -142,3 +142,14 @@ def test_a_speech_model_is_not_called_a_text_model(tmp_path):
     res = run_cli("check", path)
     assert res.returncode == 2 and res.stderr.count("wk.yaml:") == 1, res.stderr
     assert "decoder graph always takes past self-attention keys/values" in res.stderr
+
+
+def test_a_text_corpus_given_to_a_speech_model_is_refused(tmp_path):
+    """Whisper is compared on synthesised audio: a `corpus` of text would be ignored without a word."""
+    path = recipe(tmp_path, "wc", WHISPER, {
+        "load": "{kind: load}", "export": "{kind: export_onnx, inputs: {model: load}}",
+        "v": "{kind: validate, inputs: {candidate: export, reference: load}, params: {corpus: 'gensim:lee_background'}}"},
+        tokenizer=False)
+    res = run_cli("check", path)
+    assert res.returncode == 2 and "`corpus` ('gensim:lee_background') would be ignored" in res.stderr, res.stderr
+    assert "wc.yaml:" in res.stderr

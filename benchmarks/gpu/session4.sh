@@ -6,6 +6,8 @@
 #   decode  benchmarks/gpu/session3b.sh (every SmolLM2 decoder in one build): issue 10 on an H100
 #   cold    recipes/gpu/bert-base-cuda.yaml on an empty store (issue 11: <= 90 s on an H100), then
 #           benchmarks/gpu/recipes/two-loads.yaml (the compiler reset skipped where nothing compiled)
+#   quant   benchmarks/gpu/recipes/quantize-cuda.yaml and minilm-int8-cuda.yaml (issue 14: onnxruntime
+#           quantization on the CUDA provider, beside the float export in the same build)
 # Needs the staged wheels (.gpu), model packages (.gpub) and onnxruntime-genai (.gpuc). Logs to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/session4}; mkdir -p "$OUT"; export OUT
@@ -31,6 +33,29 @@ PY
       cat "$OUT/summary.txt" ;;
     decode)
       bash benchmarks/gpu/session3b.sh ;;
+    quant)
+      source "$HOME/gpu-env.sh"; source "$HOME/models-env.sh"; export PYTHONPATH=$PWD:${PYTHONPATH:-}
+      for r in quantize-cuda minilm-int8-cuda; do
+        t0=$SECONDS
+        timeout 280 python -m toolchain build benchmarks/gpu/recipes/$r.yaml -o /tmp/out-$r --store /tmp/store-quant \
+          --require-provider > "$OUT/$r.log" 2>&1
+        echo "$r: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+        cp /tmp/out-$r/manifest.json "$OUT/$r-manifest.json" 2>/dev/null; cp /tmp/out-$r/report.md "$OUT/$r-report.md" 2>/dev/null
+        python - "$OUT/$r-manifest.json" <<'PY' | tee -a "$OUT/quant.txt"
+import json, sys
+d = json.load(open(sys.argv[1]))
+for s in d["variants"][0]["steps"]:
+    m = s.get("metrics") or {}
+    if s["kind"] == "validate":
+        o = next(iter((m.get("outputs") or {}).values()), {})
+        g = m.get("generation") or {}
+        print(f"{s['name']:14s} passed={s['gate']['passed']} max_abs={o.get('max_abs')} min_cos={o.get('min_cosine')} "
+              f"top1={m.get('top1_agreement')} gen={g.get('equal')}/{g.get('prompts')} {m.get('failures')}")
+    if s["kind"] == "benchmark":
+        for name, t in (m.get("timings") or {}).items():
+            print(f"{s['name']:14s} {name:20s} {t['median_ms']:8.3f} ms (CoV {t['cov']:.1%}) {m.get('runtime')}")
+PY
+      done ;;
     cold)
       bash benchmarks/gpu/issue10b.sh cold 2>&1 | tail -n 30 > "$OUT/cold-tail.log"
       source "$HOME/gpu-env.sh"; export PYTHONPATH=$PWD:${PYTHONPATH:-}

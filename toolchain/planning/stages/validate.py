@@ -116,6 +116,10 @@ class Validate(Stage):
                       hint="drop `corpus`: a speech model is compared on its own synthesised audio" if speech
                       else "use real text: `gensim:lee_background` or a text file")
             return
+        if "automatic-speech-recognition" in (ref.get("task"), cand.get("task")) and \
+                "corpus" in (ctx.recipe.stages[ctx.step].get("params") or {}):
+            ctx.error(f"a speech model is compared on its own synthesised audio, so `corpus` ({p.corpus!r}) would "
+                      "be ignored", "corpus", hint="drop `corpus`")
         seq2seq = encoder_decoder(cand) or encoder_decoder(ref)
         if seq2seq:
             self._check_seq2seq(ctx, cand, ref)
