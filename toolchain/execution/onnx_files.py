@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from toolchain.planning.artifacts import META_FILE, SIDE_FILES
+
+# the small files an ONNX folder carries beside its graphs (configs, tokenizer, toolchain.json)
+NOT_TENSOR_DATA = frozenset(SIDE_FILES) | {META_FILE, "genai_config.json"}
+
 
 def onnx_external_data(object_path, outputs: dict) -> set[str]:
     """The outputs (a record's {relative path: {sha256, size}}) that an ONNX graph among them keeps
     its tensors in (external data `location`s), read from each graph without its weights;
     `object_path(sha256)` is where the store keeps a file's bytes."""
     graphs = [rel for rel in outputs if rel.endswith(".onnx")]
-    if not graphs:
+    # external data is a file among the outputs: with none but graphs, configs and tokenizer files there
+    # is nothing to find, and the graphs (weights included: hundreds of MB) need not be parsed
+    if not graphs or all(rel.endswith(".onnx") or Path(rel).name in NOT_TENSOR_DATA for rel in outputs):
         return set()
     import onnx
 
