@@ -203,7 +203,9 @@ class OrtRunner(onnx_io.OrtModel):
 
     def describe(self) -> str:
         extra = ", IO binding" if self.io_binding else ""
-        opt = f", optimized {self.meta['optimized']['level']}" if self.meta.get("optimized") else ""
+        o = self.meta.get("optimized") or {}
+        opt = (", fused GroupQueryAttention" if o.get("attention") == "gqa"
+               else f", optimized {o['level']}" if o else "")
         q = self.meta.get("quantization")
         if q:
             opt += f", quantized {q['scheme']}" + (f" (block {q['block_size']})" if q.get("block_size") else "")
