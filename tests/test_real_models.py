@@ -49,6 +49,23 @@ def test_smollm2_onnx_generation_equals_pytorch(tmp_path, real_store):
     assert decode["iterations"] >= 16
 
 
+def test_smollm2_gqa_fused_decoder_generates_what_pytorch_does(tmp_path, real_store):
+    """`attention: gqa` on the dynamo export (load and export shared with smollm2-onnx.yaml): one
+    GroupQueryAttention per layer in a fraction of the export's nodes, the export's inputs, and the
+    same greedy tokens as PyTorch on the 20 real prompts through the toolchain's decode loop."""
+    m = _build("smollm2-onnx-gqa.yaml", tmp_path / "out", real_store)
+    v = _step(m, "validate")["metrics"]
+    assert v["generation"]["prompts"] == 20 and v["generation"]["equal"] == 20
+    assert v["top1_agreement"] >= 0.99 and v["outputs"]["logits"]["passed"] and v["padding_tokens"] > 0
+    meta = json.loads((tmp_path / "out" / "fused" / "toolchain.json").read_text())
+    fused = meta["optimized"]
+    assert fused["fused"]["GroupQueryAttention"] == 30 and fused["fused"]["SkipSimplifiedLayerNormalization"] == 60
+    assert fused["nodes"]["after"] < fused["nodes"]["before"] / 4
+    assert meta["graph"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    decode = _step(m, "bench_fused")["metrics"]["timings"]["decode (per token)"]
+    assert decode["iterations"] >= 16
+
+
 def test_smollm2_genai_builder_decoder_generates_what_pytorch_does(tmp_path, real_store):
     """onnxruntime-genai's model builder writes the decoder with fused operators: a fraction of the
     traced export's nodes, and the same greedy tokens as PyTorch on the 20 real prompts."""

@@ -147,7 +147,7 @@ def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = No
         out.append("\n### Steps\n\n")
         rows = [[s.name, s.kind, s.shown_status, s.key[:12], _fmt(s.build_seconds), s.where or "-"] for s in v.steps]
         out.append(_table(["step", "kind", "status", "key", "build s", "from / ran on"], rows))
-        graphs = [[s.name, s.kind, str(s.metrics.get("exporter") or "-"), str(s.metrics.get("nodes", "-")),
+        graphs = [[s.name, s.kind, str(s.metrics.get("exporter") or "-"), _nodes(s.metrics.get("nodes")),
                    f"{s.metrics['onnx_bytes'] / 1e6:.1f}"] for s in v.steps if (s.metrics or {}).get("onnx_bytes")]
         if graphs:  # exporters and graph transforms side by side
             out.append("\n### ONNX graphs\n\n")
@@ -170,6 +170,13 @@ def render_markdown(build: BuildResult, plots: list[tuple[str, str]] | None = No
         out.append(comparison_markdown(benchmark_rows([build])))
         out.append(plots_markdown(plots))
     return "".join(out)
+
+
+def _nodes(n) -> str:
+    """A graph's node count; a fusion's as `after (from before)`."""
+    if isinstance(n, dict):
+        return f"{n.get('after')} (from {n.get('before')})"
+    return "-" if n is None else str(n)
 
 
 def _parity_markdown(s: StepResult) -> str:

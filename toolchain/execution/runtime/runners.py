@@ -214,7 +214,9 @@ class OrtRunner(onnx_io.OrtModel):
             extra += ", CUDA graph"
         if self.static_shape:
             extra += ", fixed shape " + "x".join(str(v) for v in self.static_shape.values())
-        opt = f", optimized {self.meta['optimized']['level']}" if self.meta.get("optimized") else ""
+        o = self.meta.get("optimized") or {}
+        opt = (", fused GroupQueryAttention" if o.get("attention") == "gqa"
+               else f", optimized {o['level']}" if o else "")
         q = self.meta.get("quantization")
         if q:
             opt += f", quantized {q['scheme']}" + (f" (block {q['block_size']})" if q.get("block_size") else "")
