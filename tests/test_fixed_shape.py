@@ -105,8 +105,50 @@ def test_a_fixed_shape_graph_is_traced_at_its_shape_and_validated_padded(tmp_pat
     assert dims == [[4, 64], [4, 64]], dims  # traced at the recipe's shape, no symbolic axis
     steps = {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["variants"][0]["steps"]}
     v = steps["validate"]["metrics"]
-    assert steps["validate"]["gate"]["passed"] and v["padding_tokens"] > 0  # real batches were padded up
+    assert steps["validate"]["gate"]["passed"] and v["padding_tokens"] > 0  # texts of varying length, padded
     assert v["generation"]["equal"] == 3 and v["top1_agreement"] == 1.0
     assert "fixed shape 4x64" in v["candidate_desc"]
     rows = {r["name"]: r for r in steps["pick"]["metrics"]["candidates"]}
     assert rows["export"]["status"] in ("selected", "slower") and rows["export"]["score_ms"] > 0
+
+
+def test_fixed_shapes_that_cannot_work_are_refused_at_plan_time(tmp_path):
+    r = tiny_recipe(tmp_path, "cannot", """
+      load: {kind: load}
+      long: {kind: export_onnx, inputs: {model: load}, params: {dynamic_axes: false, shape: {batch: 2, sequence: 512}}}
+      kv: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true, dynamic_axes: false}}
+      opt: {kind: export_onnx, inputs: {model: load}, params: {exporter: optimum, shape: {batch: 2}}}
+    """, extra="targets: [long, kv, opt]", config={**TINY_DECODER, "max_position_embeddings": 256})
+    found = {(p.line, p.message) for p in plan_problems(r)}
+
+    def at(step: str, words: str) -> bool:
+        return any(line == line_of(r, f"{step}:") and words in msg for line, msg in found)
+    assert at("long", "`shape.sequence` 512 is longer than the model's 256 positions"), found
+    assert at("kv", "a decoder with a KV cache needs dynamic axes"), found
+    assert at("opt", "`exporter: optimum` writes dynamic graphs only"), found
+
+
+def test_a_foreign_fixed_shape_graph_is_padded_too(tmp_path, store):
+    """A fixed-shape graph made elsewhere (no toolchain.json) is read for its input shape on import, so
+    validate pads real batches up to it as for our own."""
+    import shutil
+
+    made = tiny_recipe(tmp_path, "made", """
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {exporter: torchscript, dynamic_axes: false, shape: {batch: 4, sequence: 32}}}
+    """, extra="targets: [export]")
+    assert run_cli("build", made, "-o", tmp_path / "made", "--store", store).returncode == 0
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tmp_path / "made" / "export", foreign)
+    (foreign / "toolchain.json").unlink()
+    for f in foreign.iterdir():
+        f.chmod(0o644)
+    r = tiny_recipe(tmp_path, "use", f"""
+      load: {{kind: load}}
+      imp: {{kind: import_onnx, params: {{path: {foreign}}}}}
+      v: {{kind: validate, inputs: {{candidate: imp, reference: load}}, params: {{samples: 10, batch_size: 4, max_length: 32}}}}
+    """, extra="targets: [v]")
+    res = run_cli("build", r, "-o", tmp_path / "use", "--store", store)
+    assert res.returncode == 0, res.stderr[-2000:]
+    steps = {s["name"]: s for s in json.loads((tmp_path / "use" / "manifest.json").read_text())["variants"][0]["steps"]}
+    assert "fixed shape 4x32" in steps["v"]["metrics"]["candidate_desc"]

@@ -49,3 +49,17 @@ def test_an_onnx_reference_must_be_a_full_precision_text_export(tmp_path):
     """, extra="targets: [v]")
     found = plan_problems(r)
     assert any("the reference is quantized (int8-dynamic)" in p.message for p in found), found
+
+
+def test_exports_that_pool_differently_are_not_compared(tmp_path):
+    """Their sentence embeddings differ by design: comparing one's with the other's hidden states
+    pooled the candidate's way would pass two different embeddings."""
+    r = tiny_recipe(tmp_path, "pools", """
+      load: {kind: load}
+      mean: {kind: export_onnx, inputs: {model: load}, params: {pooling: mean, normalize: true}}
+      cls: {kind: export_onnx, inputs: {model: load}, params: {pooling: cls}}
+      v: {kind: validate, inputs: {candidate: mean, reference: cls}}
+    """, extra="targets: [v]")
+    found = plan_problems(r)
+    assert any("pools its sentence embedding as mean, normalised and the reference as cls" in p.message
+               for p in found), found

@@ -723,7 +723,9 @@ def parser() -> argparse.ArgumentParser:
                     "recipe's step (default step: its load)")
     sp.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "rocm", "tensorrt"])
     sp.add_argument("--device", default="cpu", help="device of the PyTorch reference (cpu, cuda, cuda:N)")
-    sp.add_argument("--corpus", default="gensim:lee_background", help="real text (gensim:NAME or a text file)")
+    sp.add_argument("--corpus", default=None,
+                    help="real text (gensim:NAME or a text file; default gensim:lee_background; speech models are "
+                         "compared on synthesised audio and take none)")
     sp.add_argument("--samples", type=int, default=200, help="passages compared (default 200)")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--max-length", type=int, default=128)

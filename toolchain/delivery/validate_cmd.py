@@ -134,7 +134,7 @@ def run(args, store, console: Console) -> int:
         raise UsageError(f"ONNX model not found: {model}")
     reference = _reference_folder(args.reference, store, console)
     validate_params = {"samples": args.samples, "batch_size": args.batch_size, "max_length": args.max_length,
-                       "corpus": args.corpus, "device": args.device}
+                       "device": args.device, **({"corpus": args.corpus} if args.corpus else {})}
     for name in ("atol", "rtol", "min_cosine", "min_top1"):
         if getattr(args, name) is not None:
             validate_params[name] = getattr(args, name)

@@ -38,5 +38,12 @@ def describe(path: Path, task: str | None = None) -> dict:
     if graph["kv_cache"] and not (graph.get("kv_heads") and graph.get("head_dim")):
         heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
         graph.update(kv_heads=heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-    return {"artifact": "onnx-model", "task": task, "dtype": ELEM.get(first, "float32"),
-            "model_type": cfg.get("model_type"), "graph": graph}
+    out = {"artifact": "onnx-model", "task": task, "dtype": ELEM.get(first, "float32"),
+           "model_type": cfg.get("model_type"), "graph": graph}
+    ids = next((i for i in inputs if i.name == "input_ids"), None)
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in ids.type.tensor_type.shape.dim] if ids else []
+    if len(dims) == 2 and all(dims) and not past:
+        # a graph exported at one fixed shape: the runners pad real batches up to it (and say so when one
+        # does not fit) instead of onnxruntime failing on "invalid dimensions"
+        out["static_shape"] = {"batch": dims[0], "sequence": dims[1]}
+    return out

@@ -172,4 +172,5 @@ def _quantize(src: Path, source: Path, target: Path, out: Path, graph: dict, p, 
     size_after = sum(f.stat().st_size for f in out.glob(graph["file"] + "*"))
     return {"scheme": scheme, "quantized_ops": quantized_ops, "float_matmuls_left": after.get("MatMul", 0),
             "float_matmuls_before": before.get("MatMul", 0), "onnx_bytes_before": size_before,
-            "onnx_bytes": size_after, "onnxruntime": onnxruntime.__version__, "recorded": recorded}
+            "onnx_bytes": size_after, "nodes": {"before": sum(before.values()), "after": sum(after.values())},
+            "onnxruntime": onnxruntime.__version__, "recorded": recorded}

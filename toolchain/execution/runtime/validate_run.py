@@ -113,11 +113,22 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
     if getattr(ref, "vision", False):
         return compare_images(ref, cand, p, recipe_dir, progress)
     tokenizer = ref.tokenizer
+    if tokenizer is None:
+        from toolchain.errors import StageUserError
+
+        raise StageUserError("the reference carries no tokenizer, so real text cannot be encoded: its folder has no "
+                             "tokenizer.json / tokenizer_config.json")
     precision, atol, rtol, min_cos = gates(cand, p)
     output = ref.output
     stats = compare.OutputStats(atol, rtol)
     # a pooled export: its sentence embedding against the same pooling of the reference's hidden states
     pooling = (getattr(cand, "meta", None) or {}).get("pooling")
+    # an ONNX reference with its own pooled output is compared by that output, not by our pooling of its
+    # hidden states (validate refuses at plan time two exports that pool differently)
+    ref_pools = bool(pooling and (getattr(ref, "meta", None) or {}).get("pooling"))
+
+    def ref_pooled(r_all, r, mask):
+        return r_all[embedded] if ref_pools else pool_np(r, mask, pooling)
     pooled, pooled_edge = compare.OutputStats(atol, rtol), compare.OutputStats(atol, rtol)
     embedded = "sentence_embedding"
     top1_hits = top1_total = 0
@@ -138,7 +149,7 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
         seq_mask = mask if r.ndim >= 3 else None
         stats.add(c, r, seq_mask)
         if pooling:
-            pooled.add(c_all[embedded], pool_np(r, mask, pooling))
+            pooled.add(c_all[embedded], ref_pooled(r_all, r, mask))
         if ref.task == "text-generation":
             keep = mask.astype(bool)
             top1_hits += int((c.argmax(-1)[keep] == r.argmax(-1)[keep]).sum())
@@ -155,7 +166,7 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
             r, c = r_all[output], c_all[output]
             edge.add(c, r, mask if r.ndim >= 3 else None)
             if pooling:
-                pooled_edge.add(c_all[embedded], pool_np(r, mask, pooling))
+                pooled_edge.add(c_all[embedded], ref_pooled(r_all, r, mask))
     outputs = {output: stats.result(min_cos)}
     if p.edge_cases:
         outputs[f"{output} (random ids, edge shapes)"] = edge.result(min_cos)

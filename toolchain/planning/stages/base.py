@@ -243,6 +243,6 @@ def refuse_static_shape(ctx: CheckContext, role: str, what: str) -> bool:
     if shape:
         ctx.error(f"{what}, but its `{role}` was exported with `dynamic_axes: false` and "
                   f"takes only its example shape ({shape_words(shape)})",
-                  hint="export with dynamic axes (drop `dynamic_axes: false`); for one fixed shape at run time, "
-                       "use a `compile` stage with `dynamic: false` and `shape`")
+                  hint="export with dynamic axes (drop `dynamic_axes: false`); a text graph without a KV cache "
+                       "can be a validate or select candidate with a `shape` that the real batches fit into")
     return bool(shape)

@@ -123,9 +123,21 @@ class ExportOnnx(Stage):
     def _check_fixed_shape(ctx: CheckContext, task: str | None, vision: bool) -> None:
         """`shape` (the one shape of a `dynamic_axes: false` graph) and `cuda_graph`, which needs it."""
         p = ctx.params
-        if p.shape and p.dynamic_axes:
+        if p.shape and p.exporter not in ("dynamo", "torchscript"):
+            ctx.error(f"`shape` fixes the traced shape of the dynamo and TorchScript exporters; `exporter: "
+                      f"{p.exporter}` writes dynamic graphs only", "shape", hint="drop `shape`")
+        elif p.shape and p.dynamic_axes:
             ctx.error("`shape` fixes the graph's one input shape, which needs `dynamic_axes: false`", "shape",
                       hint="add `dynamic_axes: false`, or drop `shape`")
+        max_pos = (ctx.inputs["model"].get("config") or {}).get("max_position_embeddings")
+        if max_pos and p.shape.get("sequence", 0) > max_pos:
+            ctx.error(f"`shape.sequence` {p.shape['sequence']} is longer than the model's {max_pos} positions",
+                      ("shape", "sequence"), hint=f"use at most {max_pos}")
+        if not p.dynamic_axes and p.kv_cache and task == "text-generation" and p.exporter in ("dynamo", "torchscript"):
+            # the past length would be traced as a constant too, and a decode step feeds a past that grows
+            ctx.error("a decoder with a KV cache needs dynamic axes: its past grows every token, and a fixed-shape "
+                      "graph takes only the traced past length", "dynamic_axes",
+                      hint="drop `dynamic_axes: false` (a fixed shape suits encoders and decoders without a KV cache)")
         if vision and "sequence" in p.shape:
             ctx.error("a vision export takes (batch, channels, size, size) pixels at the model's image size: "
                       "`shape` sets its batch only", ("shape", "sequence"), hint="drop `shape.sequence`")

@@ -196,8 +196,10 @@ class ImportOnnx(Stage):
             # encoder-decoder's graphs...), which the stages after it must know as after the export itself
             facts = ArtifactFacts.from_dict({**carried_facts(meta), "artifact": ONNX_MODEL})
             return facts.replace(task=task, provider=params.provider).to_dict()
+        tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                                          "tokenizer.model"))
         return ArtifactFacts(ONNX_MODEL, task=task, model_type=config.get("model_type"), dtype=meta.get("dtype"),
-                             provider=params.provider, imported=True).to_dict()
+                             provider=params.provider, imported=True, has_tokenizer=tokenizer).to_dict()
 
     def fingerprint(self, params, recipe, hasher) -> dict:
         try:
@@ -230,8 +232,10 @@ class ImportOnnx(Stage):
         if graphs:  # a claim of quantization must be borne out by the graphs (it decides the gates)
             _check_quantized(ctx.output, graphs, (meta.get("quantization") or {}).get("scheme"))
         meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
+        # (a foreign graph's fixed input shape is found only here, by reading it: the runners pad up to it)
         facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
-                                                           model_type=meta.get("model_type"))
+                                                           model_type=meta.get("model_type"),
+                                                           static_shape=meta.get("static_shape"))
         write_meta(ctx.output, facts, meta)
         if len(graphs) > 1:
             return {"files": graphs, "task": meta["task"], "dtype": meta["dtype"]}

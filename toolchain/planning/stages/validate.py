@@ -70,16 +70,16 @@ class Validate(Stage):
             ctx.error(f"`candidate` and `reference` are the same step ('{named.get('reference')}'): comparing it "
                       "with itself cannot fail", at=("inputs", "reference"),
                       hint="take the reference from the model the candidate was made from (its `load`, or another export)")
-            return
-        why = same_model(ctx.inputs["candidate"], ctx.inputs["reference"], same_step=False)
-        if why:
+        why = same_model(ctx.inputs["candidate"], ctx.inputs["reference"],
+                         same_step=named.get("candidate") == named.get("reference"))
+        if why and named.get("candidate") != named.get("reference"):
             ctx.note(f"{why}: its parity is reported as not gated")
         for role in ("candidate", "reference"):
             if ctx.inputs[role].get("artifact") == ONNX_MODEL:
                 ctx.provider_note(ctx.params.provider or ctx.inputs[role].get("provider", "cpu"))
         cand, ref = ctx.inputs["candidate"], ctx.inputs["reference"]
         if ref.get("artifact") == ONNX_MODEL:
-            self._check_onnx_reference(ctx, ref)
+            self._check_onnx_reference(ctx, ref, cand)
         refuse_static_shape(ctx, "reference", "validate compares batches of real inputs of varying length")
         if cand.get("static_shape"):
             gen = generate_params(ctx.params.generate)
@@ -125,7 +125,9 @@ class Validate(Stage):
             self._check_seq2seq(ctx, cand, ref)
         if not ref.get("has_tokenizer", True) and ref.get("task") != "automatic-speech-recognition":
             ctx.error("the reference model has no tokenizer, so real text cannot be encoded",
-                      hint="give the `config` source a `tokenizer:` folder or package")
+                      hint="put the model's tokenizer files (tokenizer.json, tokenizer_config.json) in the imported "
+                           "folder" if ref.get("artifact") == ONNX_MODEL
+                      else "give the `config` source a `tokenizer:` folder or package")
         p = ctx.params
         if p.generate and cand.get("task") not in ("text-generation",) + SEQ2SEQ_TASKS and \
                 generate_params(p.generate).prompts:
@@ -157,7 +159,7 @@ class Validate(Stage):
             ctx.error(f"corpus: {exc}", "corpus", hint=exc.hint)
 
     @staticmethod
-    def _check_onnx_reference(ctx: CheckContext, ref: dict) -> None:
+    def _check_onnx_reference(ctx: CheckContext, ref: dict, cand: dict) -> None:
         """An ONNX reference (two exports compared with each other): text encoders and decoders,
         run by the same onnxruntime runner as a candidate, with the tokenizer its folder carries."""
         from toolchain.architectures import is_vision
@@ -169,6 +171,14 @@ class Validate(Stage):
         elif ref.get("quantization"):
             ctx.error(f"the reference is quantized ({ref['quantization'].get('scheme')}): parity is measured against "
                       "a full-precision model", at=at, hint="take the reference from the export before `quantize_onnx`")
+        mine, theirs = cand.get("pooling"), ref.get("pooling")
+        if mine and theirs and (mine.get("mode"), bool(mine.get("normalize"))) != \
+                (theirs.get("mode"), bool(theirs.get("normalize"))):
+            def words(p: dict) -> str:
+                return p.get("mode") + (", normalised" if p.get("normalize") else "")
+            ctx.error(f"the candidate pools its sentence embedding as {words(mine)} and the reference as "
+                      f"{words(theirs)}: their embeddings differ by design", at=at,
+                      hint="compare exports with the same `pooling` and `normalize`")
 
     @staticmethod
     def _check_seq2seq(ctx: CheckContext, cand: dict, ref: dict) -> None:
