@@ -337,8 +337,8 @@ class ExportOnnx(Stage):
             if p.exporter != "genai":  # the builder uses onnxruntime's own operators, which onnx's checker does not know
                 ctx.progress("checking the graph")
                 # (by path where the weights are external data: the checker then finds those files)
-                onnx.checker.check_model(str(ctx.output / part["file"]) if part.get("external_data", graph.get("external_data")) else proto,
-                                         full_check=False)
+                external = part.get("external_data", graph.get("external_data"))
+                onnx.checker.check_model(str(ctx.output / part["file"]) if external else proto, full_check=False)
             nodes += len(proto.graph.node)
             del proto
         size = sum(f.stat().st_size for f in ctx.output.iterdir() if ".onnx" in f.name)
