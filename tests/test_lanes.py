@@ -240,3 +240,20 @@ def test_optimum_decoder_with_past_generates_what_pytorch_does(tmp_path, lanes_d
     graph = json.loads((tmp_path / "out" / "export" / "toolchain.json").read_text())["graph"]
     assert graph["kv_cache"] and graph["kv_heads"] == 2 and "position_ids" in graph["inputs"]
     assert graph["lane"]["translated"] == ["config rope_parameters -> rope_theta 100000.0"]
+
+
+def test_a_lane_failing_inside_a_worker_is_a_machine_problem():
+    """Where the lane is made inside a step's worker (a Ray task, a lane removed mid-build), its
+    LaneError marks the result as the machine's, which the executor turns into exit 4, as when the
+    build itself cannot make it; a plain failure of the stage stays exit 3."""
+    from toolchain.execution.worker import _machine_problem
+    from toolchain.lanes import LaneError
+
+    try:
+        try:
+            raise LaneError("cannot make lane 'optimum-onnx' in /x: no index")
+        except LaneError as inner:
+            raise RuntimeError("the export failed") from inner
+    except RuntimeError as wrapped:
+        assert _machine_problem(wrapped)
+    assert not _machine_problem(RuntimeError("a stage's own failure"))

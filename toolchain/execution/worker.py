@@ -221,15 +221,19 @@ def _gpu_leak() -> str:
 
 
 def _machine_problem(exc: BaseException) -> bool:
-    """True when the failure is this machine's (disk full, read-only folder), however deeply a
-    library wrapped the OSError: the build then exits 4, not 3, and names the machine."""
+    """True when the failure is this machine's (disk full, read-only folder, a lane that cannot be
+    made here), however deeply a library wrapped the OSError: the build then exits 4, not 3, and
+    names the machine."""
     from toolchain.errors import MACHINE_ERRNOS as codes
+    from toolchain.errors import MachineError
+
 
     texts = [os.strerror(c) for c in codes]  # libraries in Rust or C++ (safetensors) pass only the text
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if (isinstance(exc, OSError) and exc.errno in codes) or any(t in str(exc) for t in texts):
+        if isinstance(exc, MachineError) or (isinstance(exc, OSError) and exc.errno in codes) or \
+                any(t in str(exc) for t in texts):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
