@@ -42,7 +42,7 @@ for part in "$@"; do
     smol) build smol recipes/gpu/smollm2-decode.yaml ;;
     bert)
       build bert recipes/gpu/bert-base-compile.yaml
-      build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
+      [ -n "${NO_REBUILD:-}" ] || build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
     llama) build llama recipes/gpu/llama7b-compile.yaml ;;
     cold) STORE=/tmp/store-cold-$$ build cold recipes/gpu/bert-base-cuda.yaml ;;
     genai)
