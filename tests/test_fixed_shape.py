@@ -18,6 +18,15 @@ def line_of(recipe, text: str) -> int:
     return next(i + 1 for i, x in enumerate(recipe.read_text().splitlines()) if text in x)
 
 
+def problems_at(recipe):
+    """`at(step, words)`: whether the recipe's plan has a problem with `words` at `step`'s line."""
+    found = {(p.line, p.message) for p in plan_problems(recipe)}
+
+    def at(step: str, words: str) -> bool:
+        return any(line == line_of(recipe, f"{step}:") and words in msg for line, msg in found)
+    return at, found
+
+
 def test_cuda_graph_and_shape_rules_point_at_their_lines(tmp_path):
     r = tiny_recipe(tmp_path, "rules", """
       load: {kind: load}
@@ -27,10 +36,7 @@ def test_cuda_graph_and_shape_rules_point_at_their_lines(tmp_path):
       raw: {kind: export_onnx, inputs: {model: load}, params: {provider: cuda, provider_options: {enable_cuda_graph: "1"}}}
       nobind: {kind: export_onnx, inputs: {model: load}, params: {provider: cuda, dynamic_axes: false, cuda_graph: true, io_binding: false}}
     """, extra="targets: [loose, cpu, dyn, raw, nobind]")
-    found = {(p.line, p.message) for p in plan_problems(r)}
-
-    def at(step: str, words: str) -> bool:
-        return any(line == line_of(r, f"{step}:") and words in msg for line, msg in found)
+    at, found = problems_at(r)
     assert at("loose", "`shape` fixes the graph's one input shape, which needs `dynamic_axes: false`"), found
     assert at("cpu", "`cuda_graph: true`: it is an option of the CUDA provider, but `provider` is cpu"), found
     assert at("dyn", "a captured graph replays one shape: it needs `dynamic_axes: false`"), found
@@ -119,10 +125,7 @@ def test_fixed_shapes_that_cannot_work_are_refused_at_plan_time(tmp_path):
       kv: {kind: export_onnx, inputs: {model: load}, params: {task: text-generation, kv_cache: true, dynamic_axes: false}}
       opt: {kind: export_onnx, inputs: {model: load}, params: {exporter: optimum, shape: {batch: 2}}}
     """, extra="targets: [long, kv, opt]", config={**TINY_DECODER, "max_position_embeddings": 256})
-    found = {(p.line, p.message) for p in plan_problems(r)}
-
-    def at(step: str, words: str) -> bool:
-        return any(line == line_of(r, f"{step}:") and words in msg for line, msg in found)
+    at, found = problems_at(r)
     assert at("long", "`shape.sequence` 512 is longer than the model's 256 positions"), found
     assert at("kv", "a decoder with a KV cache needs dynamic axes"), found
     assert at("opt", "`exporter: optimum` writes dynamic graphs only"), found
