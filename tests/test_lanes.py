@@ -160,9 +160,15 @@ def test_minilm_exporters_side_by_side_then_all_cached(tmp_path, lanes_dir):
     assert graph["exporter"] == "optimum" and graph["lane"]["versions"]["optimum-onnx"] == "0.1.0"
     assert graph["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert graph["outputs"] == ["last_hidden_state"] and graph["nodes"] > 100
+    for pair in ("torchscript_vs_dynamo", "optimum_vs_dynamo"):  # the exports against each other directly
+        v = steps[pair]
+        assert v["gate"]["passed"] and v["metrics"]["reference_desc"].startswith("ONNX float32 (dynamo exporter")
+        assert 0 < v["metrics"]["outputs"]["last_hidden_state"]["max_abs"] < 1e-4, v["metrics"]["outputs"]
     report = (out / "report.md").read_text()  # the exporters side by side
     for exporter in ("dynamo", "torchscript", "optimum"):
         assert f"Parity: validate_{exporter} (passed)" in report and f"{exporter} exporter" in report
+        nodes = steps[exporter]["metrics"]["nodes"]
+        assert f"| {exporter} | export_onnx | {exporter} | {nodes} |" in report.split("### ONNX graphs", 1)[1]
     second = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "making lane" not in second.stderr
