@@ -5,7 +5,7 @@
 # no longer waits for the worker's interpreter shutdown). Prints each built step's overhead split.
 set -uo pipefail
 OUT=${OUT:-/tmp/session4b}; mkdir -p "$OUT"; export OUT
-NO_REBUILD=1 bash benchmarks/gpu/issue10b.sh cold bert 2>&1 | tail -n 30 > "$OUT/tail.log"
+NO_REBUILD=1 bash benchmarks/gpu/issue10b.sh "${@:-cold}" 2>&1 | tail -n 30 > "$OUT/tail.log"  # parts: cold, bert
 source "$HOME/gpu-env.sh"
 python - "$OUT"/cold-manifest.json "$OUT"/bert-manifest.json <<'PY' | tee "$OUT/overheads.txt"
 import json, sys
