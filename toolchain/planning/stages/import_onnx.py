@@ -231,7 +231,10 @@ class ImportOnnx(Stage):
             meta = onnx_inspect.describe(ctx.output / model.name, p.task)
         if graphs:  # a claim of quantization must be borne out by the graphs (it decides the gates)
             _check_quantized(ctx.output, graphs, (meta.get("quantization") or {}).get("scheme"))
-        meta["target"] = {"provider_options": {}, "io_binding": p.io_binding}
+        # how to run it: the import's provider and IO binding; our fixed-shape export's CUDA graphs where the
+        # import runs it on CUDA too (they need IO binding)
+        graphed = (meta.get("target") or {}).get("cuda_graph") and p.provider == "cuda" and p.io_binding
+        meta["target"] = {"provider_options": {}, "io_binding": p.io_binding, **({"cuda_graph": True} if graphed else {})}
         # (a foreign graph's fixed input shape is found only here, by reading it: the runners pad up to it)
         facts = ArtifactFacts.from_dict(ctx.traits).replace(task=meta["task"], dtype=meta["dtype"],
                                                            model_type=meta.get("model_type"),
