@@ -117,7 +117,9 @@ def test_sigterm_stops_the_build_and_its_worker(tmp_path, store):
     """)
     proc = _build_proc(recipe, tmp_path / "out", store)
     deadline = time.time() + 60
-    while not list((store / "tmp").glob("*")) and time.time() < deadline:  # a step is running
+    # a step is running in a worker (a step's folder in tmp can appear before its worker process does,
+    # on a fresh checkout whose first worker compiles its bytecode)
+    while not (list((store / "tmp").glob("*")) and worker_pids(store)) and time.time() < deadline:
         time.sleep(0.2)
     workers_before = worker_pids(store)
     proc.send_signal(signal.SIGTERM)
