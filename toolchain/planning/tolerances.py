@@ -41,6 +41,9 @@ def defaults(precision: str) -> dict:
     return TOLERANCES.get(precision, TOLERANCES["float32"])
 
 
+PROMPT_TOKENS = 48  # validate's greedy-generation prompts are cut to this many tokens
+
+
 @dataclass
 class GenerateParams:
     """validate's `generate` mapping (the schema's `validate.params.generate`), resolved."""

@@ -197,7 +197,8 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
             equal, first_diff = 0, []
             for i, prompt in enumerate(prompts):
                 progress("comparing greedy generation", i, len(prompts))
-                ids = np.asarray(tokenizer(prompt, truncation=True, max_length=48)["input_ids"], dtype=np.int64)
+                ids = np.asarray(tokenizer(prompt, truncation=True, max_length=tolerances.PROMPT_TOKENS)["input_ids"],
+                                 dtype=np.int64)
                 a = ref.greedy(ids, gen.new_tokens, eos)
                 b = cand.greedy(ids, gen.new_tokens, eos)
                 if a == b:

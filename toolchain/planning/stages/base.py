@@ -212,14 +212,12 @@ def shape_words(shape: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in shape.items())
 
 
-PROMPT_TOKENS = 48  # validate's greedy-generation prompts are cut to this many tokens (validate_run.py)
-
-
 def padded_fit_problems(t: dict, batch: int, length: int, generated: int = 0) -> list[str] | None:
     """Why real text in batches of up to `batch` rows of up to `length` tokens (and greedy generation
     of `generated` tokens by whole forward passes) cannot be padded up to a fixed-shape text graph
     (`t`: its traits); None where the graph cannot be fed padded at all (a vision or KV-cache graph)."""
     from toolchain.architectures import is_vision
+    from toolchain.planning.tolerances import PROMPT_TOKENS
 
     shape = t.get("static_shape") or {}
     if is_vision(t) or t.get("kv_cache") or "sequence" not in shape:
