@@ -227,7 +227,6 @@ def _machine_problem(exc: BaseException) -> bool:
     from toolchain.errors import MACHINE_ERRNOS as codes
     from toolchain.errors import MachineError
 
-
     texts = [os.strerror(c) for c in codes]  # libraries in Rust or C++ (safetensors) pass only the text
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -123,6 +123,7 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
     stats = compare.OutputStats(atol, rtol)
     # a pooled export: its sentence embedding against the same pooling of the reference's hidden states
     pooling = (getattr(cand, "meta", None) or {}).get("pooling")
+    embedded = "sentence_embedding"
     # an ONNX reference with its own pooled output is compared by that output, not by our pooling of its
     # hidden states (validate refuses at plan time two exports that pool differently)
     ref_pools = bool(pooling and (getattr(ref, "meta", None) or {}).get("pooling"))
@@ -130,7 +131,6 @@ def compare_runners(ref, cand, p, recipe_dir, reference_folder, progress) -> dic
     def ref_pooled(r_all, r, mask):
         return r_all[embedded] if ref_pools else pool_np(r, mask, pooling)
     pooled, pooled_edge = compare.OutputStats(atol, rtol), compare.OutputStats(atol, rtol)
-    embedded = "sentence_embedding"
     top1_hits = top1_total = 0
     try:
         texts = text.passages(p.corpus, recipe_dir, p.samples)

@@ -207,6 +207,11 @@ def params_dict(params: Any) -> dict:
     return dataclasses.asdict(params)
 
 
+def explicit(ctx: CheckContext, name: str) -> bool:
+    """Whether the recipe itself sets param `name` of this step (in its params or the defaults)."""
+    return name in (ctx.recipe.stages[ctx.step].get("params") or {}) or name in (ctx.recipe.defaults or {})
+
+
 def shape_words(shape: dict) -> str:
     """A fixed-shape export's shape as the messages say it: `batch 2, sequence 8`."""
     return ", ".join(f"{k} {v}" for k, v in shape.items())

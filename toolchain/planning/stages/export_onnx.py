@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from toolchain.planning.artifacts import EXPORT_EXAMPLE, ArtifactFacts, read_meta, write_meta
 from toolchain.planning.stages.base import HF_MODEL, ONNX_MODEL, SIDE_FILES, CheckContext, RunContext, Stage, \
-    encoder_decoder
+    encoder_decoder, explicit
 from toolchain.architectures import BETTERTRANSFORMER_ENCODERS, DECODER_TYPES, SEQ2SEQ_TASKS
 from toolchain.planning.stages.compile import refuse_compiled
 
@@ -47,11 +47,6 @@ def resolve_pooling(p, facts: ArtifactFacts) -> dict | None:
     mode = st.get("pooling") if p.pooling == "auto" else p.pooling
     normalize = p.normalize if p.normalize is not None else bool(p.pooling == "auto" and st.get("normalize"))
     return {"mode": mode, "normalize": normalize, "from": "sentence-transformers" if p.pooling == "auto" else "recipe"}
-
-
-def explicit(ctx: CheckContext, name: str) -> bool:
-    """Whether the recipe itself sets param `name` of this step (in its params or the defaults)."""
-    return name in (ctx.recipe.stages[ctx.step].get("params") or {}) or name in (ctx.recipe.defaults or {})
 
 
 class ExportOnnx(Stage):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from toolchain.architectures import ENCODER_TYPES
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
-from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage
+from toolchain.planning.stages.base import ONNX_MODEL, CheckContext, RunContext, Stage, explicit
 
 # `attention: gqa` runs onnxscript's fusions instead of onnxruntime's optimizer: these params set the latter
 ORT_OPTIMIZER_PARAMS = ("level", "use_gpu", "model_type", "float16")
@@ -37,10 +37,6 @@ class OptimizeOnnxParams:
     # gqa: fuse a decoder with a KV cache (dynamo export) with onnxscript's optimize_for_ort: RMSNorm ->
     # (Skip)SimplifiedLayerNormalization, rotary -> RotaryEmbedding, attention -> GroupQueryAttention
     attention: str | None = None
-
-
-def _given(ctx: CheckContext, name: str) -> bool:
-    return name in (ctx.recipe.stages[ctx.step].get("params") or {})
 
 
 def _exporter(ctx: CheckContext) -> str | None:
@@ -112,7 +108,7 @@ class OptimizeOnnx(Stage):
                       f"({ctx.facts('model').quantization}): its MatMuls no longer match", "attention",
                       hint="fuse first, then quantize the fused graph")
         for name in ORT_OPTIMIZER_PARAMS:
-            if _given(ctx, name):
+            if explicit(ctx, name):
                 ctx.error(f"`{name}` sets onnxruntime's transformer optimizer, which `attention: gqa` does not run "
                           "(onnxscript's fusions replace it)", name, hint=f"drop `{name}` or `attention`")
         ctx.note(GQA_MASK_NOTE)

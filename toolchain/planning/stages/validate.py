@@ -7,7 +7,7 @@ from toolchain import safeio
 from toolchain.planning.artifacts import ArtifactFacts
 from toolchain.architectures import SEQ2SEQ_TASKS
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, CheckContext, RunContext, Stage, \
-    encoder_decoder, padded_fit_problems, refuse_static_shape, shape_words
+    encoder_decoder, explicit, padded_fit_problems, refuse_static_shape, shape_words
 from toolchain.planning.tolerances import generate_params
 from toolchain.planning.shapes import coverage_problems, device_problem
 from toolchain.planning.stages.compile import compiler_env
@@ -116,8 +116,7 @@ class Validate(Stage):
                       hint="drop `corpus`: a speech model is compared on its own synthesised audio" if speech
                       else "use real text: `gensim:lee_background` or a text file")
             return
-        if "automatic-speech-recognition" in (ref.get("task"), cand.get("task")) and \
-                "corpus" in (ctx.recipe.stages[ctx.step].get("params") or {}):
+        if "automatic-speech-recognition" in (ref.get("task"), cand.get("task")) and explicit(ctx, "corpus"):
             ctx.error(f"a speech model is compared on its own synthesised audio, so `corpus` ({p.corpus!r}) would "
                       "be ignored", "corpus", hint="drop `corpus`")
         seq2seq = encoder_decoder(cand) or encoder_decoder(ref)
