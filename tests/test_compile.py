@@ -78,13 +78,15 @@ def test_compile_refuses_what_cannot_compile(tmp_path):
       compiled: {kind: compile, inputs: {model: load}, params: {backend: inductor}}
       after: {kind: attention, inputs: {model: compiled}, params: {implementation: eager}}
       onnx_after: {kind: export_onnx, inputs: {model: compiled}}
-    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, twice, after, onnx_after]")
+      frozen_aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, freezing: true}}
+    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, twice, after, onnx_after, frozen_aoti]")
     for stage in ("bt_aoti:", "bt_inductor:", "bt_onnx:"):
         assert_at(recipe, err, stage, "BetterTransformer encoder fast path builds nested tensors")
     assert_at(recipe, err, "pinned:", "pins the SDPA math kernel, but compiled code runs Inductor's own attention")
     assert_at(recipe, err, "twice:", "the model is already compiled (inductor)")
     assert_at(recipe, err, "after:", "already compiled (inductor); changing its attention would change")
     assert_at(recipe, err, "onnx_after:", "already compiled (inductor); an ONNX export would change or drop")
+    assert_at(recipe, err, "frozen_aoti:", "`freezing` is an option of backend inductor here")
 
 
 def test_bitsandbytes_cannot_go_into_a_package(tmp_path):
@@ -279,6 +281,7 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     recipe = tiny_recipe(tmp_path, "decoder", """
       load: {kind: load}
       compiled: {kind: compile, inputs: {model: load}, params: {backend: inductor}}
+      frozen: {kind: compile, inputs: {model: load}, params: {backend: inductor, freezing: true}}
       parity:
         kind: validate
         inputs: {candidate: compiled, reference: load}
@@ -289,12 +292,12 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
         params: {batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 6}
       pick:
         kind: select
-        inputs: {reference: load, candidates: [load, compiled]}
+        inputs: {reference: load, candidates: [load, compiled, frozen]}
         params:
           rank_by: decode
           parity: {samples: 8, batch_size: 4, max_length: 16, edge_cases: false, generate: {prompts: 3, new_tokens: 6}}
           benchmark: {batch_size: 1, sequence_length: 16, warmup: 1, iterations: 3, decode_tokens: 4}
-    """, extra="targets: [compiled, pick]", seed=1, config=TINY_DECODER)
+    """, extra="targets: [compiled, frozen, pick]", seed=1, config=TINY_DECODER)
     res = run_cli("build", recipe, "-o", tmp_path / "out", "--store", store)
     assert res.returncode == 0, res.stderr
     steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["variants"][0]["steps"]}
@@ -308,6 +311,10 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     # select shows each decoder's greedy generations beside its speed (the table and report.md)
     rows = {r["name"]: r for r in steps["pick"]["metrics"]["candidates"]}
     assert rows["compiled"]["generation"]["equal"] == rows["compiled"]["generation"]["prompts"] == 3
+    # Inductor's freezing (weights as constants) is recorded with the artifact and decodes the same tokens
+    assert json.loads((tmp_path / "out" / "frozen" / "toolchain.json").read_text())["compile"]["freezing"] is True
+    assert "freezing" not in json.loads((tmp_path / "out" / "compiled" / "toolchain.json").read_text())["compile"]
+    assert rows["frozen"]["generation"]["equal"] == rows["frozen"]["generation"]["prompts"] == 3
     assert "3/3 identical" in (tmp_path / "out" / "report.md").read_text()
 
 

@@ -16,6 +16,8 @@ def settings(p, max_positions: int | None) -> dict:
            "dynamic": p.dynamic, "device": "cuda" if p.device.startswith("cuda") else "cpu"}
     if p.mode in GRAPH_MODES:
         out["graphs"] = p.graphs
+    if p.freezing:  # recorded only when set, so the facts of compiles without it read as before
+        out["freezing"] = True
     shape = {**EXAMPLE, **p.shape}
     if p.dynamic and p.backend == "aot_inductor":
         limits = {"batch": None, "sequence": max_positions}

@@ -44,14 +44,25 @@ def manual_graphs(c: dict | None) -> bool:
     return bool(c) and c.get("graphs") == "manual" and c["mode"] in GRAPH_MODES
 
 
+def torch_compile(fn, mode: str, fullgraph: bool, dynamic: bool | None = None, freezing: bool = False):
+    """torch.compile in `mode`; `freezing`: Inductor treats the weights as constants, which lets it
+    fold them and merge the matmuls that read one input (q/k/v, gate/up) into one. torch.compile
+    takes a mode or Inductor options, not both, so a frozen compile passes the mode's own options
+    (`list_mode_options`, what the mode means) plus freezing."""
+    _no_silent_eager()
+    if not freezing:
+        return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    options = {**torch._inductor.list_mode_options(mode, dynamic), "freezing": True}
+    return torch.compile(fn, options=options, fullgraph=fullgraph, dynamic=dynamic)
+
+
 def compile_model(model, c: dict):
     """`model` compiled with an `inductor` artifact's settings (with `graphs: manual`, in the mode
     that makes the same code without CUDA graphs: `CapturedCall` adds them)."""
     from toolchain.planning.shapes import GRAPH_MODES
 
-    _no_silent_eager()
     mode = GRAPH_MODES[c["mode"]] if manual_graphs(c) else c["mode"]
-    return torch.compile(model, mode=mode, fullgraph=c["fullgraph"], dynamic=c["dynamic"])
+    return torch_compile(model, mode, c["fullgraph"], c["dynamic"], bool(c.get("freezing")))
 
 
 class CapturedCall:

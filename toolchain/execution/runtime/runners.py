@@ -140,7 +140,7 @@ class TorchRunner:
         decoders = self.__dict__.setdefault("_decoders", {})
         if max_len not in decoders:
             decoders[max_len] = StaticDecoder(self.model, max_len, self.compile["mode"], self.compile["fullgraph"],
-                                              self.compile.get("graphs", "trees"))
+                                              self.compile.get("graphs", "trees"), bool(self.compile.get("freezing")))
         return decoders[max_len]
 
     def decode_timer(self) -> str:

@@ -29,6 +29,7 @@ class CompileParams:
     mode: str = "default"
     fullgraph: bool = True
     graphs: str = "trees"  # trees (torch.compile's CUDA graphs) | manual (toolchain captures them)
+    freezing: bool = False  # inductor: weights as constants (folded, q/k/v and gate/up matmuls merged)
     dynamic: bool = True
     batch: dict = field(default_factory=dict)  # {min, max}: aot_inductor's dynamic range
     sequence: dict = field(default_factory=dict)
@@ -83,6 +84,12 @@ class Compile(Stage):
             ctx.error(f"`graphs: manual` chooses who captures the CUDA graphs of modes {' and '.join(GRAPH_MODES)}, "
                       f"but this compile (backend {p.backend}, mode {p.mode}) captures none", "graphs",
                       hint="use backend inductor with mode reduce-overhead, or drop `graphs`")
+        if p.freezing and aot:
+            ctx.error("`freezing` is an option of backend inductor here (AOTInductor packages were not tried with it)",
+                      "freezing", hint="use backend inductor, or drop `freezing`")
+        if p.freezing and ctx.facts("model").quantization:
+            ctx.error(f"`freezing` folds the weights as plain tensors, but this model's are bitsandbytes "
+                      f"({ctx.facts('model').quantization})", "freezing", hint="drop `freezing`")
         if aot and not p.fullgraph:
             ctx.error("torch.export always captures the whole model; `fullgraph: false` applies to backend inductor",
                       "fullgraph")
