@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--device", default="cuda", help="cpu only to try the script (no CUDA graphs there)")
     ap.add_argument("--variants", default="trees,manual", help="toolchain decoders to time: eager, trees, manual, "
-                    "manual-autotune (comma-separated)")
+                    "manual-autotune, frozen, frozen-autotune (comma-separated)")
     ap.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=True,
                     help="also time generate with transformers' own static-cache compile")
     ap.add_argument("--onnx", help="an exported KV-cache ONNX folder (toolchain export_onnx) to time beside")
@@ -101,12 +101,15 @@ def main() -> int:
         run("generate, static cache (transformers compiles)", lambda p: (*hf(p, cache_implementation="static"), 0.0))
         results["generate, static cache (transformers compiles)"]["warmup_s"] = time.perf_counter() - t0
         save()
-    variants = {"eager": (None, "trees"), "trees": ("reduce-overhead", "trees"),
-                "manual": ("reduce-overhead", "manual"), "manual-autotune": ("max-autotune", "manual")}
+    # name -> (mode, graphs, Inductor freezing)
+    variants = {"eager": (None, "trees", False), "trees": ("reduce-overhead", "trees", False),
+                "manual": ("reduce-overhead", "manual", False), "manual-autotune": ("max-autotune", "manual", False),
+                "frozen": ("reduce-overhead", "manual", True), "frozen-autotune": ("max-autotune", "manual", True)}
     for v in args.variants.split(","):
-        mode, graphs = variants[v]
-        dec = StaticDecoder(model, max_len, mode, graphs=graphs)
-        name = f"toolchain StaticDecoder, {mode or 'eager'}" + (f", graphs {graphs}" if mode else "")
+        mode, graphs, freezing = variants[v]
+        dec = StaticDecoder(model, max_len, mode, graphs=graphs, freezing=freezing)
+        name = (f"toolchain StaticDecoder, {mode or 'eager'}" + (f", graphs {graphs}" if mode else "")
+                + (", freezing" if freezing else ""))
         t0 = time.perf_counter()
 
         def ours(p, dec=dec):

@@ -3,6 +3,8 @@
 #   decode  benchmarks/gpu/decode.py: generate vs toolchain's StaticDecoder (CUDA graphs by
 #           torch.compile and by toolchain), fp32 and fp16
 #   smol    recipes/gpu/smollm2-decode.yaml (select by per-token decode: eager, compiled, onnxruntime)
+#   frozen  benchmarks/gpu/recipes/smollm2-decode-frozen.yaml (the compiled decoder with toolchain's CUDA
+#           graph and Inductor's freezing, against the host-path onnxruntime artifact, in one select)
 #   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
 #           (what the store's Inductor cache saves a second cold compile)
 #   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
@@ -40,6 +42,7 @@ for part in "$@"; do
         --no-hf-static --variants "${VARIANTS16:-manual}" 2>&1 | grep -v "GGUF tensors\|Loading weights" \
         | tee -a "$OUT/decode.log" ;;
     smol) build smol recipes/gpu/smollm2-decode.yaml ;;
+    frozen) build frozen benchmarks/gpu/recipes/smollm2-decode-frozen.yaml ;;
     bert)
       build bert recipes/gpu/bert-base-compile.yaml
       [ -n "${NO_REBUILD:-}" ] || build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
@@ -69,5 +72,10 @@ for m in sorted(pathlib.Path(sys.argv[1]).glob("*-manifest.json")):
                 extra = {k: x.get(k) for k in ("fx_graph_cache_hits", "fx_graph_cache_misses", "winner") if k in x}
                 print(f"{m.stem:22s} {s['name']:10s} {s['status']:7s} this build {s.get('seconds') or 0:7.1f} s, "
                       f"built in {s.get('build_seconds') or 0:7.1f} s {extra}")
+            if s["kind"] == "select":  # every candidate: its score, parity and why it lost
+                for r in x.get("candidates") or []:
+                    gen = r.get("generation") or {}
+                    print(f"    {r['name']:14s} {r.get('score_ms') or float('nan'):8.3f} ms  max abs {r.get('max_abs')}  "
+                          f"generations {gen.get('equal')}/{gen.get('prompts')}  {r['status']}  {(r.get('why') or '')[:120]}")
 PY
 cat "$OUT/summary.txt" 2>/dev/null
