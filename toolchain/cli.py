@@ -51,11 +51,12 @@ def _plans(recipe_path: str, store):
 
 def _make_lanes(plans, store, console: Console) -> None:
     """Make the lanes (pinned side environments, toolchain/lanes.py) that the plans' steps run in,
-    before anything runs: one that cannot be made is this machine's problem (exit 4), named here."""
+    before anything runs: one that cannot be made is this machine's problem (exit 4), named here.
+    (The executor makes sure of a lane again before it starts a step's worker in it: on a Ray node,
+    or after the lane was removed.)"""
     from toolchain import lanes
 
-    needed = sorted({lane for plan in plans for step in plan.steps.values()
-                     if (lane := getattr(step.stage, "lane", lambda p: None)(step.params))})
+    needed = sorted({lane for plan in plans for step in plan.steps.values() if (lane := step.stage.lane(step.params))})
     for name in needed:
         lanes.ensure(name, store.root, log=console.line)
 

@@ -4,7 +4,10 @@ Optimum's ONNX exporter (optimum-onnx) needs transformers < 4.58 and optimum's B
 transformers < 4.49, while the main environment runs transformers 5. A lane is a venv made from a
 lock the toolchain ships (`toolchain/lanes/NAME.txt`: every package pinned exactly, installed
 without dependency resolution, so the versions in it are the versions in the venv). A step that
-runs in a lane has the lane's lock in its key (`environment.fact("lane:NAME")`).
+runs in a lane has the lane's lock in its key (`environment.fact("lane:NAME")`), and its worker is
+a toolchain worker started with the lane's Python (`python(lane)`, environment `worker_env`), which
+speaks the protocol of every worker (execution/worker.py); the executor makes the lane before it
+starts that worker, so a lane that cannot be made fails as this machine's problem (LaneError, exit 4).
 
 Lanes live under STORE/lanes/NAME-HASH (HASH: of the lock and the Python version), or under
 $TOOLCHAIN_LANES when set (a user cache shared between stores). A lane is made on first use:
@@ -27,7 +30,8 @@ from filelock import FileLock
 
 from toolchain.errors import MachineError
 
-LOCKS = Path(__file__).resolve().parent / "lanes"
+PACKAGE = Path(__file__).resolve().parent  # the toolchain package, which a lane's worker imports
+LOCKS = PACKAGE / "lanes"
 # what each lane is for (`toolchain env --lanes`)
 PURPOSE = {"optimum-onnx": "export_onnx with `exporter: optimum` (optimum-onnx's main_export)",
            "optimum-legacy": "bettertransformer with `implementation: optimum` (optimum 1.27)"}
@@ -115,10 +119,27 @@ def _create(name: str, lane: Path, log) -> None:
     log(f"lane '{name}' made in {time.perf_counter() - t0:.0f} s")
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment a lane is made in: nothing of the main environment's Python path (a PYTHONPATH
-    holding the project's checkout shows pip its egg-info, and `pip check` fails on its requirements)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+def worker_env(env: dict[str, str], home: Path) -> dict[str, str]:
+    """The environment of a toolchain worker in a lane, from the build's `env`: nothing of the main
+    environment's Python path (_clean_env) and, on the lane's own path, only the toolchain package,
+    as a link in `home`: never the folder that holds it, which for an installed toolchain is the main
+    environment's site-packages (whose transformers 5 would shadow the lane's). Safe path: the
+    current folder is not searched either. Offline: the lane's libraries read the checkpoint folders
+    they are given, never the Hub."""
+    path = home / "pythonpath"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / PACKAGE.name).symlink_to(PACKAGE, target_is_directory=True)
+    env = _clean_env(env)
+    env.update(PYTHONPATH=str(path), PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) as a lane is made or runs in: nothing of the main environment's
+    Python path (a PYTHONPATH holding the project's checkout shows pip its egg-info, and `pip check`
+    fails on its requirements), no user site-packages."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
     return env
 

@@ -4,7 +4,9 @@ Knows nothing about ML: it sees kinds, keys, folders and JSON. `Executor` is the
 build drives; `scheduler.run_plans` orders the steps of all its plans (one DAG, a key shared by
 variants run once). `LocalExecutor` runs the steps in warm worker processes of this machine, one
 after the other (`jobs=1`) or side by side (`jobs=N`: a worker per running step, GPUs given out
-exclusively); `ray_executor.RayExecutor` runs each step as a Ray task through the same code.
+exclusively); `ray_executor.RayExecutor` runs each step as a Ray task through the same code. A step
+whose stage names a lane (toolchain/lanes.py) runs in a worker started with the lane's Python, one
+per step, after the executor made the lane (a lane that cannot be made: exit 4, the lane named).
 """
 from __future__ import annotations
 
@@ -132,16 +134,24 @@ class Worker:
     """A warm worker process (`python -m toolchain.execution.worker --serve`): one step at a time, over a
     command pipe (its stdin), with progress and end-of-step events on a second pipe."""
 
-    def __init__(self, python: str, store: ArtifactStore, env_extra: dict[str, str] | None = None):
+    def __init__(self, python: str, store: ArtifactStore, env_extra: dict[str, str] | None = None,
+                 lane: bool = False):
+        """`lane`: `python` is a lane's (toolchain/lanes.py), which gets the lane's environment
+        (lanes.worker_env: the toolchain package on its path, nothing of the main environment's)."""
         self.home = store.new_tmp("worker")  # the worker's own log, between steps
         read_fd, write_fd = os.pipe()
         env = dict(os.environ)
         env.update(env_extra or {})  # CUDA_VISIBLE_DEVICES, thread counts of a parallel build
         self.env_extra = dict(env_extra or {})
         self.last_key = ""  # the step it ran last (its model may still be in memory: handoff)
+        if lane:
+            from toolchain import lanes
+
+            env = lanes.worker_env(env, self.home)
+        else:
+            env["PYTHONPATH"] = PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["TOOLCHAIN_EVENT_FD"] = str(write_fd)
         env["TOOLCHAIN_PARENT_PID"] = str(os.getpid())
-        env["PYTHONPATH"] = PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log = self.home / "worker.log"
@@ -364,10 +374,13 @@ class LocalExecutor(Executor):
             env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads})
         return env
 
-    def _take_worker(self, step: Step, env: dict[str, str], input_keys: set[str]) -> Worker:
+    def _take_worker(self, step: Step, env: dict[str, str], input_keys: set[str], lane: Path | None = None) -> Worker:
         """A warm worker of this step's slot (preferably the one that ran an input of it: its model
-        may still be in memory), or a new one."""
-        slot = (self.python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device,
+        may still be in memory), or a new one; `lane`: one started with that lane's Python."""
+        from toolchain import lanes
+
+        python = str(lanes.python(lane)) if lane else self.python
+        slot = (python, f"{step.device} (isolated {step.key})" if step.stage.isolated else step.device,
                 tuple(sorted(env.items())))
         with self.pool_lock:
             if self.stopping.is_set():
@@ -380,7 +393,7 @@ class LocalExecutor(Executor):
             waiting.sort(key=lambda w: w.last_key in input_keys)
             worker = waiting.pop() if waiting else None
             if worker is None:
-                worker = Worker(self.python, self.store, env)
+                worker = Worker(python, self.store, env, lane=lane is not None)
                 self.worker_pids.append(worker.pid)
             worker.slot = slot
             self.busy.add(worker)
@@ -413,8 +426,11 @@ class LocalExecutor(Executor):
     def _execute(self, plan: Plan, step: Step, inputs: dict[str, Path], records: dict[str, dict],
                  gpus: scheduler.GpuAssignment | None = None, marks: dict | None = None) -> dict:
         """`marks` gets the perf_counter times at which the worker was asked to run the step ("run")
-        and answered ("ran"), and whether the worker was new (StepResult.phases)."""
+        and answered ("ran"), and whether the worker was new (StepResult.phases). A lane step runs
+        in a worker of its lane (made here first if it is not yet), after its `prepare` part, if its
+        stage has one, in an ordinary worker; each worker gets the step's time limit."""
         marks = {} if marks is None else marks
+        lane = self._lane(step)
         work = self.store.new_tmp(step.name)
         out = work / "out"
         out.mkdir()
@@ -427,66 +443,107 @@ class LocalExecutor(Executor):
                 "recipe_model": plan.recipe.model, "traits": step.traits}
         log_path = self.store.log_path(step.key)
         started, t0 = time.time(), time.perf_counter()
+        title = f"{step.name} ({step.kind})"
+        if self.jobs > 1 and plan.recipe.variant_id:  # lines of concurrent variants say whose they are
+            title = f"{step.name} [{plan.recipe.variant_id}] ({step.kind})"
         try:
             (work / "spec.json").write_text(json.dumps(spec, indent=1))
-            log_path.unlink(missing_ok=True)  # the log of an earlier run of this key
+            log_path.unlink(missing_ok=True)  # the log of an earlier run of this key (each part appends)
             before = self._input_objects(inputs, records)
-            worker = self._take_worker(step, self._env(step, gpus), set(spec["input_keys"].values()))
-            marks["new_worker"] = not worker.last_key
-            retire = True
-            title = f"{step.name} ({step.kind})"
-            if self.jobs > 1 and plan.recipe.variant_id:  # lines of concurrent variants say whose they are
-                title = f"{step.name} [{plan.recipe.variant_id}] ({step.kind})"
-            try:
-                with self.console.step(title, live=self.jobs == 1) as update:
-                    try:
-                        marks["run"] = time.perf_counter()
-                        event = worker.run(work / "spec.json", log_path, update, self.step_timeout)
-                        marks["ran"] = time.perf_counter()
-                        marks["detail"] = event.get("detail")
-                    except WorkerDied as exc:
-                        why = exc.why if log_path.exists() else exc.why + self._tail(worker.log)  # died before the step
-                        event = {"code": exc.code, "why": why}
-                # (a worker that could not write its result exits)
-                retire = bool(event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated)
-                worker.last_key = step.key
-            finally:
-                self._give_worker(worker, retire)
-            if self.stopping.is_set():  # interrupted: what the killed worker left is not committed
-                raise KeyboardInterrupt
-            result = self._read_result(work) if event.get("code") == 0 else None
-            if result is None:
-                code = event.get("code")
-                machine = code == NO_RESULT_MACHINE
-                why = event.get("why") or f"worker exited with code {code}"
-                if machine:
-                    free = shutil.disk_usage(work).free
-                    why = (f"the worker could not write its result: the store's disk is full or read-only "
-                           f"({free / 2**20:.0f} MiB free in {work.parent})")
-                error = StageFailed(step.name, why + self._tail(log_path), str(log_path))
-                if machine:
-                    error.exit_code = MachineError.exit_code
-                raise error
-            if not result["ok"]:
-                if result.get("user_error"):
-                    raise StageUserError(f"stage '{step.name}': {result['error']}")
-                error = StageFailed(step.name, result["error"] + self._tail(log_path), str(log_path))
-                if result.get("machine"):
-                    error.exit_code = MachineError.exit_code
-                raise error
-            self._check_code_covered(step, result, log_path)
+            env = self._env(step, gpus)
+            work_seconds = 0.0
+            if lane and step.stage.prepare is not None:
+                prepare = {**spec, "phase": "prepare", "result": str(work / "prepare-result.json")}
+                (work / "prepare-spec.json").write_text(json.dumps(prepare, indent=1))
+                prepared, _ = self._in_worker(step, prepare, work / "prepare-spec.json", log_path, env, None,
+                                              f"{title}, its part in the main environment", marks)
+                work_seconds += prepared.get("work_seconds") or 0.0
+            where = f"{title}, in lane {lane[0]}" if lane else title
+            result, worker = self._in_worker(step, spec, work / "spec.json", log_path, env, lane and lane[1], where,
+                                             marks)
+            work_seconds += result.get("work_seconds") or 0.0
+            ran_on = self._ran_on(worker, gpus)
             fields = {"step": step.name, "kind": step.kind, "recipe": plan.recipe.full_name,
                       "key_material": step.key_material, "traits": step.traits, "metrics": result["metrics"],
                       "timings": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
-                                  "work_seconds": result.get("work_seconds"),
+                                  "work_seconds": round(work_seconds, 4),
                                   "worker": {"mode": self.mode, "pid": result.get("pid"),
                                              "reused_inputs": result.get("reused_inputs", [])},
-                                  "ran_on": self._ran_on(worker, gpus)}}
+                                  "ran_on": ran_on}}
             if result["metrics"].get("not_run"):
                 return {**fields, "outputs": {}, "not_run": True}
             return self.store.commit(step.key, out, fields, self._carried(out, before))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _lane(self, step: Step) -> tuple[str, Path] | None:
+        """The lane (name, folder) whose worker runs `step`, made now if it is not yet (the build
+        makes a recipe's lanes at plan time, but a Ray node or a lane removed since then may not have
+        it); None: the step runs in the main environment. A lane that cannot be made fails the step
+        as this machine's problem (exit 4), naming the lane."""
+        name = step.stage.lane(step.params)
+        if not name:
+            return None
+        from toolchain import lanes
+
+        try:
+            return name, lanes.ensure(name, self.store.root, log=self.console.line)
+        except lanes.LaneError as exc:
+            error = StageFailed(step.name, str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
+
+    def _in_worker(self, step: Step, spec: dict, spec_path: Path, log_path: Path, env: dict[str, str],
+                   lane: Path | None, title: str, marks: dict) -> tuple[dict, Worker]:
+        """Run `spec` (written at `spec_path`) in a worker (one of `lane`'s, which serves this step
+        only, or a warm one of the main environment): its result, once checked (a failure, a crash,
+        an overrun, code outside the key raise), and the worker that made it."""
+        worker = self._take_worker(step, env, set(spec["input_keys"].values()), lane)
+        marks["new_worker"] = marks.get("new_worker", False) or not worker.last_key
+        retire = True
+        logged = log_path.stat().st_size if log_path.exists() else None  # (a prepare part's, before a lane's)
+        try:
+            with self.console.step(title, live=self.jobs == 1) as update:
+                try:
+                    marks.setdefault("run", time.perf_counter())
+                    event = worker.run(spec_path, log_path, update, self.step_timeout)
+                    marks["ran"] = time.perf_counter()
+                    marks["detail"] = event.get("detail")
+                except WorkerDied as exc:
+                    before_step = (log_path.stat().st_size if log_path.exists() else None) == logged
+                    # died before the step (a lane whose packages cannot import the worker...): its own log says why
+                    why = exc.why + self._tail(worker.log) if before_step else exc.why
+                    event = {"code": exc.code, "why": why}
+            # (a worker that could not write its result exits)
+            retire = bool(event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated
+                          or lane)
+            worker.last_key = step.key
+        finally:
+            self._give_worker(worker, retire)
+        if self.stopping.is_set():  # interrupted: what the killed worker left is not committed
+            raise KeyboardInterrupt
+        result = self._read_result(Path(spec["result"])) if event.get("code") == 0 else None
+        if result is None:
+            code = event.get("code")
+            machine = code == NO_RESULT_MACHINE
+            why = event.get("why") or f"worker exited with code {code}"
+            if machine:
+                free = shutil.disk_usage(spec_path.parent).free
+                why = (f"the worker could not write its result: the store's disk is full or read-only "
+                       f"({free / 2**20:.0f} MiB free in {spec_path.parent.parent})")
+            error = StageFailed(step.name, why + self._tail(log_path), str(log_path))
+            if machine:
+                error.exit_code = MachineError.exit_code
+            raise error
+        if not result["ok"]:
+            if result.get("user_error"):
+                raise StageUserError(f"stage '{step.name}': {result['error']}")
+            error = StageFailed(step.name, result["error"] + self._tail(log_path), str(log_path))
+            if result.get("machine"):
+                error.exit_code = MachineError.exit_code
+            raise error
+        self._check_code_covered(step, result, log_path)
+        return result, worker
 
     def _input_objects(self, inputs: dict[str, Path], records: dict[str, dict]) -> dict[str, dict]:
         """Input file path -> its object's digest, size and modification time before the step runs."""
@@ -535,9 +592,9 @@ class LocalExecutor(Executor):
                               str(log_path))
 
     @staticmethod
-    def _read_result(work: Path) -> dict | None:
+    def _read_result(path: Path) -> dict | None:
         try:
-            return json.loads((work / "result.json").read_text())
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
 

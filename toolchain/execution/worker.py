@@ -4,8 +4,15 @@
     python -m toolchain.execution.worker --serve STORE      a warm worker: run one step per command read from stdin
 
 A stage runs in a process of its own so that a crash, a leak or GPU memory never reaches the
-executor, and so that a stage can later run under another interpreter (a pinned venv): the
-boundary is files plus JSON (spec in, result.json out, progress events as JSON lines on a pipe).
+executor, and so that a stage can run under another interpreter: the boundary is files plus JSON
+(spec in, result.json out, progress events as JSON lines on a pipe). A step that runs in a lane
+(toolchain/lanes.py) gets this same worker started with the lane's Python, so everything the
+worker imports before the stage's own code (the standard library at the top of this file, then
+codehash, registry, handoff, errors, stages/base.py and the stage's module) must import on a lane's
+packages too (transformers 4.x, no jsonschema or yaml): heavy and main-environment-only imports
+belong inside the functions that need them. The spec's `phase` says which of the stage's methods
+runs: `run` (the default), or `prepare`, a lane step's part that needs the main environment (it runs
+first, in an ordinary worker).
 
 A warm worker serves many steps of one build in turn, so torch is imported and CUDA initialised
 once, and a model that one step makes can be handed to the next step in memory (`handoff`). Each
@@ -91,7 +98,7 @@ def run_spec(spec: dict, events: Events) -> dict:
                          log=lambda message: print(message, flush=True),
                          cache_dir=Path(spec["cache_dir"]) if spec.get("cache_dir") else None)
         t0 = time.perf_counter()
-        metrics = stage.run(ctx) or {}
+        metrics = (stage.prepare(ctx) if spec.get("phase") == "prepare" else stage.run(ctx)) or {}
         result = {"ok": True, "metrics": metrics}
     except StageUserError as exc:
         result = {"ok": False, "user_error": True, "error": str(exc)}
@@ -173,7 +180,9 @@ def serve() -> int:
     for line in sys.stdin:
         command = json.loads(line)
         spec = json.loads(Path(command["spec"]).read_text())
-        log = os.open(command["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # appended: a step whose parts run in two workers (a lane step's `prepare`, then its `run`)
+        # has one log; the executor removes the log of an earlier run of the key before the step
+        log = os.open(command["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(log, 1), os.dup2(log, 2)
         os.close(log)
@@ -221,9 +230,9 @@ def _gpu_leak() -> str:
 
 
 def _machine_problem(exc: BaseException) -> bool:
-    """True when the failure is this machine's (disk full, read-only folder, a lane that cannot be
-    made here), however deeply a library wrapped the OSError: the build then exits 4, not 3, and
-    names the machine."""
+    """True when the failure is this machine's (disk full, read-only folder, a MachineError),
+    however deeply a library wrapped the OSError: the build then exits 4, not 3, and names the
+    machine."""
     from toolchain.errors import MACHINE_ERRNOS as codes
     from toolchain.errors import MachineError
 

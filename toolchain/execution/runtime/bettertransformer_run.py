@@ -1,4 +1,5 @@
-"""The work of the bettertransformer stages (in a worker)."""
+"""The work of the bettertransformer stages (in a worker; `implementation: optimum` in two: its
+part in the main environment, then its part in the optimum-legacy lane's worker)."""
 from __future__ import annotations
 
 import torch
@@ -86,17 +87,14 @@ def reverse_stage(ctx, facts) -> dict:
             "module_classes": [c for c in classes if "Layer" in c or "Encoder" in c]}
 
 
-def optimum_stage(ctx, facts, lane: str) -> dict:
-    """`implementation: optimum`: optimum 1.27's BetterTransformer.transform and reverse, run in
-    `lane` on the checkpoint, on real padded sentences; its converted outputs are compared with the
-    original (at non-padded positions: it returns zeros at padding) and with our native conversion
-    on the same ids, and its reversal must give back a bit-identical state_dict. The artifact is
-    the native stage's (the checkpoint, recorded as converted): a converted model is never saved,
-    so later stages load it through the native fast path, which calls the same torch kernels."""
-    import json
+NATIVE_OUTPUTS = "optimum-bt-native.pt"  # what optimum_prepare leaves in the work folder for optimum_stage
 
-    from toolchain.execution.runtime import lane_run
 
+def optimum_prepare(ctx) -> None:
+    """`implementation: optimum`, its part in the main environment (a worker of the main
+    environment, before the lane's): the model as the toolchain loads it (transformers 5) on real
+    padded sentences, its outputs before and after our native conversion, saved with the token ids
+    for optimum_stage. The model is reversed afterwards (the native stage checks that round trip)."""
     p = ctx.params
     src = ctx.inputs["model"]
     meta = models.read_meta(src)
@@ -105,24 +103,35 @@ def optimum_stage(ctx, facts, lane: str) -> dict:
     if tokenizer is None:
         raise StageUserError("`implementation: optimum` compares on real text, but the model has no tokenizer")
     ids, mask = text.tokenize(tokenizer, text.passages("gensim:lee_background", ctx.recipe_dir, 16), 64)
-    work = ctx.output.parent
-    spec = {"src": str(src), "task": meta.get("task"), "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-            "tensors": str(work / "optimum-bt.pt"), "result": str(work / "optimum-bt.json")}
-    (work / "optimum-bt-spec.json").write_text(json.dumps(spec))
-    ctx.progress(f"BetterTransformer.transform and reverse (optimum, lane {lane})")
-    lane_run.run(lane, ctx.cache_dir.parent, ["bettertransformer", str(work / "optimum-bt-spec.json")], log=ctx.log)
-    done = json.loads((work / "optimum-bt.json").read_text())
-    got = torch.load(work / "optimum-bt.pt")
     enc = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-    keep = enc["attention_mask"].bool()
-    ctx.progress("comparing with the original and with the native conversion")
+    ctx.progress("the original and the native conversion on real sentences")
     with torch.no_grad(), models.sdpa_context(meta):
         original = model(**enc)[0].float()
         bettertransformer.convert(model)
         native = model(**enc)[0].float()
     bettertransformer.reverse(model)
-    optimum = got["converted"].float()
-    diffs = {"optimum_vs_its_original": (optimum - got["original"].float())[keep].abs().max().item(),
+    torch.save({**enc, "original": original, "native": native}, ctx.output.parent / NATIVE_OUTPUTS)
+
+
+def optimum_stage(ctx, facts, lane: str) -> dict:
+    """`implementation: optimum`, in `lane`'s worker: optimum 1.27's BetterTransformer.transform and
+    reverse on the checkpoint, on the token ids optimum_prepare used; its converted outputs are
+    compared with the original and with our native conversion (at non-padded positions: it returns
+    zeros at padding), and its reversal must give back a bit-identical state_dict. The artifact is
+    the native stage's (the checkpoint, recorded as converted): a converted model is never saved,
+    so later stages load it through the native fast path, which calls the same torch kernels."""
+    from toolchain.execution.runtime import optimum_lane
+
+    src = ctx.inputs["model"]
+    meta = models.read_meta(src)
+    main = torch.load(ctx.output.parent / NATIVE_OUTPUTS)
+    ctx.progress(f"BetterTransformer.transform and reverse (optimum, lane {lane})")
+    done = optimum_lane.bettertransformer(str(src), meta.get("task"), main["input_ids"], main["attention_mask"],
+                                          ctx.output.parent)
+    keep = main["attention_mask"].bool()
+    ctx.progress("comparing with the original and with the native conversion")
+    optimum, original, native = done["converted"].float(), main["original"], main["native"]
+    diffs = {"optimum_vs_its_original": (optimum - done["original"].float())[keep].abs().max().item(),
              "optimum_vs_original": (optimum - original)[keep].abs().max().item(),
              "optimum_vs_native": (optimum - native)[keep].abs().max().item(),
              "native_vs_original": (native - original)[keep].abs().max().item()}
@@ -131,10 +140,11 @@ def optimum_stage(ctx, facts, lane: str) -> dict:
     if bad:
         raise RuntimeError(f"optimum's BetterTransformer differs at non-padded positions by more than {tol}: {bad}")
     if not done["reversed_state_dict_identical"] or done["classes_left_after_reverse"]:
-        raise RuntimeError(f"optimum's BetterTransformer.reverse did not give back the original model: {done}")
+        summary = {k: v for k, v in done.items() if k not in ("original", "converted")}
+        raise RuntimeError(f"optimum's BetterTransformer.reverse did not give back the original model: {summary}")
     relink(src, ctx.output)
     write_meta(ctx.output, facts, meta)
     return {"implementation": "optimum", "lane": lane, "lane_versions": done["versions"],
             "converted_classes": done["converted_classes"], "round_trip_state_dict_identical": True,
             "padding_tokens": int((~keep).sum()), **{f"max_abs_{k}": v for k, v in diffs.items()},
-            "model_type": model.config.model_type}
+            "model_type": done["model_type"]}

@@ -285,18 +285,14 @@ def describe_built(src: Path, out_dir: Path, exporter: str, who: str, kv_cache: 
             **(kv_layout(SimpleNamespace(**config)) if kv_cache else {})}
 
 
-def export_optimum(src: Path, task: str, kv_cache: bool, opset: int, out_dir: Path, work: Path, store_root: Path,
-                   log=print) -> dict:
-    """Export the checkpoint folder `src` with optimum-onnx's `main_export`, run in the
-    `optimum-onnx` lane, into out_dir/model.onnx; the graph description saved in toolchain.json."""
-    from toolchain.execution.runtime import lane_run
+def export_optimum(src: Path, task: str, kv_cache: bool, opset: int, out_dir: Path, work: Path) -> dict:
+    """Export the checkpoint folder `src` with optimum-onnx's `main_export` into out_dir/model.onnx;
+    the graph description saved in toolchain.json. Runs in the `optimum-onnx` lane's worker."""
+    from toolchain.execution.runtime import optimum_lane
 
     built = work / "optimum-out"
     # optimum's task names: a decoder with a KV cache is `text-generation-with-past`
-    spec = {"src": str(src), "out": str(built), "task": task + ("-with-past" if kv_cache else ""), "opset": opset,
-            "device": "cpu", "result": str(work / "optimum-result.json")}
-    (work / "optimum-spec.json").write_text(json.dumps(spec))
-    lane_run.run("optimum-onnx", store_root, ["export", str(work / "optimum-spec.json")], log=log)
+    done = optimum_lane.export(str(src), str(built), task + ("-with-past" if kv_cache else ""), opset, work)
     if not (built / ONNX_FILE).is_file():
         raise RuntimeError(f"optimum's main_export wrote no {ONNX_FILE} (it wrote {sorted(f.name for f in built.iterdir())})")
     for f in built.iterdir():  # the graph and its external data; config and tokenizer come from `src`
@@ -304,7 +300,7 @@ def export_optimum(src: Path, task: str, kv_cache: bool, opset: int, out_dir: Pa
             f.replace(out_dir / f.name)
     output = "last_hidden_state" if task == "feature-extraction" else "logits"
     graph = describe_built(src, out_dir, "optimum", "optimum's main_export", kv_cache, output)
-    graph["lane"] = {"name": "optimum-onnx", **json.loads((work / "optimum-result.json").read_text())}
+    graph["lane"] = {"name": "optimum-onnx", **done}
     return graph
 
 

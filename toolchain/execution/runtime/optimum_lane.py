@@ -1,15 +1,14 @@
-"""The code that runs inside a lane (toolchain/lanes.py): Optimum's own APIs on the stack they need.
+"""Optimum's own APIs on the stack they need: called by the steps that run in a lane's worker
+(toolchain/lanes.py), `export_onnx` with `exporter: optimum` (onnx_io.export_optimum, in the
+optimum-onnx lane) and `bettertransformer` with `implementation: optimum`
+(bettertransformer_run.optimum_stage, in the optimum-legacy lane).
 
-    python -m toolchain.execution.runtime.optimum_lane export SPEC.json
-
-Only the standard library is imported at the top, and nothing else of the toolchain: the lane has
-transformers 4.x and optimum, not the main environment's packages. SPEC.json says what to do; what
-was done is written back as JSON next to the outputs.
+Only the standard library is imported at the top, and nothing of the toolchain: this module is
+about the lane's transformers 4.x and optimum, which the main environment does not have.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -46,14 +45,15 @@ def _read_as_meant(config, src: str) -> None:
                            f"checkpoint has {rope['rope_theta']}")
 
 
-def export(spec: dict) -> dict:
-    """optimum-onnx's `main_export` of the hf-model folder spec["src"] into spec["out"]."""
+def export(src: str, out: str, task: str, opset: int, work: Path) -> dict:
+    """optimum-onnx's `main_export` of the hf-model folder `src` into the folder `out` (optimum's task
+    name, e.g. text-generation-with-past); the lane's versions and what had to be translated."""
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
 
-    src, translated = lane_checkpoint(spec["src"], Path(spec["result"]).parent)
-    _read_as_meant(AutoConfig.from_pretrained(src, local_files_only=True), spec["src"])
-    main_export(src, output=spec["out"], task=spec["task"], opset=spec["opset"], device=spec["device"],
+    checkpoint, translated = lane_checkpoint(src, work)
+    _read_as_meant(AutoConfig.from_pretrained(checkpoint, local_files_only=True), src)
+    main_export(checkpoint, output=out, task=task, opset=opset, device="cpu",
                 # the model folder is read as a transformers checkpoint (a sentence-transformers one would
                 # need that library in the lane, and gives the same graph); our validate stage checks parity
                 library_name="transformers", do_validation=False, local_files_only=True)
@@ -63,21 +63,21 @@ def export(spec: dict) -> dict:
             "translated": translated}
 
 
-def bettertransformer(spec: dict) -> dict:
-    """optimum 1.27's `BetterTransformer.transform` of the checkpoint spec["src"] (loaded with eager
-    attention: BetterTransformer refuses sdpa), then `BetterTransformer.reverse`. Saves the model's
-    outputs on spec's token ids before and after converting (spec["tensors"]) for the main side to
-    compare; reports whether the reversed state_dict is bit-identical to the original."""
+def bettertransformer(src: str, task: str | None, input_ids, attention_mask, work: Path) -> dict:
+    """optimum 1.27's `BetterTransformer.transform` of the checkpoint `src` (loaded with eager
+    attention: BetterTransformer refuses sdpa), then `BetterTransformer.reverse`. The model's
+    outputs on the token ids (torch tensors) before and after converting ("original",
+    "converted"), and whether the reversed state_dict is bit-identical to the original."""
     import torch
     import transformers
     from optimum.bettertransformer import BetterTransformer
 
-    auto = transformers.AutoModelForCausalLM if spec["task"] == "text-generation" else transformers.AutoModel
-    src, translated = lane_checkpoint(spec["src"], Path(spec["result"]).parent)
-    model = auto.from_pretrained(src, attn_implementation="eager", local_files_only=True).eval()
-    _read_as_meant(model.config, spec["src"])
+    auto = transformers.AutoModelForCausalLM if task == "text-generation" else transformers.AutoModel
+    checkpoint, translated = lane_checkpoint(src, work)
+    model = auto.from_pretrained(checkpoint, attn_implementation="eager", local_files_only=True).eval()
+    _read_as_meant(model.config, src)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    enc = {"input_ids": torch.tensor(spec["input_ids"]), "attention_mask": torch.tensor(spec["attention_mask"])}
+    enc = {"input_ids": input_ids, "attention_mask": attention_mask}
     with torch.no_grad():
         original = model(**enc)[0]
     model = BetterTransformer.transform(model, keep_original_model=False)
@@ -88,24 +88,9 @@ def bettertransformer(spec: dict) -> dict:
     after = model.state_dict()
     identical = list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     left = sorted({type(m).__name__ for m in model.modules() if "BetterTransformer" in type(m).__name__})
-    torch.save({"original": original, "converted": converted}, spec["tensors"])
     from importlib import metadata
 
-    return {"converted_classes": converted_classes, "reversed_state_dict_identical": identical,
-            "classes_left_after_reverse": left, "translated": translated,
+    return {"original": original, "converted": converted, "converted_classes": converted_classes,
+            "reversed_state_dict_identical": identical, "classes_left_after_reverse": left,
+            "translated": translated, "model_type": model.config.model_type,
             "versions": {p: metadata.version(p) for p in ("optimum", "transformers", "torch")}}
-
-
-COMMANDS = {"export": export, "bettertransformer": bettertransformer}
-
-
-def main(argv: list[str]) -> int:
-    command, spec_path = argv[1], Path(argv[2])
-    spec = json.loads(spec_path.read_text())
-    result = COMMANDS[command](spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

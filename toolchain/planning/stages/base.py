@@ -194,9 +194,21 @@ class Stage:
         params (default: `env`)."""
         return self.env
 
+    def lane(self, params: dict) -> str | None:
+        """The lane (toolchain/lanes.py) whose worker runs this step, given the recipe's params: a
+        pinned side environment, whose lock then belongs in `key_env` (`lane:NAME`); None (the
+        default): a worker of the main environment."""
+        return None
+
     # -- execution (worker process) ---------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
+
+    # A lane step's part that needs the main environment (its transformers, the toolchain's own model
+    # code), as a method `prepare(ctx)` where a stage has one: it runs first, in an ordinary worker,
+    # and leaves files for `run` in the step's work folder (ctx.output.parent); `run` then runs in the
+    # lane's worker. Only for steps whose `lane` is set.
+    prepare: Callable[[RunContext], None] | None = None
 
     def gate(self, metrics: dict) -> list[str]:
         """Failed gate messages for a finished step (empty: passed)."""

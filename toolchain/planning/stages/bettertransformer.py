@@ -45,7 +45,8 @@ class BetterTransformer(Stage):
         return self.env + (("lane:" + LEGACY_LANE,) if self.lane(params or {}) else ())
 
     def lane(self, params: dict) -> str | None:
-        """The lane (toolchain/lanes.py) this step runs optimum's conversion in, if any."""
+        """`implementation: optimum` runs in the optimum-legacy lane's worker (optimum's conversion and
+        the comparisons), after `prepare` in the main environment (the native conversion)."""
         return LEGACY_LANE if params.get("implementation") == "optimum" else None
 
     def check(self, ctx: CheckContext) -> None:
@@ -86,11 +87,18 @@ class BetterTransformer(Stage):
         return facts.replace(bettertransformer=True, attention_before_bettertransformer=facts.attention,
                              attention="sdpa" if facts.model_type in DECODER_TYPES else facts.attention)
 
+    def prepare(self, ctx: RunContext) -> None:
+        """`implementation: optimum`, in the main environment before the lane: the outputs of the
+        model as the toolchain loads it, original and natively converted, for `run` to compare with."""
+        from toolchain.execution.runtime import bettertransformer_run
+
+        bettertransformer_run.optimum_prepare(ctx)
+
     def run(self, ctx: RunContext) -> dict:
         from toolchain.execution.runtime import bettertransformer_run
 
         facts = self.derive(ctx.params, read_facts(ctx.inputs["model"]))
-        if ctx.params.implementation == "optimum":
+        if ctx.params.implementation == "optimum":  # (in the lane's worker)
             return bettertransformer_run.optimum_stage(ctx, facts, LEGACY_LANE)
         return bettertransformer_run.convert_stage(ctx, facts)
 

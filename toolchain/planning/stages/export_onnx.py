@@ -13,7 +13,7 @@ from toolchain.planning.stages.compile import refuse_compiled
 # onnxruntime-genai's model builder (`exporter: genai`): its names for our dtypes and providers
 GENAI_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 GENAI_PROVIDERS = ("cpu", "cuda")
-OPTIMUM_LANE = "optimum-onnx"  # `exporter: optimum`: optimum-onnx's main_export, in this lane
+OPTIMUM_LANE = "optimum-onnx"  # `exporter: optimum`: the step runs in this lane's worker (optimum-onnx's main_export)
 OPTIMUM_TASKS = ("feature-extraction", "text-generation")
 
 
@@ -58,12 +58,13 @@ class ExportOnnx(Stage):
 
     def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
         exporter = (params or {}).get("exporter")
-        if exporter == "optimum":  # the export runs in the lane: its exact versions; onnx here reads the graph
-            return ("python", "platform", "onnx", "lane:" + OPTIMUM_LANE)
+        if exporter == "optimum":  # the step runs in the lane (its onnx reads the graph too): its exact versions
+            return ("python", "platform", "lane:" + OPTIMUM_LANE)
         return self.env + (("onnxruntime_genai",) if exporter == "genai" else ())
 
     def lane(self, params: dict) -> str | None:
-        """The lane (toolchain/lanes.py) this step runs its export in, if any."""
+        """`exporter: optimum` runs in the optimum-onnx lane's worker: the export, the graph's facts,
+        its check and node count (the lane has onnx)."""
         return OPTIMUM_LANE if params.get("exporter") == "optimum" else None
 
     def check(self, ctx: CheckContext) -> None:
@@ -301,8 +302,7 @@ class ExportOnnx(Stage):
         elif p.exporter == "optimum":
             facts = self.derive(p, ArtifactFacts.from_dict(read_meta(src)))
             ctx.progress(f"exporting (optimum-onnx main_export in lane {OPTIMUM_LANE}, opset {p.opset})")
-            graph = onnx_io.export_optimum(src, facts.task, p.kv_cache, p.opset, ctx.output, ctx.output.parent,
-                                           store_root=ctx.cache_dir.parent, log=ctx.log)
+            graph = onnx_io.export_optimum(src, facts.task, p.kv_cache, p.opset, ctx.output, ctx.output.parent)
         else:
             ctx.progress("loading model")
             model, _, meta = models.load_artifact(src, p.device)
