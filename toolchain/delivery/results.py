@@ -241,7 +241,7 @@ class StepResult:
     parity: ParityResult | None = None
     latency: LatencyResult | None = None
     source: str | None = None  # built | local store | remote cache (None in manifests older than the field)
-    ran_on: dict | None = None  # {host, executor, gpu, threads} of the build that made it
+    ran_on: dict | None = None  # {host, executor, gpu, threads, lane (a lane step's)} of the build that made it
 
     @property
     def where(self) -> str:
@@ -256,6 +256,8 @@ class StepResult:
                          + (f" {gpu['names'][0]}" if gpu.get("names") else ""))
         elif r.get("threads"):
             extra.append(f"{r['threads']} threads")
+        if r.get("lane"):  # its worker ran in a pinned side environment
+            extra.append(f"lane {r['lane'].get('name')}")
         made = f"{r.get('host', '?')} ({', '.join(extra)})"
         return f"built on {made}" if self.source == "built" else f"{self.source} (built on {made})"
 

@@ -463,6 +463,13 @@ class LocalExecutor(Executor):
                                              marks)
             work_seconds += result.get("work_seconds") or 0.0
             ran_on = self._ran_on(worker, gpus)
+            if lane:
+                from toolchain import lanes
+
+                # the interpreter its worker ran, as the worker itself reports it, and the lane's versions
+                python = result.get("python") or {}
+                ran_on["lane"] = {"name": lane[0], "python": python.get("executable"), "prefix": python.get("prefix"),
+                                  "versions": lanes.versions(lane[0])}
             fields = {"step": step.name, "kind": step.kind, "recipe": plan.recipe.full_name,
                       "key_material": step.key_material, "traits": step.traits, "metrics": result["metrics"],
                       "timings": {"started": started, "seconds": round(time.perf_counter() - t0, 3),

@@ -111,6 +111,7 @@ def run_spec(spec: dict, events: Events) -> dict:
     result["reused_inputs"] = handoff.end(ok=result["ok"])
     detail["keep_model"] = time.perf_counter() - mark
     result["pid"] = os.getpid()
+    result["python"] = {"executable": sys.executable, "prefix": sys.prefix}  # a lane's, in a lane's worker
     loaded = codehash.loaded_modules()
     result["modules"] = {name: f for name, f in loaded.items() if name not in before}
     return result
