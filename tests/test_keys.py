@@ -96,6 +96,27 @@ def test_stage_files_follow_the_imports_of_its_run_path():
     assert not load & {"cli.py", "planning/plan.py", "delivery/report.py", "execution/executor.py", "execution/runtime/validate_run.py"}
 
 
+def test_lane_steps_keys_cover_their_lane_lock_and_the_code_run_in_the_lane(tmp_path):
+    """A lane step's worker runs optimum_lane.py (imported by its run path, so in its key's code) in
+    the lane, whose lock is in its key too: editing either changes the keys of the lane steps."""
+    copy = package_copy(tmp_path / "pkg")
+    recipe = tiny_recipe(tmp_path, stages="""
+      load: {kind: load}
+      export: {kind: export_onnx, inputs: {model: load}, params: {task: feature-extraction, exporter: optimum}}
+      bt: {kind: bettertransformer, inputs: {model: load}, params: {implementation: optimum}}
+      validate: {kind: validate, inputs: {candidate: export, reference: load}}
+    """)
+    keys = plan_keys(recipe, tmp_path / "s", copy)
+    edit(copy, "execution/runtime/optimum_lane.py")
+    now = plan_keys(recipe, tmp_path / "s", copy)
+    assert {n for n in keys if now[n] != keys[n]} == {"export", "bt", "validate"}  # (validate: its input's key)
+    keys = now
+    lock = copy / "toolchain" / "lanes" / "optimum-legacy.txt"  # another pinned version in the legacy lane
+    lock.write_text(lock.read_text().replace("\ntqdm==", "\ntqdm==0.0.1+"))
+    now = plan_keys(recipe, tmp_path / "s", copy)
+    assert {n for n in keys if now[n] != keys[n]} == {"bt"}
+
+
 def test_import_closure_rules(tmp_path):
     """Absolute, relative, function-level and `from PKG import NAME` imports, on a small package."""
     from toolchain.planning.codehash import closure

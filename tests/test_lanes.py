@@ -1,5 +1,6 @@
 """Lanes: pinned side environments (toolchain/lanes.py) and the steps that run in them
-(`export_onnx` with `exporter: optimum`).
+(`export_onnx` with `exporter: optimum`, `bettertransformer` with `implementation: optimum`), each in
+a toolchain worker started with its lane's Python.
 
 The slow tests share one lanes folder for the session (`lanes_dir`, through $TOOLCHAIN_LANES), so
 each lane is made once (about 50 s here: pip installs the lock, torch from the local CPU build).
@@ -248,18 +249,83 @@ def test_optimum_decoder_with_past_generates_what_pytorch_does(tmp_path, lanes_d
     assert graph["lane"]["translated"] == ["config rope_parameters -> rope_theta 100000.0"]
 
 
-def test_a_lane_failing_inside_a_worker_is_a_machine_problem():
-    """Where the lane is made inside a step's worker (a Ray task, a lane removed mid-build), its
-    LaneError marks the result as the machine's, which the executor turns into exit 4, as when the
-    build itself cannot make it; a plain failure of the stage stays exit 3."""
-    from toolchain.execution.worker import _machine_problem
-    from toolchain.lanes import LaneError
+def test_the_executor_makes_the_lane_before_the_steps_worker(tmp_path, monkeypatch, capsys):
+    """Where the build did not make the lane at plan time (a Ray node, the build API, a lane removed
+    since), the executor makes it before it starts the step's worker: a lane that cannot be made
+    fails that step as this machine's problem (exit 4, the lane and pip's error named), no worker
+    ever ran the step (it has no log), and the steps that do not need the lane are built."""
+    from toolchain.console import Console
+    from toolchain.delivery.build import BuildFailed, build
+    from toolchain.execution.store import Store
+    from toolchain.frontend.recipe import load_recipe
+    from toolchain.planning.plan import build_plans, compute_keys
 
-    try:
-        try:
-            raise LaneError("cannot make lane 'optimum-onnx' in /x: no index")
-        except LaneError as inner:
-            raise RuntimeError("the export failed") from inner
-    except RuntimeError as wrapped:
-        assert _machine_problem(wrapped)
-    assert not _machine_problem(RuntimeError("a stage's own failure"))
+    recipe = tiny_recipe(tmp_path, stages="""
+        load:
+          kind: load
+        export:
+          kind: export_onnx
+          inputs: {model: load}
+          params: {task: feature-extraction, exporter: optimum}
+        """)
+    monkeypatch.setenv("TOOLCHAIN_LANES", str(tmp_path / "lanes"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "none"))
+    store = Store(tmp_path / "store")
+    (plan,) = build_plans(load_recipe(recipe), keys=False)
+    compute_keys(plan, store.init().hash_cached)
+    console = Console(quiet=True)
+    with pytest.raises(BuildFailed) as failed:
+        build([plan], store, None, console)
+    assert failed.value.exit_code == 4, str(failed.value)
+    said = capsys.readouterr().err
+    assert f"stage 'export' failed: cannot make lane '{LANE}'" in said and "No matching distribution" in said
+    assert store.lookup(plan.steps["load"].key) and not store.lookup(plan.steps["export"].key)
+    assert not store.log_path(plan.steps["export"].key).exists()  # made by the executor, not in a worker
+
+
+@pytest.mark.slow
+def test_lane_steps_run_in_a_worker_started_with_the_lanes_python(tmp_path, lanes_dir):
+    """Each lane step's worker is a toolchain worker of its lane's interpreter, as it reports itself
+    (ran_on.lane: the lane's python and prefix, its pinned versions; the report says so); the
+    library calls in it ran the lane's packages; a `prepare` part (the native conversion) ran first
+    in a worker of the main environment, and both parts wrote the step's one log. The lane worker
+    is held to the step's time limit like any worker: stopped there, the step fails (exit 3)."""
+    from toolchain import lanes
+
+    recipe = tiny_recipe(tmp_path, stages="""
+        load:
+          kind: load
+        export:
+          kind: export_onnx
+          inputs: {model: load}
+          params: {task: feature-extraction, exporter: optimum}
+        bt:
+          kind: bettertransformer
+          inputs: {model: load}
+          params: {implementation: optimum}
+        """)
+    store, out, env = tmp_path / "store", tmp_path / "out", {"TOOLCHAIN_LANES": str(lanes_dir)}
+    proc = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = _steps(json.loads(proc.stdout))
+    assert "lane" not in steps["load"]["ran_on"]
+    for step, name, transformers in (("export", LANE, "4.57.6"), ("bt", LEGACY, "4.48.3")):
+        ran = steps[step]["ran_on"]["lane"]
+        folder = Path(ran["prefix"])  # sys.prefix of the step's worker: the lane's venv
+        assert ran["name"] == name and folder.parent == lanes_dir and folder.name.startswith(name + "-"), ran
+        assert lanes.ready(folder) and Path(ran["python"]) == lanes.python(folder), ran
+        assert ran["versions"] == lanes.versions(name) and ran["versions"]["transformers"] == transformers
+    assert steps["bt"]["metrics"]["lane_versions"]["transformers"] == "4.48.3"
+    assert steps["bt"]["metrics"]["max_abs_optimum_vs_native"] < 1e-4
+    graph = json.loads((out / "export" / "toolchain.json").read_text())["graph"]
+    assert graph["lane"]["versions"]["transformers"] == "4.57.6" and graph["nodes"] > 100
+    report = (out / "report.md").read_text()
+    assert f"(local, lane {LANE})" in report and f"(local, lane {LEGACY})" in report
+    log = (store / "logs" / f"{steps['bt']['key']}.log").read_text()
+    native = log.index("[progress] the original and the native conversion")
+    assert native < log.index(f"[progress] BetterTransformer.transform and reverse (optimum, lane {LEGACY})")
+    again = run_cli("build", recipe, "--store", store, "--rebuild", "export", "--json",
+                    env={**env, "TOOLCHAIN_STEP_TIMEOUT": "1"})
+    assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "stage 'export' failed: the step ran past its time limit of 1 s" in again.stderr

@@ -121,3 +121,22 @@ def test_ray_tasks_read_and_fill_the_remote_cache(tmp_path, cluster, s3):
     steps = json.loads((tmp_path / "out-b" / "manifest.json").read_text())["variants"][0]["steps"]
     assert {s["source"] for s in steps} == {"remote cache"}
     assert [s["outputs"] for s in steps] == [s["outputs"] for s in made]
+
+
+def test_a_lane_that_cannot_be_made_on_the_node_is_a_machine_problem(tmp_path, cluster, capsys):
+    """A step that runs in a lane has its lane made by the executor in its Ray task, before the
+    step's worker starts: where that fails (here the store's lanes folder is a file), the step
+    fails as this machine's problem (exit 4, the lane named), not as a lost task or a stage's bug."""
+    recipe = tiny_recipe(tmp_path, "lane", """
+  load: {kind: load}
+  export: {kind: export_onnx, inputs: {model: load}, params: {task: feature-extraction, exporter: optimum}}
+""")
+    store = Store(tmp_path / "store")
+    plans = plans_for(recipe, store)
+    (store.root / "lanes").write_text("a file where the lanes folder goes\n")
+    with pytest.raises(BuildFailed) as failed:
+        build(plans, store, None, Console(quiet=True), executor="ray")
+    assert failed.value.exit_code == 4, str(failed.value)
+    said = capsys.readouterr().err
+    assert "stage 'export' failed: cannot make lane 'optimum-onnx'" in said, said
+    assert store.lookup(plans[0].steps["load"].key) and not store.lookup(plans[0].steps["export"].key)
