@@ -315,6 +315,7 @@ def test_compiled_decoder_generates_like_eager_and_times_its_steps(tmp_path, sto
     assert json.loads((tmp_path / "out" / "frozen" / "toolchain.json").read_text())["compile"]["freezing"] is True
     assert "freezing" not in json.loads((tmp_path / "out" / "compiled" / "toolchain.json").read_text())["compile"]
     assert rows["frozen"]["generation"]["equal"] == rows["frozen"]["generation"]["prompts"] == 3
+    assert "frozen weights" in rows["frozen"]["runtime"] and "frozen" not in rows["compiled"]["runtime"]
     assert "3/3 identical" in (tmp_path / "out" / "report.md").read_text()
 
 

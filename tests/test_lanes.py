@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -329,3 +330,32 @@ def test_lane_steps_run_in_a_worker_started_with_the_lanes_python(tmp_path, lane
                     env={**env, "TOOLCHAIN_STEP_TIMEOUT": "1"})
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "stage 'export' failed: the step ran past its time limit of 1 s" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_lane_that_drifted_from_its_lock_is_refused(tmp_path, lanes_dir):
+    """A made lane whose packages were changed afterwards (someone ran its pip: another version, a
+    package's files removed) is this machine's problem (exit 4, the lane, what differs, how to fix)
+    before anything runs: a step must never run on other versions than the ones in its key."""
+    made = next(p for p in lanes_dir.iterdir() if p.is_dir() and p.name.startswith(LEGACY + "-"))
+    recipe = ROOT / "recipes" / "minilm-bettertransformer-lanes.yaml"
+    for damage in ("version", "files"):
+        lanes = tmp_path / damage
+        lanes.mkdir()
+        copy = lanes / made.name
+        subprocess.run(["cp", "-al", str(made), str(copy)], check=True)  # hard links: the session's lane stays whole
+        site = next(copy.glob("lib/python*/site-packages"))
+        if damage == "version":
+            meta = next(site.glob("transformers-*.dist-info")) / "METADATA"
+            text = meta.read_text().replace("Version: 4.48.3", "Version: 4.40.0", 1)
+            meta.unlink()  # a new file, not the linked one
+            meta.write_text(text)
+        else:
+            shutil.rmtree(site / "optimum")
+        res = run_cli("build", recipe, "--store", tmp_path / f"store-{damage}", "-o", tmp_path / f"out-{damage}",
+                      env={"TOOLCHAIN_LANES": str(lanes)}, timeout=300)
+        assert res.returncode == 4, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"lane '{LEGACY}' in {copy} no longer matches its lock" in res.stderr, res.stderr[-2000:]
+        assert ("transformers 4.40.0 where the lock pins 4.48.3" if damage == "version" else
+                "of its files are gone") in res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / f"out-{damage}").exists()

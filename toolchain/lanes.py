@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -78,10 +79,51 @@ def ready(lane: Path) -> bool:
     return (lane / READY).is_file() and python(lane).exists()
 
 
+def _norm(package: str) -> str:
+    return re.sub(r"[-_.]+", "-", package).lower()  # PEP 503 names: Typing_Extensions == typing-extensions
+
+
+def drift(name: str, lane: Path) -> list[str]:
+    """How the made lane differs from its lock, read from its packages' metadata without starting
+    its Python: a pinned package missing or at another version (someone ran the lane's pip), or a
+    file of an installed package gone (its RECORD; compiled .pyc files aside). Empty: as locked."""
+    installed, problems = {}, []
+    for info in lane.glob("lib/python*/site-packages/*.dist-info"):
+        fields = {}
+        for line in (info / "METADATA").read_text(errors="replace").splitlines() if (info / "METADATA").is_file() else []:
+            if not line:  # the headers end at the first blank line
+                break
+            key, _, value = line.partition(": ")
+            fields.setdefault(key, value.strip())
+        if "Name" not in fields:
+            continue
+        installed[_norm(fields["Name"])] = fields.get("Version")
+        record = info / "RECORD"
+        missing = [f for f in (line.split(",", 1)[0] for line in record.read_text(errors="replace").splitlines()
+                               if line and not line.startswith(("..", "/")))
+                   if f and not f.endswith(".pyc") and not (info.parent / f).exists()] if record.is_file() else []
+        if missing:
+            problems.append(f"{fields['Name']} {fields.get('Version')}: {len(missing)} of its files are gone "
+                            f"(e.g. {missing[0]})")
+    for package, version in versions(name).items():
+        found = installed.get(_norm(package))
+        # `==2.13.0` admits a local build label (2.13.0+cpu), as pip's own matching does
+        if found != version and not (found and "+" not in version and found.split("+")[0] == version):
+            problems.append(f"{package} {found or 'missing'} where the lock pins {version}")
+    return problems
+
+
 def ensure(name: str, store_root: Path, log=print) -> Path:
-    """The lane's folder, made now if it does not exist yet; raises LaneError when it cannot be."""
+    """The lane's folder, made now if it does not exist yet; raises LaneError when it cannot be, or
+    when the lane there is not what its lock says (a step must never run on other versions than the
+    ones in its key)."""
     lane = path(name, store_root)
     if ready(lane):
+        problems = drift(name, lane)
+        if problems:
+            raise LaneError(f"lane '{name}' in {lane} no longer matches its lock ({'; '.join(problems[:4])}"
+                            f"{'; ...' if len(problems) > 4 else ''}): delete that folder and the next build "
+                            "makes it again")
         return lane
     try:
         lane.parent.mkdir(parents=True, exist_ok=True)

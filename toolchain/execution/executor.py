@@ -519,8 +519,13 @@ class LocalExecutor(Executor):
                 except WorkerDied as exc:
                     before_step = (log_path.stat().st_size if log_path.exists() else None) == logged
                     # died before the step (a lane whose packages cannot import the worker...): its own log says why
-                    why = exc.why + self._tail(worker.log) if before_step else exc.why
-                    event = {"code": exc.code, "why": why}
+                    event = {"code": exc.code, "why": exc.why + self._tail(worker.log) if before_step else exc.why}
+                    if before_step and lane and exc.code is not None:  # the lane's Python, not the step, failed
+                        event["lane_broken"] = (f"the worker of lane {lane} died before the step started ({exc.why}): "
+                                                "the lane is broken; delete that folder and the next build makes it "
+                                                "again" + self._tail(worker.log))
+                        with open(log_path, "a") as log:  # the step's log says it too (the worker's log goes)
+                            log.write(f"\n{event['lane_broken']}\n")
             # (a worker that could not write its result exits)
             retire = bool(event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated
                           or lane)
@@ -534,6 +539,10 @@ class LocalExecutor(Executor):
             code = event.get("code")
             machine = code == NO_RESULT_MACHINE
             why = event.get("why") or f"worker exited with code {code}"
+            if "lane_broken" in event:
+                error = StageFailed(step.name, event["lane_broken"], str(log_path))
+                error.exit_code = MachineError.exit_code
+                raise error
             if machine:
                 free = shutil.disk_usage(spec_path.parent).free
                 why = (f"the worker could not write its result: the store's disk is full or read-only "

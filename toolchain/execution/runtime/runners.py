@@ -48,6 +48,7 @@ class TorchRunner:
         if c:
             extra += (f", torch.compile mode {c['mode']}" + (", fullgraph" if c["fullgraph"] else "")
                       + (", CUDA graphs captured by toolchain" if compiled.manual_graphs(c) else "")
+                      + (", frozen weights" if c.get("freezing") else "")
                       + ", " + describe_shapes(c))
         return f"PyTorch {self.dtype} ({attn} attention{extra}) on {self.device}"
 
