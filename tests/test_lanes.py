@@ -336,10 +336,11 @@ def test_lane_steps_run_in_a_worker_started_with_the_lanes_python(tmp_path, lane
 def test_a_lane_that_drifted_from_its_lock_is_refused(tmp_path, lanes_dir):
     """A made lane whose packages were changed afterwards (someone ran its pip: another version, a
     package's files removed) is this machine's problem (exit 4, the lane, what differs, how to fix)
-    before anything runs: a step must never run on other versions than the ones in its key."""
+    before anything runs: a step must never run on other versions than the ones in its key. So is a
+    lane whose interpreter dies before the step (found when its worker starts)."""
     made = next(p for p in lanes_dir.iterdir() if p.is_dir() and p.name.startswith(LEGACY + "-"))
     recipe = ROOT / "recipes" / "minilm-bettertransformer-lanes.yaml"
-    for damage in ("version", "files"):
+    for damage in ("version", "files", "python"):
         lanes = tmp_path / damage
         lanes.mkdir()
         copy = lanes / made.name
@@ -350,12 +351,21 @@ def test_a_lane_that_drifted_from_its_lock_is_refused(tmp_path, lanes_dir):
             text = meta.read_text().replace("Version: 4.48.3", "Version: 4.40.0", 1)
             meta.unlink()  # a new file, not the linked one
             meta.write_text(text)
-        else:
+        elif damage == "files":
             shutil.rmtree(site / "optimum")
+        else:  # an interpreter that cannot start the worker: found when the step's worker dies first
+            python = copy / "bin" / "python"
+            python.unlink()
+            python.write_text("#!/bin/sh\necho lane interpreter is broken >&2\nexit 1\n")
+            python.chmod(0o755)
         res = run_cli("build", recipe, "--store", tmp_path / f"store-{damage}", "-o", tmp_path / f"out-{damage}",
                       env={"TOOLCHAIN_LANES": str(lanes)}, timeout=300)
         assert res.returncode == 4, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and not (tmp_path / f"out-{damage}").exists()
+        if damage == "python":
+            assert f"the worker of lane {copy} died before the step started" in res.stderr, res.stderr[-2000:]
+            assert "lane interpreter is broken" in res.stderr
+            continue
         assert f"lane '{LEGACY}' in {copy} no longer matches its lock" in res.stderr, res.stderr[-2000:]
         assert ("transformers 4.40.0 where the lock pins 4.48.3" if damage == "version" else
                 "of its files are gone") in res.stderr
-        assert "Traceback" not in res.stderr and not (tmp_path / f"out-{damage}").exists()
