@@ -5,6 +5,7 @@
 #   smol    recipes/gpu/smollm2-decode.yaml (select by per-token decode: eager, compiled, onnxruntime)
 #   frozen  benchmarks/gpu/recipes/smollm2-decode-frozen.yaml (the compiled decoder with toolchain's CUDA
 #           graph and Inductor's freezing, against the host-path onnxruntime artifact, in one select)
+#   bert-frozen  benchmarks/gpu/recipes/bert-frozen.yaml (bert's short form: autotuned, frozen, onnxruntime fp16)
 #   bert    recipes/gpu/bert-base-compile.yaml, then --rebuild of its compile steps on the warm store
 #           (what the store's Inductor cache saves a second cold compile)
 #   llama   recipes/gpu/llama7b-compile.yaml (prefill, % of the measured bf16 matmul peak)
@@ -43,6 +44,7 @@ for part in "$@"; do
         | tee -a "$OUT/decode.log" ;;
     smol) build smol recipes/gpu/smollm2-decode.yaml ;;
     frozen) build frozen benchmarks/gpu/recipes/smollm2-decode-frozen.yaml ;;
+    bert-frozen) build bert-frozen benchmarks/gpu/recipes/bert-frozen.yaml ;;
     bert)
       build bert recipes/gpu/bert-base-compile.yaml
       [ -n "${NO_REBUILD:-}" ] || build bert-rebuild recipes/gpu/bert-base-compile.yaml --rebuild graphs --rebuild autotuned ;;
