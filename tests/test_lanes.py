@@ -22,6 +22,15 @@ from tests.conftest import ROOT, run_cli, tiny_recipe
 
 LANE = "optimum-onnx"
 LEGACY = "optimum-legacy"
+# a tiny model exported by optimum's exporter, in its lane
+OPTIMUM_EXPORT = """
+    load:
+      kind: load
+    export:
+      kind: export_onnx
+      inputs: {model: load}
+      params: {task: feature-extraction, exporter: optimum}
+    """
 
 
 def _ensure_cmd(name: str) -> list[str]:
@@ -95,14 +104,7 @@ def test_optimum_bettertransformer_refuses_llama_at_plan_time(tmp_path):
 def test_lane_that_cannot_be_made_is_a_machine_problem(tmp_path):
     """No package index: exit 4, the lane named, pip's own error in the message, no traceback,
     and nothing left that a later build would take for a lane."""
-    recipe = tiny_recipe(tmp_path, stages="""
-        load:
-          kind: load
-        export:
-          kind: export_onnx
-          inputs: {model: load}
-          params: {task: feature-extraction, exporter: optimum}
-        """)
+    recipe = tiny_recipe(tmp_path, stages=OPTIMUM_EXPORT)
     lanes = tmp_path / "lanes"
     proc = run_cli("build", recipe, "--store", tmp_path / "store",
                    env={"TOOLCHAIN_LANES": str(lanes), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "none")})
@@ -261,14 +263,7 @@ def test_the_executor_makes_the_lane_before_the_steps_worker(tmp_path, monkeypat
     from toolchain.frontend.recipe import load_recipe
     from toolchain.planning.plan import build_plans, compute_keys
 
-    recipe = tiny_recipe(tmp_path, stages="""
-        load:
-          kind: load
-        export:
-          kind: export_onnx
-          inputs: {model: load}
-          params: {task: feature-extraction, exporter: optimum}
-        """)
+    recipe = tiny_recipe(tmp_path, stages=OPTIMUM_EXPORT)
     monkeypatch.setenv("TOOLCHAIN_LANES", str(tmp_path / "lanes"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "none"))
