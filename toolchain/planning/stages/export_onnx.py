@@ -289,7 +289,8 @@ class ExportOnnx(Stage):
                              provider=params.provider, device=params.device, pooling=resolve_pooling(params, facts),
                              static_shape=static)
 
-    def run(self, ctx: RunContext) -> dict:
+    def _export(self, ctx: RunContext) -> tuple[dict, ArtifactFacts]:
+        """Write the graph into ctx.output with the recipe's exporter: (its description, the output's facts)."""
         from toolchain.execution.runtime import models, onnx_io
 
         p = ctx.params
@@ -317,6 +318,15 @@ class ExportOnnx(Stage):
                 graph = onnx_io.export(model, facts.task, p.kv_cache, p.exporter, p.opset, p.dynamic_axes,
                                        p.external_data, ctx.output, log=ctx.log, pooling=facts.pooling,
                                        example=facts.static_shape)
+        return graph, facts
+
+    def run(self, ctx: RunContext) -> dict:
+        from toolchain.execution.runtime import heap
+
+        p = ctx.params
+        src = ctx.inputs["model"]
+        with heap.young_only():  # a trace makes millions of objects that die with it
+            graph, facts = self._export(ctx)
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, ctx.output / name)
