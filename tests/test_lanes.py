@@ -289,18 +289,12 @@ def test_lane_steps_run_in_a_worker_started_with_the_lanes_python(tmp_path, lane
     is held to the step's time limit like any worker: stopped there, the step fails (exit 3)."""
     from toolchain import lanes
 
-    recipe = tiny_recipe(tmp_path, stages="""
-        load:
-          kind: load
-        export:
-          kind: export_onnx
-          inputs: {model: load}
-          params: {task: feature-extraction, exporter: optimum}
-        bt:
-          kind: bettertransformer
-          inputs: {model: load}
-          params: {implementation: optimum}
-        """)
+    recipe = tiny_recipe(tmp_path, stages=OPTIMUM_EXPORT + """
+    bt:
+      kind: bettertransformer
+      inputs: {model: load}
+      params: {implementation: optimum}
+    """)
     store, out, env = tmp_path / "store", tmp_path / "out", {"TOOLCHAIN_LANES": str(lanes_dir)}
     proc = run_cli("build", recipe, "--store", store, "-o", out, "--json", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
