@@ -89,19 +89,11 @@ def drift(name: str, lane: Path) -> list[str]:
     file of an installed package gone (its RECORD; compiled .pyc files aside). Empty: as locked."""
     installed, problems = {}, []
     for info in lane.glob("lib/python*/site-packages/*.dist-info"):
-        fields = {}
-        for line in (info / "METADATA").read_text(errors="replace").splitlines() if (info / "METADATA").is_file() else []:
-            if not line:  # the headers end at the first blank line
-                break
-            key, _, value = line.partition(": ")
-            fields.setdefault(key, value.strip())
+        fields = _headers(info / "METADATA")
         if "Name" not in fields:
             continue
         installed[_norm(fields["Name"])] = fields.get("Version")
-        record = info / "RECORD"
-        missing = [f for f in (line.split(",", 1)[0] for line in record.read_text(errors="replace").splitlines()
-                               if line and not line.startswith(("..", "/")))
-                   if f and not f.endswith(".pyc") and not (info.parent / f).exists()] if record.is_file() else []
+        missing = _missing_files(info)
         if missing:
             problems.append(f"{fields['Name']} {fields.get('Version')}: {len(missing)} of its files are gone "
                             f"(e.g. {missing[0]})")
@@ -111,6 +103,28 @@ def drift(name: str, lane: Path) -> list[str]:
         if found != version and not (found and "+" not in version and found.split("+")[0] == version):
             problems.append(f"{package} {found or 'missing'} where the lock pins {version}")
     return problems
+
+
+def _headers(metadata: Path) -> dict[str, str]:
+    """The first value of each header of a METADATA file (the headers end at the first blank line)."""
+    fields: dict[str, str] = {}
+    text = metadata.read_text(errors="replace") if metadata.is_file() else ""
+    for line in text.splitlines():
+        if not line:
+            break
+        key, _, value = line.partition(": ")
+        fields.setdefault(key, value.strip())
+    return fields
+
+
+def _missing_files(info: Path) -> list[str]:
+    """Files a package's RECORD lists inside site-packages that are gone (.pyc aside: caches)."""
+    record = info / "RECORD"
+    if not record.is_file():
+        return []
+    files = (line.split(",", 1)[0] for line in record.read_text(errors="replace").splitlines())
+    return [f for f in files if f and not f.startswith(("..", "/")) and not f.endswith(".pyc")
+            and not (info.parent / f).exists()]
 
 
 def ensure(name: str, store_root: Path, log=print) -> Path:
