@@ -365,3 +365,40 @@ def test_static_compile_pads_smaller_inputs_and_rebuild_reruns_one_step(tmp_path
     assert "static shape 4x64 (smaller inputs padded up" in parity["candidate_desc"]
     res = run_cli("build", recipe, "--store", store, "--rebuild", "statik")
     assert res.returncode == 2 and "--rebuild names no step of" in res.stderr and "statik" in res.stderr
+
+
+def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
+    """`freezing: true` makes Inductor treat the weights as constants: in the generated code they are
+    frozen parameters, and the matmuls that read one input are merged (a decoder layer's q/k/v, of
+    unequal widths with grouped KV heads, and its gate/up: 7 linears per layer become 4). torch's
+    CPU backend merges only with `cpp.enable_concat_linear` (on CUDA it always may), so the test
+    turns that on. Without freezing nothing of this happens, and the global flag is left as it was."""
+    import re
+
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolchain.execution.runtime.compiled import torch_compile
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    linears = re.compile(r"extern_kernels\.(?:add)?mm\(|_mkl_linear\.default\(|mkldnn\._linear_pointwise\.default\(")
+    found = {}
+    with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
+        for freezing in (False, True):
+            torch._dynamo.reset()
+            fn = torch_compile(model, "default", True, False, freezing)
+            with torch.no_grad():
+                out, code = run_and_get_code(fn, input_ids=ids)
+            source = "\n".join(code)
+            found[freezing] = (len(linears.findall(source)), "_frozen_param" in source)
+            torch.testing.assert_close(out.logits, eager, atol=1e-4, rtol=1e-4)
+            assert torch._inductor.config.freezing is False
+    torch._dynamo.reset()
+    # 2 layers x 7 linears + the head; frozen: 2 x (qkv, o, gate/up, down) + the head
+    assert found == {False: (15, False), True: (9, True)}, found

@@ -48,12 +48,28 @@ def torch_compile(fn, mode: str, fullgraph: bool, dynamic: bool | None = None, f
     """torch.compile in `mode`; `freezing`: Inductor treats the weights as constants, which lets it
     fold them and merge the matmuls that read one input (q/k/v, gate/up) into one. torch.compile
     takes a mode or Inductor options, not both, so a frozen compile passes the mode's own options
-    (`list_mode_options`, what the mode means) plus freezing."""
+    (`list_mode_options`, what the mode means) plus freezing.
+
+    Dynamo decides whether the weights are frozen (static inputs it guards on) from Inductor's
+    global `freezing` flag when it traces (`torch._dynamo.utils.is_parameter_freezing`), not from the
+    compile's options; with the option alone Inductor's freezing pass finds no weights to freeze.
+    So the flag is also on around every call of a frozen compile (a call is where tracing and
+    recompiles happen), and off again after it: other compiles in the same worker stay unfrozen."""
     _no_silent_eager()
     if not freezing:
         return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
     options = {**torch._inductor.list_mode_options(mode, dynamic), "freezing": True}
-    return torch.compile(fn, options=options, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(fn, options=options, fullgraph=fullgraph, dynamic=dynamic)
+    cfg = torch._inductor.config
+
+    def frozen(*args, **kwargs):
+        # set and restored by hand: config.patch costs far more per call, and decode calls this per token
+        before, cfg.freezing = cfg.freezing, True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            cfg.freezing = before
+    return frozen
 
 
 def compile_model(model, c: dict):
