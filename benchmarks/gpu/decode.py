@@ -142,6 +142,8 @@ def main() -> int:
             wall += f", {r['kernels_per_token']:.0f} kernels {r['gpu_busy_per_token_ms']:.2f} ms busy"
         print(f"  {name:62s} {r['per_token_ms']:7.2f} ms/token{wall} ({bw:.2f} TB/s of weights)  "
               f"identical {r['identical']}/{len(prompts)}")
+        for kind, k in list(r.get("kernel_kinds", {}).items())[:8]:
+            print(f"      {k['per_token']:6.1f}/token {k['us_per_token']:7.1f} us  {kind}")
     return 0
 
 
@@ -155,7 +157,16 @@ def _kernels(dec, prompt, n: int) -> dict:
         dec.generate(prompt, n)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in events)
-    return {"kernels_per_token": len(events) / n, "gpu_busy_per_token_ms": busy_us / 1e3 / n}
+    # which kernels a token launches (names shortened: Triton's fused names are long), to see what
+    # is left to merge or fuse: per token, count and GPU microseconds, the 15 most frequent
+    kinds: dict[str, list[float]] = {}
+    for e in events:
+        k = kinds.setdefault(e.name[:80], [0, 0.0])
+        k[0] += 1
+        k[1] += e.device_time
+    top = sorted(kinds.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"kernels_per_token": len(events) / n, "gpu_busy_per_token_ms": busy_us / 1e3 / n,
+            "kernel_kinds": {name: {"per_token": c / n, "us_per_token": t / n} for name, (c, t) in top}}
 
 
 if __name__ == "__main__":
