@@ -402,3 +402,32 @@ def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
     torch._dynamo.reset()
     # 2 layers x 7 linears + the head; frozen: 2 x (qkv, o, gate/up, down) + the head
     assert found == {False: (15, False), True: (9, True)}, found
+
+
+def test_frozen_decoders_do_not_share_one_cache():
+    """A frozen compile bakes the static KV cache's tensors into its graph like the weights: a second
+    decoder of the model (a longer bucket) or a second batch size must get a graph of its own, not
+    one that reads and writes the first cache (it gave other tokens, or failed on batch 3 after 2)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolchain.execution.runtime.decode import StaticDecoder
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         max_position_embeddings=512)).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def eager(ids, n):
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+    torch._dynamo.reset()
+    short, long = (StaticDecoder(model, n, "default", freezing=True) for n in (128, 256))
+    for decoder, batch, length in ((short, 1, 8), (long, 1, 8), (short, 1, 9), (short, 2, 8), (short, 3, 8)):
+        ids = torch.randint(0, 256, (batch, length), generator=g)
+        assert decoder.generate(ids, 6).tokens == eager(ids, 6), (decoder.max_len, batch, length)
+    torch._dynamo.reset()

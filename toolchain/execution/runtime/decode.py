@@ -63,6 +63,7 @@ class StaticDecoder:
         self.manual = graphs == "manual" and compile_mode in GRAPH_MODES
         mode = GRAPH_MODES[compile_mode] if self.manual else compile_mode
         self.trees = compile_mode in GRAPH_MODES and not self.manual
+        self.freezing = bool(freezing and compile_mode)
         self.step = torch_compile(self._step, mode, fullgraph, freezing=freezing) if compile_mode else self._step
         self._caches: dict[int, object] = {}  # batch size -> its cache (fixed addresses, reset per generation)
         self._graphs: dict[int, object] = {}  # batch size -> its captured step (CapturedCall)
@@ -78,9 +79,28 @@ class StaticDecoder:
         cache = self._caches.get(batch)
         if cache is None:
             cache = self._caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            if self.freezing:
+                self._guard(cache, batch)
         else:
             cache.reset()
         return cache
+
+    def _guard(self, cache, batch: int) -> None:
+        """A frozen compile bakes the tensors that have fixed addresses (transformers marks the static
+        cache's so) into its graph, like the weights, and Dynamo checks their identity only when
+        told to: without that, a second cache (another batch size, or another decoder of the model,
+        e.g. a longer bucket) would run a graph that reads and writes the first one. So the cache is
+        made up front and its tensors are marked with an identity guard: each cache gets a graph."""
+        import torch
+
+        from toolchain.execution.runtime.onnx_io import kv_layout
+
+        lay = kv_layout(self.model.config)
+        cache.early_initialization(batch, lay["kv_heads"], lay["head_dim"], next(self.model.parameters()).dtype,
+                                   self.device)
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values, layer.cumulative_length):
+                torch._dynamo.mark_static_address(t, guard=True)
 
     def _graph(self, batch: int, cache):
         """One captured step for this batch size (compiled.CapturedCall): reads its token and
