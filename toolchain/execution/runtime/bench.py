@@ -18,6 +18,10 @@ def measure(runner, p, artifact: str, progress=lambda *a, **k: None) -> dict:
     seqs = p.sequence_length if isinstance(p.sequence_length, list) else [p.sequence_length]
     grid = len(batches) * len(seqs) > 1
     gpus = _gpus(runner) if p.device.startswith("cuda") else []
+    if gpus:  # the peak counts from here: not CUDA memory that an earlier step's garbage still holds
+        import gc  # (a warm worker collects after a step only when it looks like a leak)
+
+        gc.collect()
     timings, warnings, peaks, pads = {}, [], [], []
     peak, measured_peak = p.peak_tflops, None
     if peak == "measure" and hasattr(runner, "flops"):  # only PyTorch runners count FLOPs to compare with it
