@@ -98,8 +98,8 @@ class StaticDecoder:
         lay = kv_layout(self.model.config)
         cache.early_initialization(batch, lay["kv_heads"], lay["head_dim"], next(self.model.parameters()).dtype,
                                    self.device)
-        for layer in cache.layers:
-            for t in (layer.keys, layer.values, layer.cumulative_length):
+        for layer in cache.layers:  # keys, values and the fill counter (whatever the version names them)
+            for t in [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]:
                 torch._dynamo.mark_static_address(t, guard=True)
 
     def _graph(self, batch: int, cache):
