@@ -86,45 +86,30 @@ def _norm(package: str) -> str:
 def drift(name: str, lane: Path) -> list[str]:
     """How the made lane differs from its lock, read from its packages' metadata without starting
     its Python: a pinned package missing or at another version (someone ran the lane's pip), or a
-    file of an installed package gone (its RECORD; compiled .pyc files aside). Empty: as locked."""
+    file of an installed package gone (its RECORD; compiled .pyc files aside). Empty: as locked.
+    The standard library reads the dist-info folders (importlib.metadata: METADATA's headers, RECORD)."""
+    from importlib.metadata import Distribution
+
     installed, problems = {}, []
     for info in lane.glob("lib/python*/site-packages/*.dist-info"):
-        fields = _headers(info / "METADATA")
-        if "Name" not in fields:
+        if not (info / "METADATA").is_file():
             continue
-        installed[_norm(fields["Name"])] = fields.get("Version")
-        missing = _missing_files(info)
+        dist = Distribution.at(info)
+        package, version = dist.metadata.get("Name"), dist.metadata.get("Version")
+        if not package:
+            continue
+        installed[_norm(package)] = version
+        # RECORD's paths inside site-packages (not scripts beside it), .pyc aside: caches
+        missing = [str(f) for f in dist.files or [] if not str(f).startswith(("..", "/"))
+                   and not str(f).endswith(".pyc") and not f.locate().exists()]
         if missing:
-            problems.append(f"{fields['Name']} {fields.get('Version')}: {len(missing)} of its files are gone "
-                            f"(e.g. {missing[0]})")
+            problems.append(f"{package} {version}: {len(missing)} of its files are gone (e.g. {missing[0]})")
     for package, version in versions(name).items():
         found = installed.get(_norm(package))
         # `==2.13.0` admits a local build label (2.13.0+cpu), as pip's own matching does
         if found != version and not (found and "+" not in version and found.split("+")[0] == version):
             problems.append(f"{package} {found or 'missing'} where the lock pins {version}")
     return problems
-
-
-def _headers(metadata: Path) -> dict[str, str]:
-    """The first value of each header of a METADATA file (the headers end at the first blank line)."""
-    fields: dict[str, str] = {}
-    text = metadata.read_text(errors="replace") if metadata.is_file() else ""
-    for line in text.splitlines():
-        if not line:
-            break
-        key, _, value = line.partition(": ")
-        fields.setdefault(key, value.strip())
-    return fields
-
-
-def _missing_files(info: Path) -> list[str]:
-    """Files a package's RECORD lists inside site-packages that are gone (.pyc aside: caches)."""
-    record = info / "RECORD"
-    if not record.is_file():
-        return []
-    files = (line.split(",", 1)[0] for line in record.read_text(errors="replace").splitlines())
-    return [f for f in files if f and not f.startswith(("..", "/")) and not f.endswith(".pyc")
-            and not (info.parent / f).exists()]
 
 
 def ensure(name: str, store_root: Path, log=print) -> Path:
