@@ -367,6 +367,17 @@ def test_static_compile_pads_smaller_inputs_and_rebuild_reruns_one_step(tmp_path
     assert res.returncode == 2 and "--rebuild names no step of" in res.stderr and "statik" in res.stderr
 
 
+def tiny_llama():
+    """A 2-layer Llama with grouped KV heads (4 query, 2 KV), random weights from seed 0, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                        max_position_embeddings=512)).eval()
+
+
 def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
     """`freezing: true` makes Inductor treat the weights as constants: in the generated code they are
     frozen parameters, and the matmuls that read one input are merged (a decoder layer's q/k/v, of
@@ -377,13 +388,10 @@ def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
 
     import torch
     from torch._inductor.utils import run_and_get_code
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from toolchain.execution.runtime.compiled import torch_compile
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         eager = model(input_ids=ids).logits
@@ -409,14 +417,10 @@ def test_frozen_decoders_do_not_share_one_cache():
     decoder of the model (a longer bucket) or a second batch size must get a graph of its own, not
     one that reads and writes the first cache (it gave other tokens, or failed on batch 3 after 2)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from toolchain.execution.runtime.decode import StaticDecoder
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                         max_position_embeddings=512)).eval()
+    model = tiny_llama()
     g = torch.Generator().manual_seed(1)
 
     def eager(ids, n):
