@@ -73,16 +73,25 @@ def test_compile_refuses_what_cannot_compile(tmp_path):
       bt_inductor: {kind: compile, inputs: {model: bt}, params: {backend: inductor, fullgraph: false}}
       bt_onnx: {kind: export_onnx, inputs: {model: bt}}
       math: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: math}}
-      pinned: {kind: compile, inputs: {model: math}, params: {backend: inductor}}
+      pinned: {kind: compile, inputs: {model: flash}, params: {backend: inductor}}
+      flash: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: flash}}
+      formula: {kind: compile, inputs: {model: math}, params: {backend: inductor}}
+      tuned_cpu: {kind: compile, inputs: {model: load}, params: {backend: inductor, options: {combo_kernels: true}}}
+      tuned_aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, device: cuda, options: {coordinate_descent_tuning: true}}}
       twice: {kind: compile, inputs: {model: compiled}, params: {backend: inductor}}
       compiled: {kind: compile, inputs: {model: load}, params: {backend: inductor}}
       after: {kind: attention, inputs: {model: compiled}, params: {implementation: eager}}
       onnx_after: {kind: export_onnx, inputs: {model: compiled}}
       frozen_aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, freezing: true}}
-    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, twice, after, onnx_after, frozen_aoti]")
+    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, formula, twice, after, onnx_after, frozen_aoti, "
+               "tuned_cpu, tuned_aoti]")
     for stage in ("bt_aoti:", "bt_inductor:", "bt_onnx:"):
         assert_at(recipe, err, stage, "BetterTransformer encoder fast path builds nested tensors")
-    assert_at(recipe, err, "pinned:", "pins the SDPA math kernel, but compiled code runs Inductor's own attention")
+    assert_at(recipe, err, "pinned:", "pins the SDPA flash kernel; a compile takes only the `math` pin, on CUDA")
+    assert_at(recipe, err, "formula:", "on the CPU Inductor compiles attention into its own flash kernel")
+    assert_at(recipe, err, "tuned_cpu:", "`options` (combo_kernels) tune the Triton code Inductor generates for "
+              "CUDA, but device is cpu")
+    assert_at(recipe, err, "tuned_aoti:", "they are an option of backend inductor here")
     assert_at(recipe, err, "twice:", "the model is already compiled (inductor)")
     assert_at(recipe, err, "after:", "already compiled (inductor); changing its attention would change")
     assert_at(recipe, err, "onnx_after:", "already compiled (inductor); an ONNX export would change or drop")
@@ -383,7 +392,8 @@ def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
     frozen parameters, and the matmuls that read one input are merged (a decoder layer's q/k/v, of
     unequal widths with grouped KV heads, and its gate/up: 7 linears per layer become 4). torch's
     CPU backend merges only with `cpp.enable_concat_linear` (on CUDA it always may), so the test
-    turns that on. Without freezing nothing of this happens, and the global flag is left as it was."""
+    turns that on, through torch_compile's `options` (which must reach Inductor, as the compile
+    stage's `options` do). Without freezing nothing of this happens, and the global flag is left as it was."""
     import re
 
     import torch
@@ -397,16 +407,16 @@ def test_freezing_really_freezes_the_weights_and_merges_sibling_matmuls():
         eager = model(input_ids=ids).logits
     linears = re.compile(r"extern_kernels\.(?:add)?mm\(|_mkl_linear\.default\(|mkldnn\._linear_pointwise\.default\(")
     found = {}
-    with torch._inductor.config.patch({"cpp.enable_concat_linear": True}):
-        for freezing in (False, True):
-            torch._dynamo.reset()
-            fn = torch_compile(model, "default", True, False, freezing)
-            with torch.no_grad():
-                out, code = run_and_get_code(fn, input_ids=ids)
-            source = "\n".join(code)
-            found[freezing] = (len(linears.findall(source)), "_frozen_param" in source)
-            torch.testing.assert_close(out.logits, eager, atol=1e-4, rtol=1e-4)
-            assert torch._inductor.config.freezing is False
+    for freezing in (False, True):
+        torch._dynamo.reset()
+        fn = torch_compile(model, "default", True, False, freezing, {"cpp.enable_concat_linear": True})
+        with torch.no_grad():
+            out, code = run_and_get_code(fn, input_ids=ids)
+        source = "\n".join(code)
+        found[freezing] = (len(linears.findall(source)), "_frozen_param" in source)
+        torch.testing.assert_close(out.logits, eager, atol=1e-4, rtol=1e-4)
+        assert torch._inductor.config.freezing is False
+        assert torch._inductor.config.cpp.enable_concat_linear is False
     torch._dynamo.reset()
     # 2 layers x 7 linears + the head; frozen: 2 x (qkv, o, gate/up, down) + the head
     assert found == {False: (15, False), True: (9, True)}, found

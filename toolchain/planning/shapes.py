@@ -18,6 +18,8 @@ def settings(p, max_positions: int | None) -> dict:
         out["graphs"] = p.graphs
     if p.freezing:  # recorded only when set, so the facts of compiles without it read as before
         out["freezing"] = True
+    if p.options:
+        out["options"] = dict(sorted(p.options.items()))
     shape = {**EXAMPLE, **p.shape}
     if p.dynamic and p.backend == "aot_inductor":
         limits = {"batch": None, "sequence": max_positions}

@@ -44,11 +44,12 @@ def manual_graphs(c: dict | None) -> bool:
     return bool(c) and c.get("graphs") == "manual" and c["mode"] in GRAPH_MODES
 
 
-def torch_compile(fn, mode: str, fullgraph: bool, dynamic: bool | None = None, freezing: bool = False):
-    """torch.compile in `mode`; `freezing`: Inductor treats the weights as constants, which lets it
-    fold them and merge the matmuls that read one input (q/k/v, gate/up) into one. torch.compile
-    takes a mode or Inductor options, not both, so a frozen compile passes the mode's own options
-    (`list_mode_options`, what the mode means) plus freezing.
+def torch_compile(fn, mode: str, fullgraph: bool, dynamic: bool | None = None, freezing: bool = False,
+                  options: dict | None = None):
+    """torch.compile in `mode`, plus Inductor `options` (the compile stage's `options`) and `freezing`:
+    Inductor treats the weights as constants, which lets it fold them and merge the matmuls that
+    read one input (q/k/v, gate/up) into one. torch.compile takes a mode or Inductor options, not
+    both, so options go with the mode's own (`list_mode_options`, what the mode means).
 
     Dynamo decides whether the weights are frozen (static inputs it guards on) from Inductor's
     global `freezing` flag when it traces (`torch._dynamo.utils.is_parameter_freezing`), not from the
@@ -56,10 +57,14 @@ def torch_compile(fn, mode: str, fullgraph: bool, dynamic: bool | None = None, f
     So the flag is also on around every call of a frozen compile (a call is where tracing and
     recompiles happen), and off again after it: other compiles in the same worker stay unfrozen."""
     _no_silent_eager()
-    if not freezing:
+    if not (freezing or options):
         return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
-    options = {**torch._inductor.list_mode_options(mode, dynamic), "freezing": True}
-    compiled = torch.compile(fn, options=options, fullgraph=fullgraph, dynamic=dynamic)
+    merged = {**torch._inductor.list_mode_options(mode, dynamic), **(options or {})}
+    if freezing:
+        merged["freezing"] = True
+    compiled = torch.compile(fn, options=merged, fullgraph=fullgraph, dynamic=dynamic)
+    if not freezing:
+        return compiled
     cfg = torch._inductor.config
 
     def frozen(*args, **kwargs):
@@ -78,7 +83,7 @@ def compile_model(model, c: dict):
     from toolchain.planning.shapes import GRAPH_MODES
 
     mode = GRAPH_MODES[c["mode"]] if manual_graphs(c) else c["mode"]
-    return torch_compile(model, mode, c["fullgraph"], c["dynamic"], bool(c.get("freezing")))
+    return torch_compile(model, mode, c["fullgraph"], c["dynamic"], bool(c.get("freezing")), c.get("options"))
 
 
 class CapturedCall:

@@ -44,13 +44,13 @@ def _sync(device) -> None:
 
 
 class StaticDecoder:
-    """`StaticDecoder(model, max_len, compile_mode, fullgraph, graphs, freezing)`; `generate(ids, new_tokens)`.
-    compile_mode: None (eager steps), or a `torch.compile` mode ("default", "reduce-overhead",
-    "max-autotune", ...); the CUDA-graph modes need CUDA. graphs: "trees" or "manual" (see above).
-    freezing: the compile stage's `freezing` (compiled.torch_compile)."""
+    """`StaticDecoder(model, max_len, compile_mode, fullgraph, graphs, freezing, options)`;
+    `generate(ids, new_tokens)`. compile_mode: None (eager steps), or a `torch.compile` mode
+    ("default", "reduce-overhead", "max-autotune", ...); the CUDA-graph modes need CUDA. graphs:
+    "trees" or "manual" (see above). freezing, options: the compile stage's (compiled.torch_compile)."""
 
     def __init__(self, model, max_len: int, compile_mode: str | None = None, fullgraph: bool = True,
-                 graphs: str = "trees", freezing: bool = False):
+                 graphs: str = "trees", freezing: bool = False, options: dict | None = None):
         from toolchain.execution.runtime.compiled import torch_compile
 
         self.model, self.max_len = model, max_len
@@ -64,7 +64,8 @@ class StaticDecoder:
         mode = GRAPH_MODES[compile_mode] if self.manual else compile_mode
         self.trees = compile_mode in GRAPH_MODES and not self.manual
         self.freezing = bool(freezing and compile_mode)
-        self.step = torch_compile(self._step, mode, fullgraph, freezing=freezing) if compile_mode else self._step
+        self.step = torch_compile(self._step, mode, fullgraph, freezing=freezing, options=options) \
+            if compile_mode else self._step
         self._caches: dict[int, object] = {}  # batch size -> its cache (fixed addresses, reset per generation)
         self._graphs: dict[int, object] = {}  # batch size -> its captured step (CapturedCall)
 

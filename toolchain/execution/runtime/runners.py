@@ -49,6 +49,7 @@ class TorchRunner:
             extra += (f", torch.compile mode {c['mode']}" + (", fullgraph" if c["fullgraph"] else "")
                       + (", CUDA graphs captured by toolchain" if compiled.manual_graphs(c) else "")
                       + (", frozen weights" if c.get("freezing") else "")
+                      + "".join(f", {k}" for k, v in (c.get("options") or {}).items() if v)
                       + ", " + describe_shapes(c))
         return f"PyTorch {self.dtype} ({attn} attention{extra}) on {self.device}"
 
@@ -140,8 +141,9 @@ class TorchRunner:
         max_len = min(-(-tokens // 128) * 128, max(limit, tokens))
         decoders = self.__dict__.setdefault("_decoders", {})
         if max_len not in decoders:
-            decoders[max_len] = StaticDecoder(self.model, max_len, self.compile["mode"], self.compile["fullgraph"],
-                                              self.compile.get("graphs", "trees"), bool(self.compile.get("freezing")))
+            c = self.compile
+            decoders[max_len] = StaticDecoder(self.model, max_len, c["mode"], c["fullgraph"], c.get("graphs", "trees"),
+                                              bool(c.get("freezing")), c.get("options"))
         return decoders[max_len]
 
     def decode_timer(self) -> str:

@@ -30,6 +30,7 @@ class CompileParams:
     fullgraph: bool = True
     graphs: str = "trees"  # trees (torch.compile's CUDA graphs) | manual (toolchain captures them)
     freezing: bool = False  # inductor: weights as constants (folded, q/k/v and gate/up matmuls merged)
+    options: dict = field(default_factory=dict)  # inductor on CUDA: Inductor settings for its Triton code
     dynamic: bool = True
     batch: dict = field(default_factory=dict)  # {min, max}: aot_inductor's dynamic range
     sequence: dict = field(default_factory=dict)
@@ -87,6 +88,11 @@ class Compile(Stage):
         if p.freezing and aot:
             ctx.error("`freezing` is an option of backend inductor here (AOTInductor packages were not tried with it)",
                       "freezing", hint="use backend inductor, or drop `freezing`")
+        if p.options and (aot or not cuda):
+            ctx.error(f"`options` ({', '.join(sorted(p.options))}) tune the Triton code Inductor generates for CUDA"
+                      + (f", but device is {p.device}, where it generates C++" if not aot else
+                         "; they are an option of backend inductor here (AOTInductor packages were not tried with them)"),
+                      "options", hint="drop `options`" + ("" if aot else ", or compile on device cuda"))
         if p.freezing and ctx.facts("model").quantization:
             ctx.error(f"`freezing` folds the weights as plain tensors, but this model's are bitsandbytes "
                       f"({ctx.facts('model').quantization})", "freezing", hint="drop `freezing`")
@@ -106,10 +112,14 @@ class Compile(Stage):
             ctx.error("the BetterTransformer encoder fast path builds nested tensors from the padding mask, which "
                       "torch.export cannot trace (a data-dependent branch) and torch.compile only runs eagerly "
                       "between graph breaks", hint="compile the model without `bettertransformer`")
-        if t.get("sdpa_kernel"):
-            ctx.error(f"the model pins the SDPA {t['sdpa_kernel']} kernel, but compiled code runs Inductor's own "
-                      "attention (on the CPU no SDPA kernel runs under a compiled model), so the pin would no "
-                      "longer decide anything", hint="compile the model without `sdpa_kernel`")
+        pin = t.get("sdpa_kernel")
+        if pin and not (pin == "math" and cuda):
+            # measured (torch 2.11-2.13): on CUDA the math pin gives Inductor the attention's formula to generate
+            # and fuse; on the CPU Inductor compiles attention into its own flash kernel whatever the pin says
+            ctx.error(f"the model pins the SDPA {pin} kernel; a compile takes only the `math` pin, on CUDA (Inductor "
+                      "then generates the attention from its formula): on the CPU Inductor compiles attention into "
+                      "its own flash kernel whatever the pin says, and the other kernels were not tried compiled",
+                      hint="compile the model without `sdpa_kernel`" + ("" if cuda else ", or compile on device cuda"))
         if aot and str(t.get("attention") or "").startswith("flash_attention"):
             ctx.error(f"{t['attention']} runs kernels of the flash-attn package, which a .pt2 package does not "
                       "carry: it would not load without that package", hint="use sdpa attention, or backend inductor")
