@@ -180,12 +180,13 @@ class Worker:
                     continue
         self.finished.put(None)  # the pipe closed: the worker is gone
 
-    def run(self, spec_path: Path, log_path: Path, update, timeout: float | None) -> dict:
-        """Run one step; the `finished` event. Raises WorkerDied when the worker dies or overruns."""
+    def run(self, spec_path: Path, log_path: Path, update, timeout: float | None, last: bool = False) -> dict:
+        """Run one step (`last`: the worker is replaced after it whatever happens); the `finished`
+        event. Raises WorkerDied when the worker dies or overruns."""
         self.update = update
         self.steps += 1
         try:
-            self.proc.stdin.write(json.dumps({"spec": str(spec_path), "log": str(log_path)}) + "\n")
+            self.proc.stdin.write(json.dumps({"spec": str(spec_path), "log": str(log_path), "last": last}) + "\n")
             self.proc.stdin.flush()
         except OSError:
             pass  # it died: the reader sees the pipe close
@@ -374,6 +375,11 @@ class LocalExecutor(Executor):
             env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads})
         return env
 
+    def _last(self, step: Step, lane: Path | None) -> bool:
+        """Whether the worker goes after this step whatever happens in it (it then skips its own
+        checks for another step, e.g. the GPU leak check's garbage collection: 1.5 s after a compile)."""
+        return self.mode == "fresh" or step.stage.isolated or bool(lane)
+
     def _take_worker(self, step: Step, env: dict[str, str], input_keys: set[str], lane: Path | None = None) -> Worker:
         """A warm worker of this step's slot (preferably the one that ran an input of it: its model
         may still be in memory), or a new one; `lane`: one started with that lane's Python."""
@@ -513,7 +519,7 @@ class LocalExecutor(Executor):
             with self.console.step(title, live=self.jobs == 1) as update:
                 try:
                     marks.setdefault("run", time.perf_counter())
-                    event = worker.run(spec_path, log_path, update, self.step_timeout)
+                    event = worker.run(spec_path, log_path, update, self.step_timeout, last=self._last(step, lane))
                     marks["ran"] = time.perf_counter()
                     marks["detail"] = event.get("detail")
                 except WorkerDied as exc:
@@ -527,8 +533,7 @@ class LocalExecutor(Executor):
                         with open(log_path, "a") as log:  # the step's log says it too (the worker's log goes)
                             log.write(f"\n{event['lane_broken']}\n")
             # (a worker that could not write its result exits)
-            retire = bool(event.get("retire") or event.get("code") or self.mode == "fresh" or step.stage.isolated
-                          or lane)
+            retire = bool(event.get("retire") or event.get("code") or self._last(step, lane))
             worker.last_key = step.key
         finally:
             self._give_worker(worker, retire)

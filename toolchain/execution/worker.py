@@ -16,10 +16,11 @@ first, in an ordinary worker).
 
 A warm worker serves many steps of one build in turn, so torch is imported and CUDA initialised
 once, and a model that one step makes can be handed to the next step in memory (`handoff`). Each
-command is one JSON line `{"spec": PATH, "log": PATH}`; while the step runs, the worker's stdout
-and stderr go to that log. When the step is over the worker sends `{"finished": true, "code": C,
-"retire": WHY}` on the event pipe: code 0 means result.json was written, and a non-empty `retire`
-asks the executor to replace this worker (the step failed, or GPU memory was not given back). The
+command is one JSON line `{"spec": PATH, "log": PATH, "last": BOOL}`; while the step runs, the
+worker's stdout and stderr go to that log. When the step is over the worker sends `{"finished": true,
+"code": C, "retire": WHY}` on the event pipe: code 0 means result.json was written, and a non-empty
+`retire` asks the executor to replace this worker (the step failed, or GPU memory was not given
+back; not checked when `last` says the executor replaces it after this step anyway). The
 executor replaces a worker that dies, too, and one that overruns a step's time limit.
 """
 from __future__ import annotations
@@ -194,9 +195,10 @@ def serve() -> int:
             first = False
             code = write_result(spec, result)
             retire = "" if result["ok"] else "the step failed"
-            mark = time.perf_counter()
-            retire = retire or _gpu_leak()
-            events.detail["leak_check"] = time.perf_counter() - mark
+            if not (retire or command.get("last")):  # a worker that goes after this step needs no check
+                mark = time.perf_counter()
+                retire = _gpu_leak()
+                events.detail["leak_check"] = time.perf_counter() - mark
             if retire:
                 print(f"[worker] replaced after this step: {retire}", flush=True)
         finally:
