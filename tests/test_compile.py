@@ -76,19 +76,24 @@ def test_compile_refuses_what_cannot_compile(tmp_path):
       pinned: {kind: compile, inputs: {model: flash}, params: {backend: inductor}}
       flash: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: flash}}
       formula: {kind: compile, inputs: {model: math}, params: {backend: inductor}}
+      formula_aoti: {kind: compile, inputs: {model: math}, params: {backend: aot_inductor, device: cuda}}
       tuned_cpu: {kind: compile, inputs: {model: load}, params: {backend: inductor, options: {combo_kernels: true}}}
       tuned_aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, device: cuda, options: {coordinate_descent_tuning: true}}}
+      doubled: {kind: compile, inputs: {model: load}, params: {backend: inductor, device: cuda, mode: max-autotune-no-cudagraphs, options: {coordinate_descent_tuning: true}}}
       twice: {kind: compile, inputs: {model: compiled}, params: {backend: inductor}}
       compiled: {kind: compile, inputs: {model: load}, params: {backend: inductor}}
       after: {kind: attention, inputs: {model: compiled}, params: {implementation: eager}}
       onnx_after: {kind: export_onnx, inputs: {model: compiled}}
       frozen_aoti: {kind: compile, inputs: {model: load}, params: {backend: aot_inductor, freezing: true}}
-    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, formula, twice, after, onnx_after, frozen_aoti, "
-               "tuned_cpu, tuned_aoti]")
+    """, extra="targets: [bt_aoti, bt_inductor, bt_onnx, pinned, formula, formula_aoti, twice, after, onnx_after, "
+               "frozen_aoti, tuned_cpu, tuned_aoti, doubled]")
     for stage in ("bt_aoti:", "bt_inductor:", "bt_onnx:"):
         assert_at(recipe, err, stage, "BetterTransformer encoder fast path builds nested tensors")
-    assert_at(recipe, err, "pinned:", "pins the SDPA flash kernel; a compile takes only the `math` pin, on CUDA")
-    assert_at(recipe, err, "formula:", "on the CPU Inductor compiles attention into its own flash kernel")
+    assert_at(recipe, err, "pinned:", "pins the SDPA flash kernel, which was not tried compiled; a compile takes "
+              "only `sdpa_kernel: math`")
+    assert_at(recipe, err, "formula:", "changes nothing compiled on the CPU: Inductor compiles attention into its own")
+    assert_at(recipe, err, "formula_aoti:", "an AOTInductor package is traced and run without the pin")
+    assert_at(recipe, err, "doubled:", "mode max-autotune-no-cudagraphs already sets `coordinate_descent_tuning`")
     assert_at(recipe, err, "tuned_cpu:", "`options` (combo_kernels) tune the Triton code Inductor generates for "
               "CUDA, but device is cpu")
     assert_at(recipe, err, "tuned_aoti:", "they are an option of backend inductor here")
@@ -96,6 +101,39 @@ def test_compile_refuses_what_cannot_compile(tmp_path):
     assert_at(recipe, err, "after:", "already compiled (inductor); changing its attention would change")
     assert_at(recipe, err, "onnx_after:", "already compiled (inductor); an ONNX export would change or drop")
     assert_at(recipe, err, "frozen_aoti:", "`freezing` is an option of backend inductor here")
+
+
+def test_cuda_compile_takes_the_math_pin_and_options_into_its_facts_and_key(tmp_path):
+    """On CUDA (planned here without one) a compile takes a model pinned to the SDPA math kernel and
+    Inductor `options`; they are recorded in the compile fact (what validate, benchmark and select
+    compile with) and in the key, while `options: {}` is the same compile as none. Only `true` is a
+    setting, and the modes' own settings stay in step with torch."""
+    import torch
+
+    from toolchain.planning.stages.compile import MODE_SETS
+
+    recipe = tiny_recipe(tmp_path, "cuda", """
+      load: {kind: load}
+      math: {kind: attention, inputs: {model: load}, params: {implementation: sdpa, sdpa_kernel: math, device: cuda}}
+      plain: {kind: compile, inputs: {model: math}, params: {backend: inductor, device: cuda}}
+      none: {kind: compile, inputs: {model: math}, params: {backend: inductor, device: cuda, options: {}}}
+      tuned:
+        kind: compile
+        inputs: {model: math}
+        params: {backend: inductor, device: cuda, options: {combo_kernels: true, coordinate_descent_tuning: true}}
+    """, extra="targets: [plain, none, tuned]")
+    steps = build_plan(load_recipe(recipe)[0], machine=False).steps  # (the GPU rules apply where it builds)
+    assert "options" not in steps["plain"].traits["compile"]
+    assert steps["tuned"].traits["compile"]["options"] == {"combo_kernels": True, "coordinate_descent_tuning": True}
+    assert steps["tuned"].traits["sdpa_kernel"] == "math"
+    assert steps["plain"].key == steps["none"].key != steps["tuned"].key
+    false = tmp_path / "false.yaml"
+    false.write_text(recipe.read_text().replace("combo_kernels: true", "combo_kernels: false"))
+    res = run_cli("check", false)
+    assert res.returncode == 2 and f"{false}:{line_of(false, 'combo_kernels')}:" in res.stderr, res.stderr
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        sets = {k for k, v in torch._inductor.list_mode_options(mode).items() if v is True}
+        assert MODE_SETS.get(mode, set()) == sets & {"coordinate_descent_tuning", "combo_kernels"}, mode
 
 
 def test_bitsandbytes_cannot_go_into_a_package(tmp_path):

@@ -42,7 +42,6 @@ BERT = {
     "frozen": ("default", True, {}),
     "autotune": ("max-autotune-no-cudagraphs", False, {}),
     "frozen+autotune": ("max-autotune-no-cudagraphs", True, {}),
-    "frozen+autotune+cdt": ("max-autotune-no-cudagraphs", True, {"coordinate_descent_tuning": True}),
     "frozen+cdt": ("default", True, {"coordinate_descent_tuning": True}),
     "frozen+combo": ("default", True, {"combo_kernels": True}),
     "frozen+cdt+combo": ("default", True, {"coordinate_descent_tuning": True, "combo_kernels": True}),

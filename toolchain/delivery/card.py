@@ -179,8 +179,10 @@ def _what(card: CardInput) -> str:
         facts.append(f"ONNX opset {graph.get('opset')}, {graph.get('exporter')} exporter, inputs "
                      f"{', '.join(graph.get('inputs') or [])}")
     if isinstance(meta.get("compile"), dict):
-        facts.append("compiled: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["compile"].items())
-                                              if isinstance(v, (str, int, float, bool))))
+        c = meta["compile"]
+        facts.append("compiled: " + ", ".join([f"{k} {v}" for k, v in sorted(c.items())
+                                               if isinstance(v, (str, int, float, bool))]
+                                              + [f"Inductor {k}" for k in sorted(c.get("options") or {})]))
     src = card.source
     lines = [f"Built by toolchain {b.toolchain} from the recipe `{b.name}`"
              + (f" (variant {card.variant.label})" if card.variant.label else "")

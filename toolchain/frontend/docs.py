@@ -1,6 +1,8 @@
 """The recipe reference, generated from the schema (README embeds it; a test keeps them equal)."""
 from __future__ import annotations
 
+import json
+
 from toolchain.frontend.schema import schema
 
 
@@ -18,7 +20,7 @@ def _type(spec: dict, defs: dict) -> str:
     if "enum" in spec:
         return " \\| ".join(f"`{v}`" for v in spec["enum"])
     if "const" in spec:
-        return f"`{spec['const']}`"
+        return f"`{json.dumps(spec['const'])}`"
     if "oneOf" in spec or "anyOf" in spec:
         return " or ".join(_type(s, defs) for s in spec.get("oneOf", spec.get("anyOf")))
     t = spec.get("type", "")

@@ -94,7 +94,8 @@ def _describe(err, doc: Located):
         yield Problem(f"{where}: must be one of {', '.join(map(str, options))}, but got {err.instance!r}",
                       file, line, col, hint=hint)
     elif err.validator == "const":
-        yield Problem(f"{where}: must be {err.validator_value!r}, but got {err.instance!r}", file, line, col)
+        yield Problem(f"{where}: must be {json.dumps(err.validator_value)}, but got {json.dumps(err.instance)}",
+                      file, line, col, hint="leave the key out to not set it" if err.validator_value is True else None)
     elif err.validator == "required":
         missing = [k for k in err.validator_value if k not in (err.instance or {})]
         for key in missing:

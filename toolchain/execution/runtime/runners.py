@@ -49,7 +49,7 @@ class TorchRunner:
             extra += (f", torch.compile mode {c['mode']}" + (", fullgraph" if c["fullgraph"] else "")
                       + (", CUDA graphs captured by toolchain" if compiled.manual_graphs(c) else "")
                       + (", frozen weights" if c.get("freezing") else "")
-                      + "".join(f", {k}" for k, v in (c.get("options") or {}).items() if v)
+                      + "".join(f", {k}" for k in sorted(c.get("options") or {}))
                       + ", " + describe_shapes(c))
         return f"PyTorch {self.dtype} ({attn} attention{extra}) on {self.device}"
 

@@ -18,6 +18,8 @@ from toolchain.planning.artifacts import ArtifactFacts, read_facts
 from toolchain.planning.stages.base import AOTI_MODEL, HF_MODEL, CheckContext, RunContext, Stage
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the compile `options` a mode already sets (torch._inductor.list_mode_options; a test keeps this in step)
+MODE_SETS = {"max-autotune": {"coordinate_descent_tuning"}, "max-autotune-no-cudagraphs": {"coordinate_descent_tuning"}}
 # facts a key needs wherever Inductor generates code at run time (validate, benchmark, select of an
 # `inductor` artifact); the `compile` step itself always takes them
 COMPILER_ENV = ("cxx", "cpu_isa", "triton")
@@ -93,6 +95,8 @@ class Compile(Stage):
                       + (f", but device is {p.device}, where it generates C++" if not aot else
                          "; they are an option of backend inductor here (AOTInductor packages were not tried with them)"),
                       "options", hint="drop `options`" + ("" if aot else ", or compile on device cuda"))
+        for name in sorted(set(p.options) & MODE_SETS.get(p.mode, set())):
+            ctx.error(f"mode {p.mode} already sets `{name}`", "options", hint=f"drop `{name}` from `options`")
         if p.freezing and ctx.facts("model").quantization:
             ctx.error(f"`freezing` folds the weights as plain tensors, but this model's are bitsandbytes "
                       f"({ctx.facts('model').quantization})", "freezing", hint="drop `freezing`")
@@ -112,17 +116,30 @@ class Compile(Stage):
             ctx.error("the BetterTransformer encoder fast path builds nested tensors from the padding mask, which "
                       "torch.export cannot trace (a data-dependent branch) and torch.compile only runs eagerly "
                       "between graph breaks", hint="compile the model without `bettertransformer`")
-        pin = t.get("sdpa_kernel")
-        if pin and not (pin == "math" and cuda):
-            # measured (torch 2.11-2.13): on CUDA the math pin gives Inductor the attention's formula to generate
-            # and fuse; on the CPU Inductor compiles attention into its own flash kernel whatever the pin says
-            ctx.error(f"the model pins the SDPA {pin} kernel; a compile takes only the `math` pin, on CUDA (Inductor "
-                      "then generates the attention from its formula): on the CPU Inductor compiles attention into "
-                      "its own flash kernel whatever the pin says, and the other kernels were not tried compiled",
-                      hint="compile the model without `sdpa_kernel`" + ("" if cuda else ", or compile on device cuda"))
+        self._pin_rules(ctx, t.get("sdpa_kernel"), aot, cuda)
         if aot and str(t.get("attention") or "").startswith("flash_attention"):
             ctx.error(f"{t['attention']} runs kernels of the flash-attn package, which a .pt2 package does not "
                       "carry: it would not load without that package", hint="use sdpa attention, or backend inductor")
+
+    @staticmethod
+    def _pin_rules(ctx: CheckContext, pin: str | None, aot: bool, cuda: bool) -> None:
+        """A model pinned to one SDPA kernel compiles only where the pin decides what runs, as measured
+        (torch 2.11-2.13): the math pin under torch.compile on CUDA gives Inductor the attention's formula
+        to generate and fuse; on the CPU Inductor compiles attention into its own flash kernel whatever
+        the pin says; torch.export (aot_inductor) traces without the pin."""
+        if not pin:
+            return
+        fix = "compile the model without `sdpa_kernel`"
+        if pin != "math":
+            ctx.error(f"the model pins the SDPA {pin} kernel, which was not tried compiled; a compile takes only "
+                      "`sdpa_kernel: math` (on CUDA, with backend inductor)", hint=f"pin `math`, or {fix}")
+        elif aot:
+            ctx.error("the model pins the SDPA math kernel, but an AOTInductor package is traced and run without "
+                      "the pin, so it would not hold there", hint=f"use backend inductor on CUDA, or {fix}")
+        elif not cuda:
+            ctx.error("the model pins the SDPA math kernel, which changes nothing compiled on the CPU: Inductor "
+                      "compiles attention into its own flash kernel whatever the pin says",
+                      hint=f"compile on device cuda, or {fix}")
 
     def _shape_rules(self, ctx: CheckContext, aot: bool) -> None:
         p, t = ctx.params, ctx.inputs["model"]
