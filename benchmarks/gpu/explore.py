@@ -36,6 +36,8 @@ DECODE = {
     "frozen+cdt+combo+eager": ("reduce-overhead", True, {"coordinate_descent_tuning": True, "combo_kernels": True,
                                                          "_attn": "eager"}),
     "cdt+eager": ("reduce-overhead", False, {"coordinate_descent_tuning": True, "_attn": "eager"}),
+    "frozen+cdt+combo+math": ("reduce-overhead", True, {"coordinate_descent_tuning": True, "combo_kernels": True,
+                                                        "_sdpa": "MATH"}),
 }
 BERT = {
     "plain": ("default", False, {}),
