@@ -62,8 +62,9 @@ def test_one_warm_worker_hands_models_on_and_builds_what_fresh_workers_build(tmp
     for s in w.values():
         o = s["overhead"]
         assert set(o) >= {"prepare", "worker", "commit", "new_worker"}, o
-        assert set(o["worker_detail"]) == {"compiler_reset", "drop_models", "keep_model", "leak_check"}, o
-        assert sum(o["worker_detail"].values()) <= o["worker"] + 0.01, o
+        phases = {k: v for k, v in o["worker_detail"].items() if "." not in k}  # "a.b": a part of a
+        assert set(phases) == {"compiler_reset", "drop_models", "keep_model", "leak_check"}, o
+        assert sum(phases.values()) <= o["worker"] + 0.01, o
     # a worker that goes after its one step skips the checks made for a next step
     assert all("leak_check" not in s["overhead"]["worker_detail"] for s in f.values()), f
     # the delivered folders hold the same bytes (timings aside)
@@ -241,3 +242,21 @@ def test_commit_takes_a_carried_object_unread_only_while_it_is_unchanged(tmp_pat
         assert ("w.bin" in hashed) == changed
         data = (b"W" + (b"weights" * 1000)[1:]) if changed else b"weights" * 1000
         assert record["outputs"]["w.bin"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_leak_check_does_not_start_cuda_for_a_step_that_never_used_it(monkeypatch):
+    """torch.cuda.is_available() starts the CUDA driver (0.19 s of a CPU load step's overhead on an
+    H100 host); a step that never initialised CUDA can have left nothing on a GPU, so the check
+    reads the flag only."""
+    import torch
+
+    from toolchain.execution import worker
+
+    def probe():
+        raise AssertionError("the leak check probed for CUDA in a step that never used it")
+
+    monkeypatch.setattr(torch.cuda, "is_available", probe)
+    detail = {}
+    assert not torch.cuda.is_initialized()
+    assert worker._gpu_leak(detail) == ""
+    assert set(detail) == {"leak_check"}
