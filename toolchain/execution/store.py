@@ -80,6 +80,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _hash_and_sync(files: list[Path]) -> list[str]:
+    """The sha256 of each file, each flushed to the disk as well (before its rename into objects/,
+    so that a power cut never leaves an object whose bytes are not its name). Both wait on the
+    disk or the hash with the GIL released, so they overlap: a 540 MB checkpoint's commit is the
+    longer of the two instead of their sum (0.81 s on an H100 host before)."""
+    if not files:
+        return []
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * len(files))) as pool:
+        synced = [pool.submit(_fsync_file, f) for f in files]
+        digests = [pool.submit(hash_file, f) for f in files]
+        for job in synced:
+            job.result()
+        return [job.result() for job in digests]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -609,6 +631,7 @@ class Store(ArtifactStore):
         outputs = {}
         linked = linked or {}
         try:
+            new = []
             for f in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
                 if f.is_symlink():
                     raise StoreError(f"stage output contains a symbolic link ({f.name}); outputs must be plain files")
@@ -617,9 +640,10 @@ class Store(ArtifactStore):
                     outputs[rel] = {"sha256": linked[rel]["sha256"], "size": linked[rel]["size"]}
                     f.unlink()
                     continue
-                digest = hash_file(f)
+                new.append((rel, f))
+            for (rel, f), digest in zip(new, _hash_and_sync([f for _, f in new])):
                 outputs[rel] = {"sha256": digest, "size": f.stat().st_size}
-                self.install_object(f, digest)
+                self.install_object(f, digest, synced=True)
             record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
             record["outputs_hash"] = hash_value(outputs)
@@ -628,10 +652,11 @@ class Store(ArtifactStore):
             raise machine_error(exc, f"saving a step's outputs in the store {self.root}") from None
         return record
 
-    def install_object(self, f: Path, digest: str) -> None:
+    def install_object(self, f: Path, digest: str, synced: bool = False) -> None:
         """Move the file `f`, whose bytes the caller hashed to `digest`, into objects/ by one
         atomic rename (`f` must be on the store's disk: in tmp/ or a work folder). An intact
-        object of that name is kept and `f` removed; a damaged one is replaced."""
+        object of that name is kept and `f` removed; a damaged one is replaced. `synced`: the
+        caller has already flushed `f` to the disk (`_hash_and_sync`)."""
         dest = self.object_path(digest)
         if os.path.lexists(dest):
             problem, damaged = self.check_object(digest)
@@ -641,8 +666,8 @@ class Store(ArtifactStore):
             if damaged:
                 self.discard_object(digest)
         dest.parent.mkdir(exist_ok=True)
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if not synced:
+            _fsync_file(f)
         os.chmod(f, 0o444)
         os.replace(f, dest)
         self._stamp(digest, stat_signature(os.stat(dest)))
