@@ -31,7 +31,7 @@ def test_minilm_onnx_matches_pytorch_on_real_sentences(tmp_path, real_store):
     assert out["max_abs"] <= 1e-4 and out["passed"]
     assert (tmp_path / "out" / "export" / "model.onnx").stat().st_size > 80e6
     bench = _step(m, "bench_onnx")["metrics"]["timings"]["forward"]
-    assert bench["iterations"] == 50 and bench["median_ms"] > 0
+    assert bench["iterations"] == 20 and bench["median_ms"] > 0
     again = _build("minilm-onnx.yaml", tmp_path / "again", real_store)
     assert {s["status"] for s in again["variants"][0]["steps"]} == {"cached"}
     assert _step(again, "export")["outputs"] == _step(m, "export")["outputs"]
