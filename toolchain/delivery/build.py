@@ -47,6 +47,10 @@ def build(plans: list[Plan], store: ArtifactStore, out: Path | None, console: Co
     """`jobs`, `executor`, `ray_address`: how the steps run (execution.executors.open_executor);
     what is built, delivered and written in the manifest does not depend on them."""
     store.require_writable()
+    if out is not None:
+        from toolchain.delivery import plots
+
+        plots.preload()
     with store.using():
         with open_executor(store, console, executor, jobs, ray_address, force=force,
                            require_provider=require_provider) as running:
