@@ -172,3 +172,56 @@ def test_a_store_being_created_by_another_build_is_joined(tmp_path):
     (user / "notes.txt").write_text("a user's file")
     with pytest.raises(Exception, match="not a toolchain store"):
         Store(user).init()
+
+
+@pytest.mark.parametrize("swap", ["fifo", "append"])
+def test_a_file_swapped_or_written_to_during_its_commit_is_refused_without_waiting(tmp_path, swap, monkeypatch):
+    """The commit hashes and flushes a step's files in threads. An output replaced by a FIFO after
+    the listing must be refused at once (a blocking open would hang the build past Ctrl-C), and one
+    written to after its hash must not be installed under the hash of its older bytes."""
+    import threading
+    import time
+
+    from toolchain.execution import store as store_mod
+
+    store = Store(tmp_path / "s").init()
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.bin", "b.bin"):
+        (out / name).write_bytes(name.encode() * 1000)
+    if swap == "fifo":  # after the listing, before the hashing
+        listed = Store._still_linked
+
+        def racing(self, f, meta):
+            if f.name == "b.bin":
+                f.unlink()
+                os.mkfifo(f)
+            return listed(self, f, meta)
+
+        monkeypatch.setattr(Store, "_still_linked", racing)
+    else:  # after its hash, before it is installed
+        hashed = store_mod._hash_and_sync
+
+        def racing(files):
+            result = hashed(files)
+            with open(files[-1], "ab") as fh:
+                fh.write(b"late")
+            return result
+
+        monkeypatch.setattr(store_mod, "_hash_and_sync", racing)
+    done = {}
+
+    def commit():
+        try:
+            store.commit("c" * 64, out, {})
+        except Exception as exc:
+            done["error"] = exc
+
+    t = threading.Thread(target=commit, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the commit hung on the swapped file"
+    assert time.monotonic() - t0 < 10
+    assert "b.bin" in str(done.get("error")), done
+    assert store.lookup("c" * 64) is None and not list(store.records())

@@ -255,8 +255,9 @@ def test_leak_check_does_not_start_cuda_for_a_step_that_never_used_it(monkeypatc
     def probe():
         raise AssertionError("the leak check probed for CUDA in a step that never used it")
 
+    if torch.cuda.is_initialized():
+        pytest.skip("an earlier test in this process used CUDA")
     monkeypatch.setattr(torch.cuda, "is_available", probe)
     detail = {}
-    assert not torch.cuda.is_initialized()
     assert worker._gpu_leak(detail) == ""
     assert set(detail) == {"leak_check"}

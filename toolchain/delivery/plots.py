@@ -64,33 +64,41 @@ def baseline_of(group: list[dict], baseline: str | None) -> dict | None:
     return next((r for r in group if r["label"] == baseline), None)
 
 
-def _import_matplotlib():
-    import matplotlib
+def _figure_class():
+    """matplotlib's Figure with the Agg canvas: no pyplot, so nothing global changes (the backend
+    of a program that calls build() keeps its own) and no figure is registered anywhere."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def figure(figsize):
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.add_subplot()
 
-    return plt
+    return figure
 
 
-def preload() -> None:
-    """Import matplotlib in a background thread while a build's steps run in their worker: its
-    0.5 s import then overlaps the first step (one core busy with its imports) instead of adding
-    to the report's time at the end (of an 18 s cold MiniLM build on the 2-core VM). `render`
+def preload() -> threading.Thread:
+    """Import matplotlib in a thread while a build's steps run in their worker: its 0.5 s import
+    then overlaps the first step (one core busy with its imports on the 2-core VM) instead of
+    adding to the report's time at the end. Not a daemon: an exit while it runs waits for the
+    import (matplotlib may be writing its font cache) instead of killing it midway. `render`
     waits for it through the import system's module locks."""
     def run():
         try:
-            _import_matplotlib()
+            _figure_class()
         except Exception:  # render() says nothing either when matplotlib is missing or broken
             pass
 
-    threading.Thread(target=run, name="preload-matplotlib", daemon=True).start()
+    thread = threading.Thread(target=run, name="preload-matplotlib")
+    thread.start()
+    return thread
 
 
 def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[tuple[str, str]]:
     """Write PNGs into `folder`; return (title, file name) pairs. Nothing to plot: nothing written."""
     try:
-        plt = _import_matplotlib()
+        figure = _figure_class()
     except ImportError:
         return []
     rows = [r for r in rows if r["samples"]]
@@ -102,7 +110,7 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
         tag = re.sub(r"[^A-Za-z0-9]+", "-", measure).strip("-")
         height = max(2.5, 0.45 * len(group) + 1.2)
 
-        fig, ax = plt.subplots(figsize=(8, height))
+        fig, ax = figure((8, height))
         ax.boxplot([r["samples"] for r in group], vert=False, showfliers=True)
         ax.set_yticks(range(1, len(group) + 1), [r["label"] for r in group])
         ax.invert_yaxis()  # first row on top, as in the other figures
@@ -113,13 +121,12 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
         fig.tight_layout()
         name = f"latency-{tag}.png"
         fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
         made.append((title, name))
 
         base = baseline_of(group, baseline)
         if len(group) > 1 and base is not None:
             speed = [base["median"] / r["median"] for r in group]
-            fig, ax = plt.subplots(figsize=(8, height))
+            fig, ax = figure((8, height))
             bars = ax.barh([r["label"] for r in group], speed, color=["#888" if r is base else "#3a7" for r in group])
             ax.axvline(1.0, color="k", lw=0.8)
             ax.bar_label(bars, labels=[f"{x:.2f}x" for x in speed], padding=3)
@@ -130,12 +137,11 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
             fig.tight_layout()
             name = f"speedup-{tag}.png"
             fig.savefig(folder / name, dpi=110)
-            plt.close(fig)
             made.append((title, name))
 
     mem = [r for r in rows if r["measure"].startswith("forward") and r["memory"]]
     if mem:
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 0.45 * len(mem) + 1.2)))
+        fig, ax = figure((8, max(2.5, 0.45 * len(mem) + 1.2)))
         several = len({r["measure"] for r in mem}) > 1
         bars = ax.barh([f"{r['label']} ({r['measure']})" if several else r["label"] for r in mem],
                        [r["memory"] for r in mem], color="#57a")
@@ -146,6 +152,5 @@ def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[
         ax.invert_yaxis()
         fig.tight_layout()
         fig.savefig(folder / "memory.png", dpi=110)
-        plt.close(fig)
         made.append((title, "memory.png"))
     return made

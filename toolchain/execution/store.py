@@ -47,7 +47,7 @@ from filelock import FileLock
 from toolchain.errors import NotAStore, StoreError, machine_error
 from toolchain.execution.onnx_files import onnx_external_data
 from toolchain.hashing import ALGORITHM, hash_file, hash_value
-from toolchain.safeio import clone_or_copy, read_chunks
+from toolchain.safeio import UnsafeInput, check_file, clone_or_copy, read_chunks
 
 RECORD_SCHEMA = 1
 MARKER = "toolchain-store"
@@ -81,25 +81,60 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    """Flush a regular file's bytes to the disk; refuses anything else without waiting on it (a
+    FIFO that replaced an output must not hang the commit)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        check_file(path, os.fstat(fd))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _hash_and_sync(files: list[Path]) -> list[str]:
-    """The sha256 of each file, each flushed to the disk as well (before its rename into objects/,
-    so that a power cut never leaves an object whose bytes are not its name). Both wait on the
-    disk or the hash with the GIL released, so they overlap: a 540 MB checkpoint's commit is the
-    longer of the two instead of their sum (0.81 s on an H100 host before)."""
+def _hash_then_sync(path: Path, stop) -> tuple[str, str]:
+    """(sha256, stat signature) of a regular file, flushed to the disk after it was hashed, so that
+    the bytes hashed are the bytes on the disk; refused if it changed in between."""
+    before = os.stat(path)
+    h = hashlib.sha256()
+    for chunk in read_chunks(path):
+        if stop.is_set():
+            raise StoreError("the commit was interrupted")
+        h.update(chunk)
+    _fsync_file(path)
+    signature = stat_signature(os.stat(path))
+    if signature != stat_signature(before):
+        raise UnsafeInput(f"{path} changed while it was committed", hint="run the build again")
+    return h.hexdigest(), signature
+
+
+def _hash_and_sync(files: list[Path]) -> list[tuple[str, str]]:
+    """(sha256, stat signature) of each file, each flushed to the disk after it was hashed (before
+    its rename into objects/, so that a power cut never leaves an object whose bytes are not its
+    name). A first flush of every file starts at once beside the hashing: both wait on the disk or
+    hash with the GIL released, so a 540 MB checkpoint's commit takes about the longer of the two
+    instead of their sum (0.81 s on an H100 host before), and the flush after the hash finds little
+    left to write. The first error, or an interrupt, stops the other files' hashing."""
     if not files:
         return []
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=min(8, 2 * len(files))) as pool:
-        synced = [pool.submit(_fsync_file, f) for f in files]
-        digests = [pool.submit(hash_file, f) for f in files]
-        for job in synced:
-            job.result()
-        return [job.result() for job in digests]
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=min(8, 2 * len(files)), thread_name_prefix="commit")
+    try:
+        early = [pool.submit(_fsync_file, f) for f in files]
+        jobs = [pool.submit(_hash_then_sync, f, stop) for f in files]
+        wait(early + jobs, return_when=FIRST_EXCEPTION)
+        for job in early + jobs:  # raises the first error, if any
+            if job.done():
+                job.result()
+        return [job.result() for job in jobs]
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -641,8 +676,11 @@ class Store(ArtifactStore):
                     f.unlink()
                     continue
                 new.append((rel, f))
-            for (rel, f), digest in zip(new, _hash_and_sync([f for _, f in new])):
-                outputs[rel] = {"sha256": digest, "size": f.stat().st_size}
+            for (rel, f), (digest, signature) in zip(new, _hash_and_sync([f for _, f in new])):
+                st = os.stat(f)
+                if stat_signature(st) != signature:  # written to after its hash: not the bytes hashed
+                    raise UnsafeInput(f"{f} changed while it was committed", hint="run the build again")
+                outputs[rel] = {"sha256": digest, "size": st.st_size}
                 self.install_object(f, digest, synced=True)
             record = {"schema": RECORD_SCHEMA, "algorithm": ALGORITHM, "key": key, "outputs": outputs,
                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
