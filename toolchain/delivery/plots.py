@@ -78,7 +78,7 @@ def _figure_class():
     return figure
 
 
-def preload() -> threading.Thread:
+def preload() -> None:
     """Import matplotlib in a thread while a build's steps run in their worker: its 0.5 s import
     then overlaps the first step (one core busy with its imports on the 2-core VM) instead of
     adding to the report's time at the end. Not a daemon: an exit while it runs waits for the
@@ -90,9 +90,7 @@ def preload() -> threading.Thread:
         except Exception:  # render() says nothing either when matplotlib is missing or broken
             pass
 
-    thread = threading.Thread(target=run, name="preload-matplotlib")
-    thread.start()
-    return thread
+    threading.Thread(target=run, name="preload-matplotlib").start()
 
 
 def render(rows: list[dict], folder: Path, baseline: str | None = None) -> list[tuple[str, str]]:
