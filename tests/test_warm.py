@@ -218,8 +218,9 @@ def test_commit_takes_a_carried_object_unread_only_while_it_is_unchanged(tmp_pat
     from toolchain.execution.store import Store
 
     hashed = []
-    plain = store_module.hash_file
-    monkeypatch.setattr(store_module, "hash_file", lambda path: hashed.append(Path(path).name) or plain(path))
+    plain = store_module._hash_then_sync  # what a commit reads each new file with
+    monkeypatch.setattr(store_module, "_hash_then_sync",
+                        lambda path, stop: hashed.append(Path(path).name) or plain(path, stop))
     s = Store(tmp_path / "store").init()
     src = tmp_path / "a"
     src.mkdir()
