@@ -92,19 +92,17 @@ def _fsync_file(path: Path) -> None:
 
 
 def _hash_then_sync(path: Path, stop) -> tuple[str, str]:
-    """(sha256, stat signature) of a regular file, flushed to the disk after it was hashed, so that
-    the bytes hashed are the bytes on the disk; refused if it changed in between."""
-    before = os.stat(path)
+    """(sha256, stat signature from before the hash) of a regular file, flushed to the disk after it
+    was hashed. The caller compares the signature with the file's just before it installs it: any
+    write since the hash began, flushed or not, changes it."""
+    before = stat_signature(os.stat(path))
     h = hashlib.sha256()
     for chunk in read_chunks(path):
         if stop.is_set():
             raise StoreError("the commit was interrupted")
         h.update(chunk)
     _fsync_file(path)
-    signature = stat_signature(os.stat(path))
-    if signature != stat_signature(before):
-        raise UnsafeInput(f"{path} changed while it was committed", hint="run the build again")
-    return h.hexdigest(), signature
+    return h.hexdigest(), before
 
 
 def _hash_and_sync(files: list[Path]) -> list[tuple[str, str]]:
@@ -678,7 +676,7 @@ class Store(ArtifactStore):
                 new.append((rel, f))
             for (rel, f), (digest, signature) in zip(new, _hash_and_sync([f for _, f in new])):
                 st = os.stat(f)
-                if stat_signature(st) != signature:  # written to after its hash: not the bytes hashed
+                if stat_signature(st) != signature:  # written to since its hash began: not the bytes hashed
                     raise UnsafeInput(f"{f} changed while it was committed", hint="run the build again")
                 outputs[rel] = {"sha256": digest, "size": st.st_size}
                 self.install_object(f, digest, synced=True)
