@@ -262,3 +262,65 @@ def test_leak_check_does_not_start_cuda_for_a_step_that_never_used_it(monkeypatc
     detail = {}
     assert worker._gpu_leak(detail) == ""
     assert set(detail) == {"leak_check"}
+
+
+HEAVY_MODULE = """
+import gc
+seen = []
+gc.callbacks.append(lambda phase, info: phase == "start" and seen.append(info["generation"]))
+KEEP = [[i] for i in range(300_000)]  # a module that makes many long-lived objects, as torch does
+gc.callbacks.clear()
+"""
+
+IMPORT_QUIETLY = """
+import gc, sys
+from toolchain.execution.runtime import heap
+before = gc.get_freeze_count()
+heap.import_quietly(["no_such_module_for_toolchain", "heavy_for_test"], freeze=sys.argv[1] == "freeze")
+import heavy_for_test
+print(heavy_for_test.seen, gc.isenabled(), gc.get_freeze_count() - before)
+"""
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_steps_heavy_imports_run_with_the_collector_off(tmp_path, freeze):
+    """Importing torch, transformers and onnx makes ~700,000 long-lived objects; with the cyclic
+    collector on, every 25% of growth set off a full pass over all of them (0.7 s of a MiniLM load
+    step on the 2-core VM). The worker imports a step's heavy modules with it off, then, in a
+    process's first step only, freezes them out of later passes; a module that does not import is
+    left to the stage, which reports it."""
+    (tmp_path / "heavy_for_test.py").write_text(HEAVY_MODULE)
+    out = subprocess.run([sys.executable, "-c", IMPORT_QUIETLY, "freeze" if freeze else "keep"], text=True,
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
+    assert out.returncode == 0, out.stderr
+    collections, enabled, frozen = out.stdout.split(maxsplit=2)
+    assert collections == "[]"  # no pass of the collector while the module made its objects
+    assert enabled == "True"  # and it is back on afterwards
+    assert (int(frozen) >= 300_000) if freeze else (int(frozen) == 0)
+
+
+def test_stages_name_their_heavy_imports_and_never_the_toolchains_own():
+    """What a step imports first, by stage: the model stack for a load, onnx and the dynamo exporter's
+    onnxscript for an export. A toolchain module imported by name would escape the check that a
+    step's key covers all the project code it ran, so none may be named."""
+    from toolchain.planning import registry
+    from toolchain.planning.stages.base import TORCH_STACK
+
+    hf, onnx = {"model": {"artifact": "hf-model"}}, {"model": {"artifact": "onnx-model"}}
+    assert registry.get("load").imports(None, {}) == TORCH_STACK
+    export = registry.get("export_onnx")
+    assert export.imports(export.resolve({}, {}), hf) == TORCH_STACK + ("onnx", "onnxscript")
+    assert export.imports(export.resolve({"exporter": "torchscript"}, {}), hf) == TORCH_STACK + ("onnx",)
+    assert registry.get("benchmark").imports(None, onnx) == ()
+    for kind in registry.KINDS:
+        stage = registry.get(kind)
+        try:
+            params = stage.resolve({}, {})
+        except TypeError:  # a stage with required params
+            params = None
+        for inputs in ({}, hf, onnx):
+            try:
+                names = stage.imports(params, inputs)
+            except AttributeError:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "toolchain"], (kind, names)

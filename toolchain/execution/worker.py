@@ -72,12 +72,14 @@ class Events:
         self.send({"message": message, "done": done, "total": total})
 
 
-def run_spec(spec: dict, events: Events) -> dict:
+def run_spec(spec: dict, events: Events, first: bool = True) -> dict:
     """Run the step `spec` describes; the result that goes into result.json (never raises for a
     stage's failure). `modules`: the project modules this step loaded, for the executor to check
-    against the files hashed into the step's key."""
+    against the files hashed into the step's key. `first`: nothing ran in this process before (the
+    stage's heavy imports are then frozen out of later garbage collections: runtime/heap.py)."""
     from toolchain.planning import codehash, registry
     from toolchain.execution import handoff
+    from toolchain.execution.runtime import heap
     from toolchain.errors import StageUserError
     from toolchain.planning.stages.base import RunContext
 
@@ -99,6 +101,7 @@ def run_spec(spec: dict, events: Events) -> dict:
                          log=lambda message: print(message, flush=True),
                          cache_dir=Path(spec["cache_dir"]) if spec.get("cache_dir") else None)
         t0 = time.perf_counter()
+        heap.import_quietly(stage.imports(ctx.params, spec["input_meta"]), freeze=first)
         metrics = (stage.prepare(ctx) if spec.get("phase") == "prepare" else stage.run(ctx)) or {}
         result = {"ok": True, "metrics": metrics}
     except StageUserError as exc:
@@ -189,7 +192,7 @@ def serve() -> int:
         os.dup2(log, 1), os.dup2(log, 2)
         os.close(log)
         try:
-            result = run_spec(spec, events)
+            result = run_spec(spec, events, first)
             if first:  # nothing ran in this process before: all it loaded ran for this step
                 result["modules"] = _all_modules()
             first = False

@@ -16,6 +16,11 @@ from toolchain.planning import codehash
 # the artifact vocabulary every stage uses, defined where runtime/ and the reports read it too
 from toolchain.planning.artifacts import AOTI_MODEL, HF_MODEL, ONNX_MODEL, REPORT, SELECTED, SIDE_FILES, ArtifactFacts, members, relink
 
+# what a step that runs a transformers model imports first (transformers.modeling_utils: the model
+# code every architecture shares, 1.3 of the 3 s that importing a BERT took on the 2-core VM)
+TORCH_STACK = ("torch", "transformers", "transformers.modeling_utils")
+
+
 @dataclass
 class CheckContext:
     """What a stage's plan-time rules may look at (all static, nothing loaded)."""
@@ -201,6 +206,13 @@ class Stage:
         return None
 
     # -- execution (worker process) ---------------------------------------------------------
+    def imports(self, params: Any, inputs: dict[str, dict]) -> tuple[str, ...]:
+        """The heavy third-party modules `run` will import (never the toolchain's own), given its
+        params and its inputs' traits: the worker imports them just before `run` with the garbage
+        collector off (runtime/heap.py). Only a matter of speed: a module left out is imported by
+        `run` as before. Default: torch and transformers' model code when an input is a model of them."""
+        return TORCH_STACK if any(t.get("artifact") == HF_MODEL for t in inputs.values()) else ()
+
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
 

@@ -62,6 +62,10 @@ class ExportOnnx(Stage):
             return ("python", "platform", "lane:" + OPTIMUM_LANE)
         return self.env + (("onnxruntime_genai",) if exporter == "genai" else ())
 
+    def imports(self, params, inputs: dict[str, dict]) -> tuple[str, ...]:
+        # onnx: the checker's, and the exporters'; onnxscript: the dynamo exporter's translation
+        return super().imports(params, inputs) + ("onnx",) + (("onnxscript",) if params.exporter == "dynamo" else ())
+
     def lane(self, params: dict) -> str | None:
         """`exporter: optimum` runs in the optimum-onnx lane's worker: the export, the graph's facts,
         its check and node count (the lane has onnx)."""

@@ -7,7 +7,7 @@ from toolchain import safeio
 from toolchain.architectures import VISION_TASKS
 from toolchain.frontend import sources
 from toolchain.planning.artifacts import ArtifactFacts, read_meta, write_meta
-from toolchain.planning.stages.base import HF_MODEL, CheckContext, RunContext, Stage
+from toolchain.planning.stages.base import HF_MODEL, TORCH_STACK, CheckContext, RunContext, Stage
 
 
 @dataclass
@@ -23,6 +23,9 @@ class Load(Stage):
     roles = {}
     produces = HF_MODEL
     env = ("python", "platform", "torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate")
+
+    def imports(self, params, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return TORCH_STACK
 
     def _source(self, recipe):
         return sources.resolve(recipe.model, recipe.dir)
