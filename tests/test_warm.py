@@ -276,7 +276,8 @@ IMPORT_QUIETLY = """
 import gc, sys
 from toolchain.execution.runtime import heap
 before = gc.get_freeze_count()
-heap.import_quietly(["no_such_module_for_toolchain", "heavy_for_test"], freeze=sys.argv[1] == "freeze")
+heap.import_quietly(["no_such_module_for_toolchain", "heavy_for_test"], freeze=sys.argv[1] == "freeze",
+                    log=lambda line: print(line, file=sys.stderr))
 import heavy_for_test
 print(heavy_for_test.seen, gc.isenabled(), gc.get_freeze_count() - before)
 """
@@ -293,6 +294,7 @@ def test_a_steps_heavy_imports_run_with_the_collector_off(tmp_path, freeze):
     out = subprocess.run([sys.executable, "-c", IMPORT_QUIETLY, "freeze" if freeze else "keep"], text=True,
                          capture_output=True, env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"))
     assert out.returncode == 0, out.stderr
+    assert "importing no_such_module_for_toolchain ahead of the step failed (ModuleNotFoundError" in out.stderr
     collections, enabled, frozen = out.stdout.split(maxsplit=2)
     assert collections == "[]"  # no pass of the collector while the module made its objects
     assert enabled == "True"  # and it is back on afterwards
@@ -301,10 +303,12 @@ def test_a_steps_heavy_imports_run_with_the_collector_off(tmp_path, freeze):
 
 def test_stages_name_their_heavy_imports_and_never_the_toolchains_own():
     """What a step imports first, by stage: the model stack for a load, onnx and the dynamo exporter's
-    onnxscript for an export. A toolchain module imported by name would escape the check that a
-    step's key covers all the project code it ran, so none may be named."""
+    onnxscript for an export, nothing for a step whose inputs are ONNX, nor for compile (it points
+    Inductor's caches at the store before torch._dynamo loads) or select (its own process never
+    imports torch). A toolchain module imported by name would fail every step that names it: the
+    check that a step's key covers the project code it ran refuses code loaded by name."""
     from toolchain.planning import registry
-    from toolchain.planning.stages.base import TORCH_STACK
+    from toolchain.planning.stages.base import TORCH_STACK, Stage
 
     hf, onnx = {"model": {"artifact": "hf-model"}}, {"model": {"artifact": "onnx-model"}}
     assert registry.get("load").imports(None, {}) == TORCH_STACK
@@ -312,15 +316,16 @@ def test_stages_name_their_heavy_imports_and_never_the_toolchains_own():
     assert export.imports(export.resolve({}, {}), hf) == TORCH_STACK + ("onnx", "onnxscript")
     assert export.imports(export.resolve({"exporter": "torchscript"}, {}), hf) == TORCH_STACK + ("onnx",)
     assert registry.get("benchmark").imports(None, onnx) == ()
+    assert registry.get("validate").imports(None, {"candidate": onnx["model"], "reference": hf["model"]}) == TORCH_STACK
+    assert registry.get("compile").imports(None, hf) == ()
+    assert registry.get("select").imports(None, {"reference": hf["model"], "candidates.a": onnx["model"]}) == ()
     for kind in registry.KINDS:
         stage = registry.get(kind)
         try:
             params = stage.resolve({}, {})
-        except TypeError:  # a stage with required params
+        except TypeError:  # required params: only stages that do not override imports
+            assert type(stage).imports is Stage.imports, kind
             params = None
         for inputs in ({}, hf, onnx):
-            try:
-                names = stage.imports(params, inputs)
-            except AttributeError:
-                continue
+            names = stage.imports(params, inputs)
             assert not [n for n in names if n.split(".")[0] == "toolchain"], (kind, names)

@@ -101,7 +101,7 @@ def run_spec(spec: dict, events: Events, first: bool = True) -> dict:
                          log=lambda message: print(message, flush=True),
                          cache_dir=Path(spec["cache_dir"]) if spec.get("cache_dir") else None)
         t0 = time.perf_counter()
-        heap.import_quietly(stage.imports(ctx.params, spec["input_meta"]), freeze=first)
+        heap.import_quietly(stage.imports(ctx.params, spec["input_meta"]), freeze=first, log=ctx.log)
         metrics = (stage.prepare(ctx) if spec.get("phase") == "prepare" else stage.run(ctx)) or {}
         result = {"ok": True, "metrics": metrics}
     except StageUserError as exc:

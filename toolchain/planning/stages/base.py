@@ -207,10 +207,13 @@ class Stage:
 
     # -- execution (worker process) ---------------------------------------------------------
     def imports(self, params: Any, inputs: dict[str, dict]) -> tuple[str, ...]:
-        """The heavy third-party modules `run` will import (never the toolchain's own), given its
-        params and its inputs' traits: the worker imports them just before `run` with the garbage
-        collector off (runtime/heap.py). Only a matter of speed: a module left out is imported by
-        `run` as before. Default: torch and transformers' model code when an input is a model of them."""
+        """The heavy third-party modules `run` will import (never the toolchain's own, which the
+        check that a step's key covers the project code it ran would refuse: loaded by name),
+        given its params and its inputs' traits: the worker imports them just before `run` with the
+        garbage collector off (runtime/heap.py). A module left out is imported by `run` as before;
+        a stage whose run must set process state (environment variables) before a library is first
+        imported must not name it. Default: torch and transformers' model code when an input is a
+        model of them."""
         return TORCH_STACK if any(t.get("artifact") == HF_MODEL for t in inputs.values()) else ()
 
     def run(self, ctx: RunContext) -> dict:

@@ -66,6 +66,10 @@ class Compile(Stage):
     produces = AOTI_MODEL  # or an hf-model with compile settings (backend inductor): see traits
     env = ("python", "platform", "torch", "transformers") + COMPILER_ENV
 
+    def imports(self, params, inputs: dict[str, dict]) -> tuple[str, ...]:
+        # none ahead: the run points Inductor's caches at the store before torch._dynamo is imported
+        return ()
+
     def check(self, ctx: CheckContext) -> None:
         p, t = ctx.params, ctx.inputs["model"]
         ctx.device_rules(p.device)

@@ -71,6 +71,9 @@ class Select(Stage):
     def key_env(self, inputs: dict[str, dict], params: dict | None = None) -> tuple[str, ...]:
         return self.env + compiler_env(inputs)
 
+    def imports(self, params, inputs: dict[str, dict]) -> tuple[str, ...]:
+        return ()  # its candidates run in processes of their own; its own never imports torch
+
     def check(self, ctx: CheckContext) -> None:
         from toolchain import environment
 
