@@ -329,3 +329,22 @@ def test_stages_name_their_heavy_imports_and_never_the_toolchains_own():
         for inputs in ({}, hf, onnx):
             names = stage.imports(params, inputs)
             assert not [n for n in names if n.split(".")[0] == "toolchain"], (kind, names)
+
+
+def test_workers_run_the_builds_own_code_whatever_folder_it_runs_from(tmp_path):
+    """Run from a folder that holds another `toolchain` package (a checkout of another version,
+    beside the one installed), the build's workers must import the build's own code: the keys are
+    hashes of it. `python -m` puts the working directory first on a path, so the worker did not."""
+    impostor = tmp_path / "cwd" / "toolchain" / "execution"
+    impostor.mkdir(parents=True)
+    for folder in (impostor, impostor.parent):
+        (folder / "__init__.py").write_text("")
+    (impostor / "worker.py").write_text("raise SystemExit('the worker ran the working folder\'s toolchain')\n")
+    recipe = tiny_recipe(tmp_path, stages="""
+  load: {kind: load}
+""")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-P", "-m", "toolchain", "build", str(recipe), "--store",
+                          str(tmp_path / "store")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr

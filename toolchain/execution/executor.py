@@ -150,6 +150,10 @@ class Worker:
             env = lanes.worker_env(env, self.home)
         else:
             env["PYTHONPATH"] = PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            # `python -m` would put the build's working directory first on the worker's path: run
+            # from a folder that holds another `toolchain` (a checkout of another version beside an
+            # installed one), the worker ran that code under keys hashed from this one
+            env["PYTHONSAFEPATH"] = "1"
         env["TOOLCHAIN_EVENT_FD"] = str(write_fd)
         env["TOOLCHAIN_PARENT_PID"] = str(os.getpid())
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
