@@ -29,7 +29,7 @@ for r in $(seq "$rounds"); do
     (cd "$neutral" && PYTHONPATH=$code:${PYTHONPATH:-} timeout 400 $PYTHON -m toolchain build "$recipe" \
       -o /tmp/cold-ab-out --store /tmp/cold-ab-store --require-provider > "$OUT/$name-$r.log" 2>&1)
     rc=$?
-    wall=$(echo "$(date +%s.%N) - $t0" | bc)
+    wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')  # (the GPU host has no bc)
     cp /tmp/cold-ab-out/manifest.json "$OUT/$name-$r-manifest.json" 2>/dev/null
     echo "$name $r $rc $wall" >> "$OUT/runs.txt"
   done
