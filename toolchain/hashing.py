@@ -20,10 +20,14 @@ def hash_value(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
 
 
-def hash_file(path: Path) -> str:
+def hash_file(path: Path, stop=None) -> str:
     """sha256 of a regular file's content; `safeio.UnsafeInput` for a FIFO, a device, a file on
-    /proc or /sys, or one that changes while it is read (none of them may reach a cache key)."""
+    /proc or /sys, or one that changes while it is read (none of them may reach a cache key).
+    `stop` (a threading.Event): once set, the hashing ends with a RuntimeError (not an OSError,
+    which callers read as a problem of this machine)."""
     h = hashlib.sha256()
     for chunk in read_chunks(path):
+        if stop is not None and stop.is_set():
+            raise RuntimeError(f"hashing {path} was stopped")
         h.update(chunk)
     return h.hexdigest()

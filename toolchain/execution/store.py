@@ -96,13 +96,9 @@ def _hash_then_sync(path: Path, stop) -> tuple[str, str]:
     was hashed. The caller compares the signature with the file's just before it installs it: any
     write since the hash began, flushed or not, changes it."""
     before = stat_signature(os.stat(path))
-    h = hashlib.sha256()
-    for chunk in read_chunks(path):
-        if stop.is_set():
-            raise StoreError("the commit was interrupted")
-        h.update(chunk)
+    digest = hash_file(path, stop)
     _fsync_file(path)
-    return h.hexdigest(), before
+    return digest, before
 
 
 def _hash_and_sync(files: list[Path]) -> list[tuple[str, str]]:
